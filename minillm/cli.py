@@ -1,0 +1,130 @@
+"""`minillm <command> [--config FILE.yaml] [--field value ...]`.
+
+Stage commands take a YAML config and flags named exactly as their config dataclass's fields (generated,
+never written by hand). The tool commands (derive-student, generate, report) take plain flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+from minillm import config as config_lib
+
+# command → (config class name, "module:function" that runs it)
+STAGE_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "sft": ("SFTConfig", "minillm.train.sft:train_sft", "Supervised fine-tuning on response tokens."),
+    "eval": ("EvalConfig", "minillm.evaluate.protocol:run_eval", "The paper's evaluation: sampled answers, Rouge-L."),
+    "eval-exposure": ("ExposureConfig", "minillm.evaluate.exposure:run_exposure", "Exposure bias (ExAccErr)."),
+    "eval-calibration": ("CalibrationConfig", "minillm.evaluate.calibration:run_calibration",
+                         "Calibration (ECE) of label-word probabilities."),
+}
+
+
+def _load(target: str) -> Callable:
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _run_stage(command: str, argv: list[str]) -> None:
+    cls_name, target, about = STAGE_COMMANDS[command]
+    cls = getattr(config_lib, cls_name)
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: minillm {command} [--config FILE.yaml] [--field value ...]\n\n{about}\n\nfields:\n"
+              f"{config_lib.help_text(cls)}")
+        return
+    config_file = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise config_lib.ConfigError("--config needs a file")
+        config_file, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+    cfg = config_lib.parse(cls, config_file, argv)
+    _load(target)(cfg)
+
+
+def _derive_student(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="minillm derive-student",
+                                description="Cut a student from a teacher by keeping some of its layers.")
+    p.add_argument("--teacher", required=True, help="Teacher: hub id, folder, .gguf or alias.")
+    p.add_argument("--output", required=True, help="Folder for the student (Hugging Face format, safetensors).")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--num-layers", type=int, help="Keep this many layers, spread evenly from layer 0.")
+    g.add_argument("--layers", help="Comma-separated layer indices to keep, e.g. 0,5,10,15,20,25.")
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the hub.")
+    args = p.parse_args(argv)
+    from minillm import models
+
+    teacher = models.load_model(args.teacher, trust_remote_code=args.trust_remote_code)
+    tokenizer = models.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+    n = teacher.config.num_hidden_layers
+    layers = ([int(x) for x in args.layers.split(",")] if args.layers else
+              models.spread_layers(n, args.num_layers))
+    student = models.derive_student(teacher, layers)
+    student.save_pretrained(args.output, safe_serialization=True)
+    tokenizer.save_pretrained(args.output)
+    params = sum(p.numel() for p in student.parameters())
+    print(f"kept layers {layers} of {n}: {params / 1e6:.1f}M parameters → {args.output}")
+
+
+def _generate(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="minillm generate", description="Answer a prompt with any model.")
+    p.add_argument("--model", required=True, help="Hub id, folder, .gguf or alias.")
+    p.add_argument("--prompt", required=True, action="append", help="Instruction text (repeatable).")
+    p.add_argument("--input", default="", help="Optional input/context for the instruction.")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat", "none"],
+                   help="Prompt template; none sends the text as it is.")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--greedy", action="store_true", help="Greedy decoding instead of the paper's sampling.")
+    p.add_argument("--seed", type=int, default=10)
+    p.add_argument("--trust-remote-code", action="store_true")
+    args = p.parse_args(argv)
+    from minillm.generation import generate_answers
+
+    for prompt, answer in zip(args.prompt, generate_answers(
+        args.model, args.prompt, input=args.input, template=args.template, max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy, seed=args.seed, trust_remote_code=args.trust_remote_code), strict=True):
+        print(f"### {prompt}\n{answer}\n")
+
+
+def _report(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="minillm report", description="Tables and plots from evaluation runs.")
+    p.add_argument("run_dirs", nargs="+", help="Evaluation output folders (one per model).")
+    p.add_argument("--out", default="runs/report", help="Folder for report.md, report.csv and plots.")
+    p.add_argument("--baseline", default=None, help="Model name the others are compared with (e.g. SFT).")
+    args = p.parse_args(argv)
+    from minillm.report import make_report
+
+    print(make_report(args.run_dirs, args.out, args.baseline))
+
+
+TOOL_COMMANDS = {
+    "derive-student": (_derive_student, "Cut a student from a teacher by keeping some of its layers."),
+    "generate": (_generate, "Answer prompts with any model."),
+    "report": (_report, "Markdown/CSV tables and PNG plots from evaluation runs."),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {**{k: v[2] for k, v in STAGE_COMMANDS.items()}, **{k: v[1] for k, v in TOOL_COMMANDS.items()}}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        listing = "\n".join(f"  {k:<18}{v}" for k, v in commands.items())
+        print(f"usage: minillm <command> [--help] ...\n\ncommands:\n{listing}")
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.exit(f"unknown command {argv[0]!r}")
+        return
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in STAGE_COMMANDS:
+            _run_stage(command, rest)
+        else:
+            TOOL_COMMANDS[command][0](rest)
+    except config_lib.ConfigError as e:
+        sys.exit(f"minillm {command}: {e}")
+
+
+if __name__ == "__main__":
+    main()

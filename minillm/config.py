@@ -1,0 +1,345 @@
+"""Stage configs: one dataclass per stage, every field documented once in `metadata["help"]`.
+
+Values come from the dataclass defaults, then a YAML file, then `--field value` flags (the flag is the
+field name verbatim). Unknown keys and wrong types raise `ConfigError` naming the key and listing the
+valid ones. Nothing here rewrites a user value: a conflict raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that cannot be used; the message says which and what is valid."""
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Fields every training stage shares (model, data, optimisation, checkpoints)."""
+
+    # --- models ---
+    model: str = _f(
+        "runs/student-init",
+        "Student to train: hub id, local folder, .gguf file or alias (smollm2-135m-instruct).",
+    )
+    teacher: str | None = _f(None, "Teacher: hub id, folder, .gguf or alias. Unused by SFT.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub. Off unless you trust the repository.")
+    dtype: str = _f(
+        "auto", "Weights' dtype: auto (bf16 on GPU, fp32 on CPU, where fp32 is 3x faster), float32, bfloat16."
+    )
+    # --- data ---
+    train_data: str = _f(
+        "dolly_train",
+        "Training instructions: shipped name (dolly_train, ...), a "
+        ".jsonl/.jsonl.gz path, or hf:NAME[:SPLIT] for a Hugging Face dataset.",
+    )
+    valid_data: str = _f("dolly_valid", "Validation instructions, same forms as train_data.")
+    max_train_examples: int | None = _f(None, "Keep only the first N training records (None = all).")
+    max_valid_examples: int | None = _f(
+        500,
+        "Keep only the first N validation records. Official: 500 for "
+        "MiniLLM's validation generation, 1000 for SFT loss.",
+    )
+    field_instruction: str = _f("instruction", "Record key holding the instruction.")
+    field_input: str = _f("input", "Record key holding the optional input/context.")
+    field_output: str = _f("output", "Record key holding the reference response.")
+    template: str = _f("alpaca", "Prompt template: alpaca (the paper's, no BOS) or chat (the tokenizer's).")
+    max_prompt_length: int = _f(256, "Prompts longer than this many tokens are dropped (official rule).")
+    max_length: int = _f(512, "Prompt + response tokens are capped at this length (official: 512).")
+    # --- optimisation ---
+    seed: int = _f(10, "Seed of every named generator (data order, sampling, PT blocks).")
+    lr: float = _f(5e-6, "Peak learning rate of AdamW.")
+    weight_decay: float = _f(1e-6, "AdamW weight decay (official MiniLLM: 1e-6).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.95, "AdamW beta2 (official MiniLLM: 0.95).")
+    lr_schedule: str = _f("constant", "constant (after warm-up; official MiniLLM) or cosine (to 0).")
+    warmup_steps: int = _f(100, "Linear warm-up steps (official MiniLLM: 100).")
+    max_steps: int = _f(5000, "Optimizer steps at most.")
+    epochs: int = _f(10, "Passes over the training data at most (whichever of max_steps/epochs ends first).")
+    batch_size: int = _f(8, "Sequences per micro-batch per process.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    mixed_precision: str = _f("auto", "no, bf16 or auto (bf16 on a GPU that supports it, no on CPU).")
+    chunk_size: int = _f(
+        1024,
+        "Tokens per chunk of every full-vocabulary loss: peak loss memory is "
+        "chunk_size x vocab, never batch x length x vocab.",
+    )
+    # --- bookkeeping ---
+    output_dir: str = _f("runs/out", "Run folder: checkpoints, metrics.jsonl, TensorBoard logs.")
+    eval_every: int = _f(100, "Validate every N optimizer steps (0 = only at the end).")
+    save_every: int = _f(100, "Checkpoint every N optimizer steps (0 = only at the end).")
+    keep_last: int = _f(1, "Periodic checkpoints kept besides the best one.")
+    best_metric: str = _f("valid/loss", "Metric that picks the best checkpoint.")
+    best_mode: str = _f("min", "min or max: whether a lower or higher best_metric is better.")
+    log_every: int = _f(1, "Write a metrics line every N optimizer steps.")
+    resume: bool = _f(False, "Continue from the latest checkpoint in output_dir, exactly.")
+
+    def __post_init__(self) -> None:
+        _choice(self, "template", ("alpaca", "chat"))
+        _choice(self, "lr_schedule", ("constant", "cosine"))
+        _choice(self, "mixed_precision", ("auto", "no", "bf16"))
+        _choice(self, "dtype", ("auto", "float32", "bfloat16"))
+        _choice(self, "best_mode", ("min", "max"))
+        for name in (
+            "max_prompt_length",
+            "max_length",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "epochs",
+            "chunk_size",
+        ):
+            _positive(self, name)
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})"
+            )
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: cross-entropy on response tokens (prompt masked, first EOS a target)."""
+
+    lr: float = _f(5e-5, "Peak learning rate. Official Dolly SFT scripts use 5e-4 (GPT-2) to 1e-5 (large).")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    max_valid_examples: int | None = _f(1000, "Validation records for the loss (official: 1000).")
+
+
+@dataclass
+class EvalConfig:
+    """The paper's evaluation protocol (section 3 of DESIGN.md): sampled answers scored by Rouge-L."""
+
+    model: str = _f("runs/student-init", "Model to evaluate: hub id, folder, .gguf or alias.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub.")
+    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16.")
+    sets: list[str] = _f(
+        ["dolly", "selfinst", "sni", "unni"],
+        "Test sets: shipped names (dolly, selfinst, "
+        "sni, unni), .jsonl/.jsonl.gz paths or hf:NAME[:SPLIT], comma-separated.",
+    )
+    seeds: list[int] = _f([10, 20, 30, 40, 50], "Sampling seeds; scores are averaged over them (paper).")
+    max_per_set: int | None = _f(None, "Evaluate only the first N prompts of each set (None = all).")
+    selfinst_242: bool = _f(False, "SelfInst: only the 242 tasks of the paper's file (default: all 252).")
+    field_instruction: str = _f("instruction", "Record key holding the instruction.")
+    field_input: str = _f("input", "Record key holding the optional input/context.")
+    field_output: str = _f("output", "Record key holding the reference response.")
+    template: str = _f("alpaca", "Prompt template: alpaca (the paper's) or chat (the tokenizer's).")
+    max_prompt_length: int = _f(256, "Prompts longer than this many tokens are skipped and counted.")
+    batch_size: int = _f(16, "Prompts per generation batch.")
+    temperature: float = _f(1.0, "Sampling temperature (paper: 1).")
+    top_p: float = _f(1.0, "Nucleus mass (paper: 1 = off).")
+    top_k: int = _f(0, "Top-k (paper: 0 = off).")
+    max_new_tokens: int = _f(256, "New tokens at most (paper: 256).")
+    no_repeat_ngram_size: int = _f(6, "Ban repeated n-grams of this size (official code: 6; 0 = off).")
+    lm_loss: bool = _f(True, "Also report the LM loss on the gold responses.")
+    output_dir: str = _f("runs/eval", "Where generations (JSONL) and results (JSON) are written.")
+
+    def __post_init__(self) -> None:
+        _choice(self, "template", ("alpaca", "chat"))
+        _choice(self, "dtype", ("auto", "float32", "bfloat16"))
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("batch_size", "max_new_tokens", "max_prompt_length"):
+            _positive(self, name)
+        if not self.sets or not self.seeds:
+            raise ConfigError("sets and seeds must each name at least one value")
+
+
+@dataclass
+class ExposureConfig:
+    """Exposure bias (ExAccErr, paper section 3.3): excess accumulated error of the student's own prefixes."""
+
+    student: str = _f("runs/student-init", "Student: hub id, folder, .gguf or alias.")
+    teacher: str = _f("smollm2-135m-instruct", "Teacher: hub id, folder, .gguf or alias.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub.")
+    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16.")
+    data: str = _f("dolly", "Prompts: shipped name, .jsonl path or hf:NAME[:SPLIT].")
+    max_prompts: int = _f(50, "Prompts used.")
+    samples_per_prompt: int = _f(4, "Responses sampled per prompt and per model.")
+    max_new_tokens: int = _f(128, "Prefix length l goes up to this many tokens.")
+    template: str = _f("alpaca", "Prompt template: alpaca or chat.")
+    batch_size: int = _f(8, "Prompts per batch.")
+    seed: int = _f(10, "Sampling seed.")
+    output_dir: str = _f("runs/exposure", "Where the JSON curve and PNG plot are written.")
+
+    def __post_init__(self) -> None:
+        _choice(self, "template", ("alpaca", "chat"))
+        _choice(self, "dtype", ("auto", "float32", "bfloat16"))
+        for name in ("max_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
+            _positive(self, name)
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration (ECE) of label-word probabilities on a binary task built from shipped data."""
+
+    model: str = _f("runs/student-init", "Model: hub id, folder, .gguf or alias.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub.")
+    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16.")
+    task: str = _f(
+        "unni-yesno",
+        "Binary task: unni-yesno (the Yes/No items of UnNI) or a .jsonl with "
+        "instruction/input/output whose outputs are the two label words.",
+    )
+    max_examples: int | None = _f(None, "Use only the first N examples (None = all).")
+    bins: int = _f(10, "Equal-width confidence bins of the ECE (paper: 10).")
+    template: str = _f("alpaca", "Prompt template: alpaca or chat.")
+    batch_size: int = _f(16, "Examples per forward.")
+    output_dir: str = _f("runs/calibration", "Where the JSON result and the reliability diagram go.")
+
+    def __post_init__(self) -> None:
+        _choice(self, "template", ("alpaca", "chat"))
+        _choice(self, "dtype", ("auto", "float32", "bfloat16"))
+        for name in ("bins", "batch_size"):
+            _positive(self, name)
+
+
+STAGES: dict[str, type] = {
+    "sft": SFTConfig,
+    "eval": EvalConfig,
+    "eval-exposure": ExposureConfig,
+    "eval-calibration": CalibrationConfig,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _choice(cfg: Any, name: str, valid: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in valid:
+        raise ConfigError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+
+
+def _positive(cfg: Any, name: str) -> None:
+    value = getattr(cfg, name)
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+# ------------------------------------------------------------------------------------------------
+# parsing
+
+C = TypeVar("C")
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    """Coerce a YAML or CLI value to the field's annotated type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _convert(key, value, args[0])
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(key, v, inner) for v in items if v != ""]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{key}: expected int, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover - a config-author error
+
+
+def build(cls: type[C], values: dict[str, Any]) -> C:
+    """Instantiate `cls` from a flat dict, checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)} for {cls.__name__}; valid keys: {', '.join(names)}"
+        )
+    return cls(**{k: _convert(k, v, hints[k]) for k, v in values.items()})
+
+
+def parse(cls: type[C], config_file: str | None = None, argv: list[str] | None = None) -> C:
+    """Defaults < YAML file < `--key value` flags."""
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config_file}: expected a mapping of keys to values at the top level")
+        values.update(loaded)
+    argv = list(argv or [])
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --key value")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            val, i = argv[i + 1], i + 1
+        values[key.replace("-", "_")] = val
+        i += 1
+    return build(cls, values)
+
+
+def to_argv(cfg: Any) -> list[str]:
+    """The flags that rebuild `cfg` through `parse` (used by tests and to print a reproducible command)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out += [f"--{f.name}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps({"stage": type(cfg).__name__, **to_dict(cfg)}, indent=2))
+
+
+def help_text(cls: type) -> str:
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  --{f.name} {tp} (default {default!r})\n      {f.metadata['help']}")
+    return "\n".join(lines)

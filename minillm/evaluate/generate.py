@@ -1,0 +1,137 @@
+"""Batched sampling with HF `generate` (left padding, KV cache) and the LM loss on gold responses.
+
+Seeding: every call to `sample` runs inside `torch.random.fork_rng` seeded with the caller's seed, so its
+output depends only on (model, prompts, seed, decoding settings, device), never on what ran before, and it
+leaves the global RNG as it found it. HF samples with the global generator (`torch.multinomial`), so a seed
+covers one batch as a whole: the same prompt in another batch composition gets another sample. The protocol
+therefore fixes the batch partition and derives one seed per batch (`batch_seed`).
+
+Decoding is exactly what the caller passes: the model's own `generation_config` (which may carry top_k=50,
+repetition penalties, ...) is swapped for an empty one during the call, as the official code builds its
+GenerationConfig from scratch (LMOps `minillm/evaluate_main.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import GenerationConfig
+
+from minillm import models
+from minillm.data.tokenize import Example, collate, collate_prompts
+
+
+def batch_seed(*parts: Any) -> int:
+    """A stable 63-bit seed from any printable parts (e.g. seed, set name, batch index); never Python's hash()."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+@contextmanager
+def _plain_generation_config(model: Any):
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    seed: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    no_repeat_ngram_size: int = 0,
+    num_return_sequences: int = 1,
+) -> Tensor:
+    """Sampled continuations of left-padded `prompts`.
+
+    prompts: B lists of token ids (no padding)
+    returns: [B * num_return_sequences, T] long response ids, T <= max_new_tokens, rows in prompt order (the
+             samples of prompt b are rows b*S .. b*S+S-1); after a row's first EOS every id is `pad_id`.
+    """
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}  # [B, P] each
+    P = batch["input_ids"].shape[1]
+    gen = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        num_return_sequences=num_return_sequences,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    model.eval()
+    devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _plain_generation_config(model):
+        torch.manual_seed(seed)
+        out = model.generate(**batch, generation_config=gen)  # [B*S, P + T]
+    return out[:, P:].cpu()
+
+
+def trim_at_eos(ids: list[int], eos_id: int) -> tuple[list[int], bool]:
+    """The response up to (not including) its first EOS, and whether an EOS was produced."""
+    if eos_id in ids:
+        return ids[: ids.index(eos_id)], True
+    return ids, False
+
+
+def alive_mask(responses: Tensor, eos_id: int) -> Tensor:
+    """[N, T] bool: True at step t while no EOS occurs among the tokens before t (the EOS step itself is True).
+
+    responses: [N, T] long sampled ids (as returned by `sample`)
+    """
+    N, T = responses.shape
+    is_eos = (responses == eos_id).long()  # [N, T]
+    eos_before = is_eos.cumsum(-1) - is_eos  # [N, T]: number of EOS strictly before t
+    return eos_before == 0
+
+
+@torch.no_grad()
+def gold_nll(
+    model: Any, examples: list[Example], pad_id: int, *, batch_size: int, chunk_size: int = 1024
+) -> list[tuple[float, int]]:
+    """Per example: (sum of cross-entropy over its response tokens, number of those tokens).
+
+    The response tokens are the gold answer and its EOS (as in SFT, `tokenize.encode_records`); the prompt is
+    not scored. The token-averaged LM loss of a set is sum(nll) / sum(count); the official code instead
+    averages each example's mean (LMOps `evaluate_main.py`), `sum(nll_i / count_i) / N`. Logits are formed
+    `chunk_size` tokens at a time, never as a [B, L, V] tensor.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    weight, bias = models.output_head(model)  # [V, H], [V] or None
+    out: list[tuple[float, int]] = []
+    for start in range(0, len(examples), batch_size):
+        part = examples[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}  # right-padded [B, L]
+        hidden = models.final_hidden(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
+        keep = batch["target_mask"][:, 1:]  # [B, L-1]: hidden at i predicts token i+1
+        rows = hidden[:, :-1][keep]  # [N, H]
+        targets = batch["input_ids"][:, 1:][keep]  # [N]
+        owner = keep.nonzero()[:, 0]  # [N]: example of each target token
+        nll = torch.empty(rows.shape[0], dtype=torch.float32, device=device)  # [N]
+        for c in range(0, rows.shape[0], chunk_size):
+            logits = F.linear(rows[c : c + chunk_size], weight, bias).float()  # [C, V]
+            nll[c : c + chunk_size] = F.cross_entropy(logits, targets[c : c + chunk_size], reduction="none")
+        sums = torch.zeros(len(part), dtype=torch.float64, device=device).index_add_(0, owner, nll.double())
+        counts = keep.sum(-1)
+        out += [(float(s), int(n)) for s, n in zip(sums.tolist(), counts.tolist(), strict=True)]
+    return out

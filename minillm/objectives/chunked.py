@@ -1,0 +1,107 @@
+"""A head loss computed C rows at a time, so no [N, V] logits tensor ever exists.
+
+The LM head over a 50k vocabulary is distillation's memory peak: an unchunked full-vocabulary KL at
+B=64, T=384 holds several [64, 384, 50257] fp32 tensors, 46.8 GiB (DESIGN.md §5). Here each chunk's
+logits, loss and gradients w.r.t. hidden, weight and bias are computed inside forward and the chunk's
+graph is dropped at once (Liger-Kernel's fused-linear approach); backward only scales the stored
+gradients by grad_output, so the head matmul is never recomputed. Peak extra memory is O(C·V) for
+one chunk, plus the [N, H], [V, H] and [V] gradient buffers autograd would hold anyway.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+# token_fn(logits [C, V], start, end) -> scalar: summed, already weighted loss of rows start:end.
+TokenFn = Callable[[Tensor, int, int], Tensor]
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        token_fn: TokenFn,
+        chunk_size: int,
+    ) -> Tensor:
+        N, H = hidden.shape
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_any = need_h or need_w or need_b
+        # Weight and bias gradients sum over N/C chunks: accumulate in fp32 at least, round once at the end.
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_hidden = torch.zeros_like(hidden) if need_h else None  # [N, H]
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None  # [V, H]
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None  # [V]
+        w = weight.detach()
+        b = bias.detach() if bias is not None else None
+        total = None
+        for start in range(0, N, chunk_size):
+            end = min(start + chunk_size, N)
+            h = hidden[start:end].detach()  # [C, H]
+            with torch.enable_grad():
+                # A fresh leaf: token_fn's graph starts at the logits and is freed after autograd.grad.
+                logits = F.linear(h, w, b).requires_grad_(need_any)  # [C, V], in the input dtype
+                loss = token_fn(logits, start, end)
+            assert loss.dim() == 0, f"token_fn must return a scalar sum, got shape {tuple(loss.shape)}"
+            if need_any and loss.requires_grad:  # a chunk whose loss is a constant has zero gradients
+                (grad_logits,) = torch.autograd.grad(loss, logits)  # [C, V]
+                if need_h:
+                    grad_hidden[start:end] = grad_logits @ w  # [C, V] @ [V, H] -> [C, H]
+                if need_w:
+                    grad_weight.addmm_(grad_logits.T.to(acc), h.to(acc))  # [V, C] @ [C, H] -> [V, H]
+                if need_b:
+                    grad_bias += grad_logits.sum(0, dtype=acc)  # [V]
+            loss = loss.detach()
+            total = loss.to(torch.promote_types(loss.dtype, torch.float32)) if total is None else total + loss
+        if total is None:  # N == 0
+            total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        ctx.save_for_backward(
+            grad_hidden,
+            grad_weight.to(weight.dtype) if need_w else None,
+            grad_bias.to(bias.dtype) if need_b else None,
+        )
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None)
+
+
+def chunked_head_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    token_fn: TokenFn,
+    *,
+    chunk_size: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Σ over row chunks of ``token_fn(hidden[start:end] @ weight.T + bias, start, end)``, memory O(C·V).
+
+    hidden:     [N, H] final hidden states of the rows to train on, any float dtype; pass only the
+                valid rows (e.g. ``hidden[mask]``) to skip the head on padding
+    weight:     [V, H] head weight; may be tied to the input embedding (its gradient accumulates into
+                the same Parameter through autograd as usual)
+    token_fn:   ``(logits [C, V], start, end) -> scalar``: the SUM of the already weighted per-token
+                losses of rows start:end. It closes over the data for those rows (targets, weights,
+                teacher hidden states or logits, computed or sliced there under no_grad). Logits come in
+                the input dtype (bf16 hidden gives bf16 logits); upcast inside, as the divergences do.
+                Only hidden, weight and bias receive gradients: other tensors token_fn reads are constants.
+    chunk_size: C, rows per chunk (≥ 1); the last chunk may be shorter
+    bias:       [V] head bias, or None
+    returns:    scalar, fp32 at least (the chunk losses' dtype if wider); gradients w.r.t. hidden, weight
+                and bias equal those of the unchunked loss. Not twice differentiable.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    assert weight.shape == (V, H), f"weight {tuple(weight.shape)} != (V, H) = {(V, H)}"
+    assert bias is None or bias.shape == (V,), f"bias {tuple(bias.shape)} != (V,) = {(V,)}"
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedHeadLoss.apply(hidden, weight, bias, token_fn, chunk_size)

@@ -1,0 +1,610 @@
+"""Teacher-mixed sampling (DESIGN.md §1): responses drawn token by token from p̃ = α·p + (1 − α)·q_old.
+
+MiniLLM (Gu et al., ICLR 2024, §2.2) samples its policy-gradient rollouts from a mixture of the frozen
+teacher p and the student q_old being trained (α = 0.2), both decoding with their own KV cache, and
+corrects for it with the importance weight w_t = q_old(y_t) / p̃(y_t), computed once here.
+
+How temperature / top-k / top-p meet the mixture. Each model's next-token logits are turned into a
+sampling distribution the same way: divide by `temperature`, keep the `top_k` largest logits (ties with
+the k-th kept, as in HF), then keep the smallest most-probable set whose mass reaches `top_p` (a token is
+kept when the mass strictly above it, in descending order, is < top_p). The two distributions p_s, q_s
+are then mixed in probability space, p̃ = α·p_s + (1 − α)·q_s. At the paper defaults (1, 0, 1) p_s, q_s
+are the raw model distributions. The official code does exactly this mixing (LMOps @ c97f828,
+minillm/transformers/src/transformers/generation/utils.py `sample()`: logits processors and warpers on
+each model's logits, softmax, `(1 - mix_in_alpha) * probs + mix_in_alpha * m_probs`, `torch.multinomial`).
+
+What is recorded, and where we depart from the official code:
+- `logq_old`, `logp` are log-probs of the sampled token under the RAW models (temperature 1, nothing
+  filtered): the objective is KL(q_θ ‖ p) of the raw models, so w = q_old(y) / p̃(y) (raw numerator over
+  the distribution the token was actually drawn from) is the weight with E_p̃[w·f] = E_q_old[f]. The
+  official code recomputes both after sampling with `logits / temperature` and the student's top-k/top-p
+  −inf mask applied to both models, and mixes those (LMOps minillm/minillm/trainer.py
+  `compute_logits_and_log_probs`, minillm/minillm/sampler.py `run_sample`). Identical at the defaults.
+- The draw is an inverse-CDF draw with one uniform per row from the caller's generator (float64 cumsum,
+  searchsorted), not `torch.multinomial`, which draws V exponentials per row (12 ms a step at V = 49152 on
+  2 CPU cores). Same distribution, different random stream: HF `generate` under the same seed gives other
+  tokens.
+- With α = 0 the teacher is not run while sampling; `logp` comes from one scoring forward afterwards
+  (`score_teacher`). With α > 0 it comes from the sampling loop and equals that forward to fp tolerance.
+- Masks come from lengths, never from ids (pad may equal EOS): True up to and including the first EOS.
+
+Two implementations behind `sample_rollout(fast=...)`, giving identical tokens under one generator:
+the eager reference (HF DynamicCache, 2D masks grown by `cat`, lists of per-step columns) and the fast
+path (static KV cache, one preallocated decode mask handed to attention as a 4D view, preallocated
+output buffers, one fused sampling/bookkeeping function per step, cheap top-k/top-p, early exit).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache, StaticCache
+
+from minillm.data.tokenize import position_ids
+
+# Fast top-p looks for the nucleus among this many most probable tokens first and sorts the whole
+# vocabulary only when the nucleus is larger (flat distributions); 20-40 ms a step saved at V = 49152.
+_TOP_P_CANDIDATES = 256
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses with what the policy-gradient update needs, one row per prompt.
+
+    prompt_ids:   [B, P] long, left-padded prompts as given to the sampler
+    prompt_mask:  [B, P] bool, True on real prompt tokens
+    response_ids: [B, T] long, sampled ids; `pad_token_id` after the end (may equal EOS: use `mask`)
+    mask:         [B, T] bool, True up to and including the first EOS, False after it
+    truncated:    [B] bool, True where no EOS came within max_new_tokens (then `mask` is all True)
+    logq_old:     [B, T] fp32, log q_old(y_t | y_<t, x) of the raw student; 0 where ~mask
+    logp:         [B, T] fp32, log p(y_t | y_<t, x) of the raw teacher; 0 where ~mask
+    log_w:        [B, T] fp32, log q_old(y_t) − log p̃(y_t), p̃ the sampling mixture; 0 where ~mask
+    pad_token_id: id written after the end of a response (and used by `cat` to pad)
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    mask: Tensor
+    truncated: Tensor
+    logq_old: Tensor
+    logp: Tensor
+    log_w: Tensor
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def __getitem__(self, idx: int | slice | Tensor | list[int]) -> Rollout:
+        """Rows `idx` (mini-batch slicing); an int keeps the batch dimension."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return Rollout(**{f.name: _rows(getattr(self, f.name), idx) for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return Rollout(**{f.name: _move(getattr(self, f.name), device) for f in fields(self)})
+
+    def full_inputs(self) -> tuple[Tensor, Tensor]:
+        """Prompt + response for a forward pass: ids [B, P+T] long, attention mask [B, P+T] bool.
+
+        Response positions after the end stay attended: they come after every trained position, so
+        causality hides them, and no row is ever fully masked.
+        """
+        ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)  # [B, P+T]
+        attn = torch.cat([self.prompt_mask, torch.ones_like(self.mask)], dim=1)  # [B, P+T]
+        return ids, attn
+
+    @staticmethod
+    def cat(rollouts: list[Rollout]) -> Rollout:
+        """Stack rollouts of different prompt / response widths: prompts are left-padded, responses
+        right-padded (ids with pad, masks False, log-probs 0)."""
+        pad = rollouts[0].pad_token_id
+        if any(r.pad_token_id != pad for r in rollouts):
+            raise ValueError("cannot cat rollouts with different pad_token_id")
+        P = max(r.prompt_ids.shape[1] for r in rollouts)
+        T = max(r.response_ids.shape[1] for r in rollouts)
+
+        def left(x: Tensor, width: int, value: int | bool) -> Tensor:
+            return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+        def right(x: Tensor, width: int, value: int | bool | float) -> Tensor:
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        return Rollout(
+            prompt_ids=torch.cat([left(r.prompt_ids, P, pad) for r in rollouts]),
+            prompt_mask=torch.cat([left(r.prompt_mask, P, False) for r in rollouts]),
+            response_ids=torch.cat([right(r.response_ids, T, pad) for r in rollouts]),
+            mask=torch.cat([right(r.mask, T, False) for r in rollouts]),
+            truncated=torch.cat([r.truncated for r in rollouts]),
+            logq_old=torch.cat([right(r.logq_old, T, 0.0) for r in rollouts]),
+            logp=torch.cat([right(r.logp, T, 0.0) for r in rollouts]),
+            log_w=torch.cat([right(r.log_w, T, 0.0) for r in rollouts]),
+            pad_token_id=pad,
+        )
+
+
+def _rows(x: Tensor | int, idx: slice | Tensor | list[int]) -> Tensor | int:
+    return x[idx] if isinstance(x, Tensor) else x
+
+
+def _move(x: Tensor | int, device: torch.device | str) -> Tensor | int:
+    return x.to(device) if isinstance(x, Tensor) else x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def sample_rollout(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    alpha: float,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    fast: bool = True,
+    compile: bool = False,
+) -> Rollout:
+    """Sample one response per prompt from p̃ = α·p + (1 − α)·q and record log-probs and weights.
+
+    student:        q_old, the model being trained (sampled with dropout off; its train mode is restored)
+    teacher:        p, frozen, same vocabulary; not run while sampling when alpha == 0
+    input_ids:      [B, P] long, LEFT-padded prompts (every row needs at least one real token)
+    attention_mask: [B, P] bool or 0/1, True on real tokens
+    alpha:          teacher weight α in [0, 1]; 0 = student-only sampling, 1 = teacher-only
+    generator:      the only randomness (one uniform per row per step); seed it from (seed, step, rank)
+    temperature, top_k, top_p: applied to each model's distribution before mixing (module docstring)
+    fast:           the static-cache fast path (default) or the eager reference; same tokens either way
+    compile:        opt-in `torch.compile` of the fused sampling step of the fast path (module docstring)
+    returns:        a `Rollout` on the models' device, T = steps taken (≤ max_new_tokens; all rows end early)
+    """
+    B, P = input_ids.shape
+    if attention_mask.shape != (B, P):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, P)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    prompt_mask = attention_mask.bool()
+    if not bool(prompt_mask[:, -1].all()):
+        raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be all True")
+    _check_same_vocab(student, teacher)
+    if compile and not fast:
+        raise ValueError("compile=True applies to the fast path only; pass fast=True")
+
+    device = next(student.parameters()).device
+    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
+    sampling = _Sampling(alpha, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    modes = (student.training, teacher.training)
+    student.eval()  # dropout off while sampling (official code: PPOModel sets eval() for RL)
+    teacher.eval()
+    try:
+        with torch.inference_mode():
+            run = _sample_fast if fast else _sample_eager
+            cols = run(student, teacher, input_ids, prompt_mask, max_new_tokens, sampling, generator, compile)
+            response_ids, mask, logq, logp, logmix = cols
+            rollout = Rollout(
+                prompt_ids=input_ids,
+                prompt_mask=prompt_mask,
+                response_ids=response_ids,
+                mask=mask,
+                truncated=~(mask & (response_ids == eos_token_id)).any(-1),
+                logq_old=logq,
+                logp=logp,
+                log_w=(logq - logmix).masked_fill(~mask, 0.0),
+                pad_token_id=pad_token_id,
+            )
+            if alpha == 0.0:
+                rollout.logp = _score(teacher, rollout)
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    return rollout
+
+
+def score_teacher(teacher: nn.Module, batch: Rollout) -> Tensor:
+    """log p(y_t | y_<t, x) of the raw teacher from one forward over prompt + response.
+
+    teacher: p, any causal LM of the same vocabulary (run in eval mode, no grad; mode restored)
+    batch:   a `Rollout` (its logp field is not read)
+    returns: [B, T] fp32, 0 where ~batch.mask
+    """
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.inference_mode():
+            return _score(teacher, batch)
+    finally:
+        teacher.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared pieces: settings, distributions, the draw, model calls
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    alpha: float
+    temperature: float
+    top_k: int
+    top_p: float
+    eos: int
+    pad: int
+
+    @property
+    def plain(self) -> bool:
+        """No warping: the sampling distributions are the raw model distributions."""
+        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+
+
+def _check_same_vocab(student: nn.Module, teacher: nn.Module) -> None:
+    vs = student.get_output_embeddings().weight.shape[0]
+    vt = teacher.get_output_embeddings().weight.shape[0]
+    if vs != vt:
+        raise ValueError(f"student vocabulary size {vs} != teacher vocabulary size {vt}")
+
+
+def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per row by inverse CDF: probs [B, V] (unnormalised, ≥ 0) → [B] long.
+
+    One float64 uniform per row; float64 cumsum so tokens of probability ~1e-9 keep their share.
+    Zero-probability tokens are never picked: the CDF is flat there and searchsorted(right) skips them.
+    """
+    B, V = probs.shape
+    cdf = probs.double().cumsum(-1)  # [B, V]
+    u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=probs.device)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [B, 1]
+    return idx.squeeze(1).clamp_(max=V - 1)
+
+
+def _log_mix(logp_s: Tensor, logq_s: Tensor, alpha: float) -> Tensor:
+    """log(α·e^logp_s + (1 − α)·e^logq_s) per element, exact at α ∈ {0, 1} (no log(exp(x)) roundoff)."""
+    if alpha == 0.0:
+        return logq_s
+    if alpha == 1.0:
+        return logp_s
+    return torch.logaddexp(logp_s + math.log(alpha), logq_s + math.log1p(-alpha))
+
+
+def _mix_probs(logp_s: Tensor | None, logq_s: Tensor, alpha: float) -> Tensor:
+    """p̃ = α·p_s + (1 − α)·q_s: [B, V] fp32 from the two sampling log-distributions."""
+    if alpha == 0.0:
+        return logq_s.exp()
+    if alpha == 1.0:
+        return logp_s.exp()
+    return alpha * logp_s.exp() + (1.0 - alpha) * logq_s.exp()
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _prefill(model: nn.Module, ids: Tensor, attn: Tensor, cache: DynamicCache | StaticCache) -> Tensor:
+    """Run the prompt through `model`, filling `cache`; next-token logits [B, V] fp32.
+
+    ids [B, P] long; attn [B, K] 0/1 with K ≥ P (K = cache length for a static cache, tail zeros).
+    """
+    P = ids.shape[1]
+    kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=position_ids(attn[:, :P]),
+        cache=cache,
+        use_cache=True,
+        **kwargs,
+    )
+    return out.logits[:, -1].float()
+
+
+def _score(teacher: nn.Module, batch: Rollout) -> Tensor:
+    """Body of `score_teacher` (caller holds eval mode and inference mode): [B, T] fp32."""
+    device = next(teacher.parameters()).device
+    ids, attn = batch.full_inputs()
+    ids, attn = ids.to(device), attn.to(device)
+    T = batch.response_ids.shape[1]
+    # Position P−1+t predicts response token t: feed all but the last token, keep the last T logits.
+    kwargs = {"logits_to_keep": T} if _accepts(teacher, "logits_to_keep") else {}
+    inp, inp_attn = ids[:, :-1], attn[:, :-1].long()
+    logits = teacher(
+        input_ids=inp, attention_mask=inp_attn, position_ids=position_ids(inp_attn), use_cache=False, **kwargs
+    ).logits[:, -T:]  # [B, T, V]
+    y = batch.response_ids.to(device)
+    # gather − logsumexp: never a second [B, T, V] tensor next to the logits.
+    logp = logits.gather(-1, y[..., None]).squeeze(-1).float() - logits.float().logsumexp(-1)  # [B, T]
+    return logp.masked_fill(~batch.mask.to(device), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Eager reference: DynamicCache, the obvious code
+
+
+def _warp_reference(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Sampling log-distribution of one model, the plain way: logits [B, V] → log-probs [B, V] (−inf = cut)."""
+    scores = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]  # [B, 1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1.0:
+        probs = scores.softmax(-1)
+        sorted_probs, order = probs.sort(-1, descending=True)  # [B, V]
+        mass_above = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
+        keep_sorted = mass_above < top_p  # the top token always stays (mass above it is 0)
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        scores = scores.masked_fill(~keep, -math.inf)
+    return scores.log_softmax(-1)
+
+
+def _decode_eager(model: nn.Module, ids: Tensor, attn: Tensor, pos: Tensor, cache: DynamicCache) -> Tensor:
+    """One cached step: ids [B, 1] at positions pos [B, 1], attn [B, K] 0/1 over cache + ids → [B, V] fp32."""
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
+    return out.logits[:, -1].float()
+
+
+def _sample_eager(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: Tensor,
+    prompt_mask: Tensor,
+    max_new_tokens: int,
+    s: _Sampling,
+    generator: torch.Generator,
+    compile: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reference loop; returns response_ids, mask, logq, logp, log p̃, each [B, T]."""
+    del compile  # fast path only
+    B = input_ids.shape[0]
+    run_teacher = s.alpha > 0.0
+    attn = prompt_mask.long()
+    s_cache = DynamicCache(config=student.config)
+    s_logits = _prefill(student, input_ids, attn, s_cache)
+    if run_teacher:
+        t_cache = DynamicCache(config=teacher.config)
+        t_logits = _prefill(teacher, input_ids, attn, t_cache)
+    pos = attn.sum(-1, keepdim=True)  # [B, 1] position of the first response token
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    ids, masks, logqs, logps, logmixes = [], [], [], [], []
+    for t in range(max_new_tokens):
+        logq = s_logits.log_softmax(-1)  # [B, V] raw student
+        logq_s = _warp_reference(s_logits, s.temperature, s.top_k, s.top_p)
+        logp = t_logits.log_softmax(-1) if run_teacher else None
+        logp_s = _warp_reference(t_logits, s.temperature, s.top_k, s.top_p) if run_teacher else None
+        tok = _draw(_mix_probs(logp_s, logq_s, s.alpha), generator)  # [B]
+
+        alive = ~finished
+        pick = tok[:, None]
+        lq = logq.gather(-1, pick).squeeze(-1)
+        lmix = _log_mix(
+            logp_s.gather(-1, pick).squeeze(-1) if run_teacher else lq,
+            logq_s.gather(-1, pick).squeeze(-1),
+            s.alpha,
+        )
+        lp = logp.gather(-1, pick).squeeze(-1) if run_teacher else torch.zeros_like(lq)
+        ids.append(torch.where(alive, tok, s.pad))
+        masks.append(alive)
+        logqs.append(lq.masked_fill(finished, 0.0))
+        logps.append(lp.masked_fill(finished, 0.0))
+        logmixes.append(lmix.masked_fill(finished, 0.0))
+        finished = finished | (tok == s.eos)
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        nxt = ids[-1][:, None]  # [B, 1]
+        s_logits = _decode_eager(student, nxt, attn, pos, s_cache)
+        if run_teacher:
+            t_logits = _decode_eager(teacher, nxt, attn, pos, t_cache)
+        pos = pos + 1
+    stack = torch.stack
+    return stack(ids, 1), stack(masks, 1), stack(logqs, 1), stack(logps, 1), stack(logmixes, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast path: static cache, preallocated buffers, fused step
+
+
+def _warp_fast(logits: Tensor, raw: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Same distribution as `_warp_reference`, cheaper: logits [B, V] fp32, raw = logits.log_softmax(-1).
+
+    No work at all at the defaults; top-p looks for the nucleus among the top `_TOP_P_CANDIDATES`
+    tokens and sorts the whole vocabulary only for rows whose nucleus is larger.
+    """
+    if temperature == 1.0 and top_k == 0 and top_p == 1.0:
+        return raw
+    scores = logits if temperature == 1.0 else logits / temperature
+    V = scores.shape[-1]
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, V)).values[:, -1:]  # [B, 1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1.0:
+        probs = scores.softmax(-1)  # [B, V]
+        C = min(V, _TOP_P_CANDIDATES)
+        top_probs, order = probs.topk(C)  # [B, C], descending, as a full sort's first C
+        cum = top_probs.cumsum(-1)
+        if bool((cum[:, -1] >= top_p).all()):  # every nucleus ends within the candidates
+            keep_sorted = cum - top_probs < top_p
+            keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_sorted)
+        else:
+            sorted_probs, order = probs.sort(-1, descending=True)
+            keep_sorted = sorted_probs.cumsum(-1) - sorted_probs < top_p
+            keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        scores = scores.masked_fill(~keep, -math.inf)
+    return scores.log_softmax(-1)
+
+
+@dataclass
+class _Buffers:
+    """Preallocated outputs of the fast path, each [B, N]; step t writes column t."""
+
+    ids: Tensor
+    mask: Tensor
+    logq: Tensor
+    logp: Tensor
+    logmix: Tensor
+
+
+def _fast_step(
+    s_logits: Tensor,
+    t_logits: Tensor | None,
+    u: Tensor,
+    finished: Tensor,
+    buf: _Buffers,
+    t: int,
+    s: _Sampling,
+) -> Tensor:
+    """Mix, draw and record step t in one function; returns the next input ids [B] (pad once finished).
+
+    s_logits, t_logits: [B, V] fp32 next-token logits (t_logits None when α = 0); u: [B, 1] float64
+    uniforms; finished: [B] bool, updated in place.
+    """
+    logq = s_logits.log_softmax(-1)
+    logq_s = _warp_fast(s_logits, logq, s.temperature, s.top_k, s.top_p)
+    if t_logits is not None:
+        logp = t_logits.log_softmax(-1)
+        logp_s = _warp_fast(t_logits, logp, s.temperature, s.top_k, s.top_p)
+    else:
+        logp = logp_s = None
+    # Inverse-CDF draw, as `_draw` (kept inline so a compiled step sees it; u is drawn outside).
+    cdf = _mix_probs(logp_s, logq_s, s.alpha).double().cumsum(-1)  # [B, V]
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)  # [B, 1]
+
+    lq = logq.gather(-1, tok).squeeze(-1)
+    lmix = _log_mix(
+        logp_s.gather(-1, tok).squeeze(-1) if logp_s is not None else lq,
+        logq_s.gather(-1, tok).squeeze(-1),
+        s.alpha,
+    )
+    tok = tok.squeeze(-1)
+    buf.ids[:, t] = torch.where(finished, s.pad, tok)
+    buf.mask[:, t] = ~finished
+    buf.logq[:, t] = lq.masked_fill(finished, 0.0)
+    if logp is not None:
+        buf.logp[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(finished, 0.0)
+    buf.logmix[:, t] = lmix.masked_fill(finished, 0.0)
+    finished |= tok == s.eos
+    return buf.ids[:, t]
+
+
+class _Decoder:
+    """One model's fast decode state: a KV cache and the attention mask handed to it each step.
+
+    Static cache where the model family supports it (`_can_compile_fullgraph`, which holds for llama,
+    gpt2, qwen2, opt in transformers 5.x), else DynamicCache. The decode mask is one preallocated
+    [B, P+N] buffer; step t only flips column P+t on. For sdpa / eager attention on full-attention
+    layers it goes to the model as a ready 4D mask ([B, 1, 1, K] bool view for sdpa, an additive float
+    copy for eager), which skips HF's per-step mask construction; otherwise as the 2D mask.
+    """
+
+    def __init__(self, model: nn.Module, prompt_mask: Tensor, max_new_tokens: int) -> None:
+        B, P = prompt_mask.shape
+        self.model, self.P, self.L = model, P, P + max_new_tokens
+        self.static = bool(getattr(model, "_can_compile_fullgraph", False))
+        if self.static:
+            self.cache = StaticCache(config=model.config, max_cache_len=self.L)
+        else:
+            self.cache = DynamicCache(config=model.config)
+        self.attn = torch.zeros(B, self.L, dtype=torch.bool, device=prompt_mask.device)  # [B, P+N]
+        self.attn[:, :P] = prompt_mask
+        impl = getattr(model.config, "_attn_implementation", None)
+        full = not any(getattr(self.cache, "is_sliding", [False]))
+        self.mode = impl if impl in ("sdpa", "eager") and full else "2d"
+        if self.mode == "eager":
+            dtype = next(model.parameters()).dtype
+            self.neg = torch.finfo(dtype).min
+            self.additive = torch.full((B, 1, 1, self.L), self.neg, dtype=dtype, device=prompt_mask.device)
+            self.additive[:, 0, 0, :P].masked_fill_(prompt_mask, 0.0)
+
+    def prefill(self, ids: Tensor) -> Tensor:
+        # A static cache attends over all L slots: hand it the full-length mask (future slots are 0).
+        attn = self.attn if self.static else self.attn[:, : self.P]
+        return _prefill(self.model, ids, attn.long(), self.cache)
+
+    def decode(self, tok: Tensor, pos: Tensor, t: int) -> Tensor:
+        """Feed response token t ([B, 1] at positions pos [B, 1]) into cache slot P+t; logits [B, V] fp32."""
+        slot = self.P + t
+        self.attn[:, slot] = True
+        K = self.L if self.static else slot + 1  # key length the attention sees
+        if self.mode == "sdpa":
+            mask = self.attn[:, None, None, :K]  # [B, 1, 1, K] bool view, True = attend
+        elif self.mode == "eager":
+            self.additive[:, 0, 0, slot] = 0.0
+            mask = self.additive[..., :K]
+        else:
+            mask = self.attn[:, :K].long()
+        out = self.model(
+            input_ids=tok, attention_mask=mask, position_ids=pos, cache=self.cache, use_cache=True
+        )
+        return out.logits[:, -1].float()
+
+
+def _sample_fast(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: Tensor,
+    prompt_mask: Tensor,
+    max_new_tokens: int,
+    s: _Sampling,
+    generator: torch.Generator,
+    compile: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fast loop; same outputs (and same tokens under one generator) as `_sample_eager`."""
+    B, N = input_ids.shape[0], max_new_tokens
+    device = input_ids.device
+    run_teacher = s.alpha > 0.0
+    step = _compiled_step() if compile else _fast_step
+    buf = _Buffers(
+        ids=torch.full((B, N), s.pad, dtype=torch.long, device=device),
+        mask=torch.zeros(B, N, dtype=torch.bool, device=device),
+        logq=torch.zeros(B, N, device=device),
+        logp=torch.zeros(B, N, device=device),
+        logmix=torch.zeros(B, N, device=device),
+    )
+    s_dec = _Decoder(student, prompt_mask, N)
+    s_logits = s_dec.prefill(input_ids)
+    t_dec, t_logits = None, None
+    if run_teacher:
+        t_dec = _Decoder(teacher, prompt_mask, N)
+        t_logits = t_dec.prefill(input_ids)
+    base = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of the first response token
+    pos = torch.empty_like(base)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    T = N
+    for t in range(N):
+        u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=device)  # as `_draw`
+        nxt = step(s_logits, t_logits, u, finished, buf, t, s)
+        if bool(finished.all()) or t == N - 1:
+            T = t + 1
+            break
+        torch.add(base, t, out=pos)
+        s_logits = s_dec.decode(nxt[:, None], pos, t)
+        if t_dec is not None:
+            t_logits = t_dec.decode(nxt[:, None], pos, t)
+    return buf.ids[:, :T], buf.mask[:, :T], buf.logq[:, :T], buf.logp[:, :T], buf.logmix[:, :T]
+
+
+_COMPILED: dict[str, Callable[..., Tensor]] = {}
+
+
+def _compiled_step() -> Callable[..., Tensor]:
+    """`torch.compile` of `_fast_step`, built once per process (dynamic=False: shapes are fixed)."""
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(_fast_step, dynamic=False)
+    return _COMPILED["step"]

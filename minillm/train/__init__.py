@@ -1,0 +1,1 @@
+"""Training stages on one engine: SFT, KD, SeqKD, GKD and MiniLLM."""

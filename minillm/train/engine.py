@@ -1,0 +1,263 @@
+"""The one training engine every stage uses: plain helpers, no hooks to override.
+
+accelerate runs the same code in one CPU process and under `accelerate launch` on many GPUs. Checkpoints
+hold the model (save_pretrained, safetensors), optimizer and scheduler state (tensors and numbers, loaded
+with `weights_only=True`), and a JSON trainer state; they are written to a temp folder and renamed, so a
+killed run never leaves a half-written checkpoint. Randomness comes from generators seeded by
+(seed, step, rank), so the data position and every random draw follow from the step alone and a resumed
+run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from minillm import config as config_lib
+from minillm.config import TrainConfig
+
+CKPT_PREFIX = "ckpt-"
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    acc = Accelerator(mixed_precision=mp, log_with="tensorboard", project_dir=cfg.output_dir)
+    acc.init_trackers("tb", config={k: v for k, v in config_lib.to_dict(cfg).items() if v is not None and
+                                     not isinstance(v, list)})
+    return acc
+
+
+def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from (seed, *keys), e.g. (seed, step, rank): independent streams per use."""
+    g = torch.Generator(device=device)
+    h = seed
+    for k in keys:
+        h = (h * 1_000_003 + k + 1) % (2**63 - 1)
+    return g.manual_seed(h)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed the global RNG (dropout) per step so a resumed run draws the same masks."""
+    torch.manual_seed(generator(seed, step, rank).initial_seed())
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+        fused=params[0].device.type in ("cpu", "cuda"),
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    """Linear warm-up, then constant (official MiniLLM) or cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=generator(seed, epoch, 0)).tolist()
+
+
+def step_indices(n: int, per_step: int, seed: int, step: int) -> list[int]:
+    """The example indices of optimizer step `step` (all ranks, all micro-batches): epochs are reshuffled
+    permutations, the last partial batch of an epoch is dropped, and the position follows from the step."""
+    steps_per_epoch = n // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n} training examples cannot fill one optimizer step of {per_step}")
+    epoch, i = divmod(step, steps_per_epoch)
+    return epoch_order(n, seed, epoch)[i * per_step : (i + 1) * per_step]
+
+
+def total_steps(n: int, cfg: TrainConfig, world: int) -> int:
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    return min(cfg.max_steps, cfg.epochs * (n // per_step))
+
+
+def rank_micro_batches(indices: list[int], acc: Accelerator, cfg: TrainConfig) -> list[list[int]]:
+    """This rank's share of a step's indices, cut into `grad_accum` micro-batches."""
+    mine = indices[acc.process_index :: acc.num_processes]
+    return [mine[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(cfg.grad_accum)]
+
+
+def global_count(acc: Accelerator, count: Tensor | int) -> float:
+    """Sum of a count over ranks: token losses are divided by the step's global valid-token count, counted
+    before the micro-batch loop, so 1x8 and 4x2 micro-batches give equal gradients (STYLE 7)."""
+    t = torch.as_tensor(count, dtype=torch.float64, device=acc.device)
+    return float(acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else float(t)
+
+
+def clip_and_step(acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any, cfg: TrainConfig
+                  ) -> float:
+    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else
+                                    float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(acc: Accelerator, cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
+                    optimizer: Any, scheduler: Any, state: TrainerState) -> Path:
+    """Write `ckpt-STEP/` atomically, point `latest.json` at it, prune older periodic checkpoints."""
+    out = Path(cfg.output_dir)
+    final = out / f"{CKPT_PREFIX}{state.step}"
+    if acc.is_main_process:
+        tmp = out / f".{CKPT_PREFIX}{state.step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _atomic_write_json(tmp / "trainer_state.json", state.__dict__)
+        config_lib.save(cfg, tmp / "minillm_config.json")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_json(out / "latest.json", {"checkpoint": final.name, "step": state.step})
+        keep = {final.name} | ({f"{CKPT_PREFIX}{state.best_step}"} if state.best_step is not None else set())
+        periodic = sorted((p for p in out.glob(f"{CKPT_PREFIX}*") if p.is_dir()),
+                          key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+        for p in periodic[: max(0, len(periodic) - cfg.keep_last)]:
+            if p.name not in keep:
+                shutil.rmtree(p)
+    acc.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(output_dir: str) -> Path | None:
+    pointer = Path(output_dir) / "latest.json"
+    if not pointer.is_file():
+        return None
+    path = Path(output_dir) / json.loads(pointer.read_text())["checkpoint"]
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def load_checkpoint(path: Path, acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any
+                    ) -> TrainerState:
+    """Restore weights, optimizer, scheduler and trainer state written by `save_checkpoint`."""
+    from safetensors.torch import load_file
+
+    inner = acc.unwrap_model(model)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .safetensors weights")
+    weights: dict[str, Tensor] = {}
+    for f in files:
+        weights.update(load_file(f, device=str(acc.device)))
+    missing, unexpected = inner.load_state_dict(weights, strict=False)
+    tied = set(getattr(inner, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    inner.tie_weights()
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+def update_best(state: TrainerState, metrics: dict[str, float], cfg: TrainConfig) -> bool:
+    """Whether `metrics` holds a new best `cfg.best_metric`; records it in `state`."""
+    if cfg.best_metric not in metrics:
+        raise KeyError(f"best_metric {cfg.best_metric!r} is not among the metrics: {', '.join(metrics)}")
+    value = metrics[cfg.best_metric]
+    better = state.best_value is None or (value < state.best_value if cfg.best_mode == "min"
+                                          else value > state.best_value)
+    if better:
+        state.best_value, state.best_step = value, state.step
+    return better
+
+
+def mark_best(cfg: TrainConfig, state: TrainerState) -> None:
+    """`best/` is a copy of the best checkpoint (a plain Hugging Face folder for the next stage)."""
+    out = Path(cfg.output_dir)
+    src = out / f"{CKPT_PREFIX}{state.best_step}"
+    tmp = out / ".best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt"))
+    shutil.rmtree(out / "best", ignore_errors=True)
+    os.replace(tmp, out / "best")
+
+
+# ------------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLog:
+    """One JSON line per logged step (same keys in every stage), TensorBoard through accelerate, a bar."""
+
+    def __init__(self, acc: Accelerator, cfg: TrainConfig, total: int, start: int):
+        self.acc = acc
+        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        self.bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc=type(cfg).__name__)
+        self.t0 = time.perf_counter()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.acc.is_main_process:
+            return
+        line = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        self.acc.log(line, step=step)
+        shown = {k: f"{v:.4g}" for k, v in line.items() if k in ("loss", "valid/loss", "tokens/s", "reward")}
+        self.bar.set_postfix(shown)
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.acc.end_training()
+
+
+def truncate_metrics(cfg: TrainConfig, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint's step so the log reads as one run."""
+    path = Path(cfg.output_dir) / "metrics.jsonl"
+    if path.is_file():
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def chunks(seq: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]

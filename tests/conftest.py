@@ -1,0 +1,67 @@
+"""Fixtures: a tiny byte-level BPE tokenizer and tiny random models of several families, built offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from minillm.data.instructions import load_records
+
+torch.set_num_threads(1)  # the suite shares 2 cores; tiny models gain nothing from more threads
+
+EOS = "<|endoftext|>"
+
+
+def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on 300 Dolly records: real sub-word behaviour, no download."""
+    texts = [r["instruction"] + "\n" + r["output"] for r in load_records("dolly_valid", limit=300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+
+
+def model_config(family: str, vocab_size: int, layers: int = 2, hidden: int = 32):
+    common = dict(vocab_size=vocab_size, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    if family == "llama":
+        return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
+    if family == "qwen2":
+        return Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
+    if family == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common)
+    if family == "opt":
+        return OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                         max_position_embeddings=512, word_embed_proj_dim=hidden, **common)
+    raise ValueError(family)
+
+
+def save_tiny_model(path: Path, family: str, tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config(family, len(tokenizer), layers, hidden))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tokenizer) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("gpt2"), "gpt2", tokenizer)
