@@ -122,6 +122,89 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
+class MiniLLMConfig(TrainConfig):
+    """MiniLLM: reverse KL(student ‖ teacher) minimised by a PPO-style policy gradient on the student's own
+    (teacher-mixed) samples. Defaults are the official schedule (LMOps minillm/scripts, all families)."""
+
+    teacher: str | None = _f("smollm2-135m-instruct", "Teacher (frozen): hub id, folder, .gguf or alias.")
+    max_valid_examples: int | None = _f(500, "Validation prompts answered for Rouge-L (official: 500).")
+    num_rollouts: int = _f(
+        256, "Prompts sampled per rollout collection, all processes together (official: 256)."
+    )
+    ppo_epochs: int = _f(
+        4, "Passes over each collection (official: 4). Mini-batch = batch_size x grad_accum x processes."
+    )
+    teacher_mix_alpha: float = _f(
+        0.2,
+        "Teacher weight α in the sampling mixture α·p + (1−α)·q_old (paper and official: 0.2; 0 = no mixing).",
+    )
+    gamma: float = _f(
+        0.95, "Discount γ of the long-horizon return (official: 0.95; the paper's formula has none, γ = 1)."
+    )
+    return_inclusive: bool = _f(
+        True,
+        "Return from t inclusive (official) or from t+1 (paper Eq. 3, which pairs with the single-step term).",
+    )
+    length_norm: bool = _f(
+        True, "Divide the return by the number of remaining tokens (paper and official). Ablation: off."
+    )
+    whiten: str = _f(
+        "masked",
+        "Advantage whitening: masked (valid tokens only, our default), official (padding counted, as LMOps) or off.",
+    )
+    reward_scale: float = _f(
+        2.0,
+        "Rewards are multiplied by this before clipping (official --reward-scaling 0.5 divides, i.e. x2).",
+    )
+    reward_clip: float = _f(100.0, "Rewards are clipped to ±this (official: 100).")
+    clip_eps: float = _f(0.2, "PPO ratio clip ε (official: 0.2).")
+    single_step: bool = _f(
+        True,
+        "Add the exact full-vocabulary KL(q‖p) at each sampled position (paper section 2.2). Ablation: off.",
+    )
+    pt_loss: str = _f(
+        "ce+kd",
+        "Loss on pre-training blocks: none, ce (paper) or ce+kd (official: (1-kd_ratio)·CE + kd_ratio·teacher soft-CE).",
+    )
+    kd_ratio: float = _f(0.5, "Teacher share of the ce+kd PT loss (official kd_ratio: 0.5).")
+    pt_coef: float = _f(1.0, "Weight of the PT loss in the total (official lm_coef: 1).")
+    pt_data: str = _f(
+        "pretrain", "Pre-training text: shipped name 'pretrain' or a .jsonl(.gz) with a 'text' field."
+    )
+    pt_block_length: int = _f(
+        512, "Tokens per pre-training block (official: 512); documents joined with EOS."
+    )
+    max_new_tokens: int = _f(256, "Sampled response tokens at most (official: max_length 512 - prompt 256).")
+    sample_temperature: float = _f(1.0, "Sampling temperature of both models (official: 1).")
+    top_k: int = _f(0, "Top-k of sampling (official: 0 = off).")
+    top_p: float = _f(1.0, "Top-p of sampling (official: 1 = off).")
+    fast_rollout: bool = _f(True, "Use the static-cache decode loop (same samples as the eager loop).")
+    valid_max_new_tokens: int = _f(256, "New tokens per validation answer.")
+    best_metric: str = _f(
+        "valid/rougeL", "Metric that picks the best checkpoint (official: validation Rouge-L)."
+    )
+    best_mode: str = _f("max", "min or max.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.teacher:
+            raise ConfigError("MiniLLM needs a teacher")
+        if not 0.0 <= self.teacher_mix_alpha <= 1.0:
+            raise ConfigError(f"teacher_mix_alpha must be in [0, 1], got {self.teacher_mix_alpha}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"gamma must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.kd_ratio <= 1.0:
+            raise ConfigError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
+        _choice(self, "whiten", ("masked", "official", "off"))
+        _choice(self, "pt_loss", ("none", "ce", "ce+kd"))
+        for name in ("num_rollouts", "ppo_epochs", "max_new_tokens", "pt_block_length", "clip_eps"):
+            _positive(self, name)
+
+
+# --- baselines (KD, SeqKD, GKD) -------------------------------------------------------------------
+
+
+@dataclass
 class EvalConfig:
     """The paper's evaluation protocol (section 3 of DESIGN.md): sampled answers scored by Rouge-L."""
 
@@ -212,12 +295,7 @@ class CalibrationConfig:
             _positive(self, name)
 
 
-STAGES: dict[str, type] = {
-    "sft": SFTConfig,
-    "eval": EvalConfig,
-    "eval-exposure": ExposureConfig,
-    "eval-calibration": CalibrationConfig,
-}
+ALL_CONFIGS = (SFTConfig, MiniLLMConfig, EvalConfig, ExposureConfig, CalibrationConfig)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -121,7 +121,9 @@ def test_gradcheck_float64():
     def fn(h, w, b):
         return chunked_head_loss(h, w, token_fn, chunk_size=2, bias=b)
 
-    assert torch.autograd.gradcheck(fn, (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        fn, (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
+    )
 
 
 def test_frozen_head_and_constant_chunks():
@@ -144,6 +146,16 @@ def test_frozen_head_and_constant_chunks():
     ref.backward()
     assert_close_verbose(loss, ref, torch.float64)
     assert_close_verbose(hidden.grad[16:], ref_hidden.grad[16:], torch.float64)
+
+
+def test_no_grad_mode_computes_the_loss_only():
+    data = _problem(seed=5)
+    hidden, weight = data["hidden"].clone().requires_grad_(), data["weight"].clone().requires_grad_()
+    token_fn = _token_fn(data)
+    with torch.no_grad():
+        loss = chunked_head_loss(hidden, weight, token_fn, chunk_size=8)
+    assert not loss.requires_grad
+    assert_close_verbose(loss, token_fn(hidden @ weight.T, 0, N), torch.float64)
 
 
 def test_bf16_hidden_and_weight():

@@ -70,8 +70,12 @@ def test_divergence_of_a_distribution_from_itself_is_zero(name, params):
 
 def test_jsd_endpoints_are_forward_and_reverse_kl():
     s, t, mask = _inputs(3, 11, 29, seed=3)
-    assert_close_verbose(generalized_jsd(s, t, mask, beta=0.0), divergence_slow("forward_kl", s, t, mask), torch.float64)
-    assert_close_verbose(generalized_jsd(s, t, mask, beta=1.0), divergence_slow("reverse_kl", s, t, mask), torch.float64)
+    assert_close_verbose(
+        generalized_jsd(s, t, mask, beta=0.0), divergence_slow("forward_kl", s, t, mask), torch.float64
+    )
+    assert_close_verbose(
+        generalized_jsd(s, t, mask, beta=1.0), divergence_slow("reverse_kl", s, t, mask), torch.float64
+    )
 
 
 def test_jsd_endpoints_are_the_normalised_limits():
@@ -230,13 +234,24 @@ def test_get_divergence_binds_parameters():
     s, t, mask = _inputs(2, 3, 7, seed=12)
     got = get_divergence("jsd", beta=0.3, temperature=2.0)(s, t, mask)
     assert torch.equal(got, generalized_jsd(s, t, mask, beta=0.3, temperature=2.0))
-    assert set(DIVERGENCES) == {"forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"}
+    assert set(DIVERGENCES) == {
+        "forward_kl",
+        "reverse_kl",
+        "jsd",
+        "tvd",
+        "skew_forward_kl",
+        "skew_reverse_kl",
+    }
 
 
 @pytest.mark.parametrize(
     "name,params,message",
     [
-        ("kl", {}, "valid names: ['forward_kl', 'jsd', 'reverse_kl', 'skew_forward_kl', 'skew_reverse_kl', 'tvd']"),
+        (
+            "kl",
+            {},
+            "valid names: ['forward_kl', 'jsd', 'reverse_kl', 'skew_forward_kl', 'skew_reverse_kl', 'tvd']",
+        ),
         ("forward_kl", {"beta": 0.5}, "invalid parameter(s) ['beta']; valid parameters: ['temperature']"),
         ("jsd", {"alpha": 0.5}, "valid parameters: ['beta', 'temperature']"),
         ("jsd", {"beta": 1.5}, "beta must be in [0, 1], got 1.5"),

@@ -104,7 +104,11 @@ def ece(confidences: Sequence[float], correct: Sequence[bool], bins: int = 10) -
     if not confidences:
         raise ValueError("ECE of no examples is undefined")
     n = len(confidences)
-    return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in ece_bins(confidences, correct, bins) if b["count"])
+    return sum(
+        b["count"] / n * abs(b["accuracy"] - b["confidence"])
+        for b in ece_bins(confidences, correct, bins)
+        if b["count"]
+    )
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

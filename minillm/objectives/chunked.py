@@ -28,9 +28,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         bias: Tensor | None,
         token_fn: TokenFn,
         chunk_size: int,
+        grad_enabled: bool,
     ) -> Tensor:
         N, H = hidden.shape
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # forward always runs under no_grad; the caller's grad mode says whether grads are wanted at all.
+        need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         need_any = need_h or need_w or need_b
         # Weight and bias gradients sum over N/C chunks: accumulate in fp32 at least, round once at the end.
         acc = torch.promote_types(weight.dtype, torch.float32)
@@ -71,7 +73,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def chunked_head_loss(
@@ -104,4 +106,4 @@ def chunked_head_loss(
     assert bias is None or bias.shape == (V,), f"bias {tuple(bias.shape)} != (V,) = {(V,)}"
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedHeadLoss.apply(hidden, weight, bias, token_fn, chunk_size)
+    return _ChunkedHeadLoss.apply(hidden, weight, bias, token_fn, chunk_size, torch.is_grad_enabled())

@@ -56,7 +56,9 @@ def _log_probs(
     assert mask.shape == (B, T), f"mask {tuple(mask.shape)} != {(B, T)}"
     assert mask.dtype == torch.bool, f"mask must be bool, got {mask.dtype}"
     _check_temperature(temperature)
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    dtype = torch.promote_types(
+        torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
+    )
     keep = mask.unsqueeze(-1)  # [B, T, 1]
 
     def scaled(logits: Tensor) -> Tensor:
@@ -88,7 +90,9 @@ def _log_mixture(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return torch.where(dead, -math.inf, torch.logaddexp(la, lb))
 
 
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, temperature: float = 1.0) -> Tensor:
+def forward_kl(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, temperature: float = 1.0
+) -> Tensor:
     """Forward KL(p ‖ q) at each position (mass-covering; the KD objective).
 
     student_logits: [B, T, V] logits of q, any float dtype (maths in fp32 at least)
@@ -100,7 +104,9 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, 
     return _kl(logp, logq).masked_fill(~mask, 0.0)
 
 
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, temperature: float = 1.0) -> Tensor:
+def reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, temperature: float = 1.0
+) -> Tensor:
     """Reverse KL(q ‖ p) at each position (mode-seeking; MiniLLM's single-step term).
 
     student_logits: [B, T, V] logits of q, any float dtype (maths in fp32 at least)
@@ -113,7 +119,12 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, 
 
 
 def generalized_jsd(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, beta: float = 0.5, temperature: float = 1.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
 ) -> Tensor:
     """Generalised Jensen-Shannon divergence JSD(β) at each position.
 
@@ -156,7 +167,12 @@ def total_variation(
 
 
 def skew_forward_kl(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, alpha: float = 0.1, temperature: float = 1.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
 ) -> Tensor:
     """α-skew forward KL(p ‖ α·p + (1 − α)·q) at each position (DistiLLM, Ko et al. 2024, arXiv 2402.03898).
 
@@ -176,7 +192,12 @@ def skew_forward_kl(
 
 
 def skew_reverse_kl(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, alpha: float = 0.1, temperature: float = 1.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
 ) -> Tensor:
     """α-skew reverse KL(q ‖ α·q + (1 − α)·p) at each position (DistiLLM, Ko et al. 2024, arXiv 2402.03898).
 
@@ -213,7 +234,9 @@ def get_divergence(name: str, **params: float) -> Callable[[Tensor, Tensor, Tens
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence {name!r}; valid names: {sorted(DIVERGENCES)}")
     fn = DIVERGENCES[name]
-    valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    valid = [
+        p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ValueError(f"divergence {name!r} got invalid parameter(s) {unknown}; valid parameters: {valid}")

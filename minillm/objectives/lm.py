@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,8 +25,15 @@ def target_rows(hidden: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple
     return hidden[:, :-1][keep], input_ids[:, 1:][keep]
 
 
-def ce_sum(rows: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None, *, chunk_size: int,
-           token_weights: Tensor | None = None) -> Tensor:
+def ce_sum(
+    rows: Tensor,
+    targets: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    chunk_size: int,
+    token_weights: Tensor | None = None,
+) -> Tensor:
     """Σ_n w_n · CE(rows[n] @ weight.T + bias, targets[n]) as a scalar (fp32), chunked over tokens.
 
     rows: [N, H]; targets: [N] long; weight: [V, H]; bias: [V] or None; token_weights: [N] or None (= 1).
@@ -37,3 +46,56 @@ def ce_sum(rows: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None, *
         return (ce * token_weights[start:end]).sum() if token_weights is not None else ce.sum()
 
     return chunked_head_loss(rows, weight, token_fn, chunk_size=chunk_size, bias=bias)
+
+
+def divergence_sum(
+    rows: Tensor,
+    teacher_rows: Tensor,
+    head: tuple[Tensor, Tensor | None],
+    teacher_head: tuple[Tensor, Tensor | None],
+    divergence: Callable[[Tensor, Tensor, Tensor], Tensor],
+    *,
+    chunk_size: int,
+    token_weights: Tensor | None = None,
+) -> Tensor:
+    """Σ_n w_n · D(student_n ‖ teacher_n) as a scalar, never holding more than a chunk of logits.
+
+    rows:         [N, H] student hidden states (gradients flow here and into the student head)
+    teacher_rows: [N, H_t] teacher hidden states of the same positions (constants)
+    head, teacher_head: (weight [V, H], bias [V] | None) of each model; V must agree
+    divergence:   a function of `minillm.objectives.divergences` with its parameters bound,
+                  (student_logits [B, T, V], teacher_logits [B, T, V], mask [B, T]) -> [B, T]
+    token_weights: [N] or None (= 1)
+    """
+    N, H = rows.shape
+    assert teacher_rows.shape[0] == N, f"{teacher_rows.shape[0]} teacher rows for {N} student rows"
+    t_weight, t_bias = teacher_head
+    if t_weight.shape[0] != head[0].shape[0]:
+        raise ValueError(f"student vocabulary {head[0].shape[0]} != teacher vocabulary {t_weight.shape[0]}")
+
+    def token_fn(logits: Tensor, start: int, end: int) -> Tensor:
+        with torch.no_grad():
+            t_logits = F.linear(teacher_rows[start:end], t_weight, t_bias)  # [C, V]
+        ones = torch.ones(1, end - start, dtype=torch.bool, device=logits.device)
+        per_token = divergence(logits[None], t_logits[None], ones)[0]  # [C]
+        return (per_token * token_weights[start:end]).sum() if token_weights is not None else per_token.sum()
+
+    return chunked_head_loss(rows, head[0], token_fn, chunk_size=chunk_size, bias=head[1])
+
+
+@torch.no_grad()
+def token_logprobs(
+    rows: Tensor, targets: Tensor, head: tuple[Tensor, Tensor | None], *, chunk_size: int
+) -> Tensor:
+    """log softmax(rows @ W.T + b)[targets] without grad, chunked over rows.
+
+    rows: [N, H]; targets: [N] long; returns [N] fp32.
+    """
+    N, H = rows.shape
+    assert targets.shape == (N,)
+    out = torch.empty(N, dtype=torch.float32, device=rows.device)
+    for start in range(0, N, chunk_size):
+        logits = F.linear(rows[start : start + chunk_size], *head).float()  # [C, V]
+        picked = logits.gather(-1, targets[start : start + chunk_size, None])[:, 0]
+        out[start : start + chunk_size] = picked - logits.logsumexp(-1)
+    return out

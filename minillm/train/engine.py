@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -37,8 +38,12 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     acc = Accelerator(mixed_precision=mp, log_with="tensorboard", project_dir=cfg.output_dir)
-    acc.init_trackers("tb", config={k: v for k, v in config_lib.to_dict(cfg).items() if v is not None and
-                                     not isinstance(v, list)})
+    acc.init_trackers(
+        "tb",
+        config={
+            k: v for k, v in config_lib.to_dict(cfg).items() if v is not None and not isinstance(v, list)
+        },
+    )
     return acc
 
 
@@ -59,7 +64,10 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+        params,
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.weight_decay,
         fused=params[0].device.type in ("cpu", "cuda"),
     )
 
@@ -110,10 +118,12 @@ def global_count(acc: Accelerator, count: Tensor | int) -> float:
     return float(acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else float(t)
 
 
-def clip_and_step(acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any, cfg: TrainConfig
-                  ) -> float:
-    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else
-                                    float("inf"))
+def clip_and_step(
+    acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any, cfg: TrainConfig
+) -> float:
+    grad_norm = acc.clip_grad_norm_(
+        model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    )
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -137,9 +147,19 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(acc: Accelerator, cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
-                    optimizer: Any, scheduler: Any, state: TrainerState) -> Path:
-    """Write `ckpt-STEP/` atomically, point `latest.json` at it, prune older periodic checkpoints."""
+def save_checkpoint(
+    acc: Accelerator,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: TrainerState,
+    extra: dict[str, Tensor] | None = None,
+) -> Path:
+    """Write `ckpt-STEP/` atomically, point `latest.json` at it, prune older periodic checkpoints.
+
+    `extra` tensors (e.g. MiniLLM's rollout store mid-collection) go to `extra.safetensors`."""
     out = Path(cfg.output_dir)
     final = out / f"{CKPT_PREFIX}{state.step}"
     if acc.is_main_process:
@@ -150,13 +170,17 @@ def save_checkpoint(acc: Accelerator, cfg: TrainConfig, model: torch.nn.Module, 
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         _atomic_write_json(tmp / "trainer_state.json", state.__dict__)
+        if extra:
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, tmp / "extra.safetensors")
         config_lib.save(cfg, tmp / "minillm_config.json")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_json(out / "latest.json", {"checkpoint": final.name, "step": state.step})
         keep = {final.name} | ({f"{CKPT_PREFIX}{state.best_step}"} if state.best_step is not None else set())
-        periodic = sorted((p for p in out.glob(f"{CKPT_PREFIX}*") if p.is_dir()),
-                          key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+        periodic = sorted(
+            (p for p in out.glob(f"{CKPT_PREFIX}*") if p.is_dir()),
+            key=lambda p: int(p.name[len(CKPT_PREFIX) :]),
+        )
         for p in periodic[: max(0, len(periodic) - cfg.keep_last)]:
             if p.name not in keep:
                 shutil.rmtree(p)
@@ -174,11 +198,10 @@ def latest_checkpoint(output_dir: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any
-                    ) -> TrainerState:
+def load_checkpoint(
+    path: Path, acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any
+) -> TrainerState:
     """Restore weights, optimizer, scheduler and trainer state written by `save_checkpoint`."""
-    from safetensors.torch import load_file
-
     inner = acc.unwrap_model(model)
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -189,11 +212,19 @@ def load_checkpoint(path: Path, acc: Accelerator, model: torch.nn.Module, optimi
     missing, unexpected = inner.load_state_dict(weights, strict=False)
     tied = set(getattr(inner, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
+        )
     inner.tie_weights()
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+def load_extra(path: Path) -> dict[str, Tensor]:
+    """The `extra` tensors saved with a checkpoint (empty when there were none)."""
+    f = path / "extra.safetensors"
+    return load_file(f) if f.is_file() else {}
 
 
 def update_best(state: TrainerState, metrics: dict[str, float], cfg: TrainConfig) -> bool:
@@ -201,8 +232,9 @@ def update_best(state: TrainerState, metrics: dict[str, float], cfg: TrainConfig
     if cfg.best_metric not in metrics:
         raise KeyError(f"best_metric {cfg.best_metric!r} is not among the metrics: {', '.join(metrics)}")
     value = metrics[cfg.best_metric]
-    better = state.best_value is None or (value < state.best_value if cfg.best_mode == "min"
-                                          else value > state.best_value)
+    better = state.best_value is None or (
+        value < state.best_value if cfg.best_mode == "min" else value > state.best_value
+    )
     if better:
         state.best_value, state.best_step = value, state.step
     return better
@@ -214,7 +246,9 @@ def mark_best(cfg: TrainConfig, state: TrainerState) -> None:
     src = out / f"{CKPT_PREFIX}{state.best_step}"
     tmp = out / ".best.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt"))
+    shutil.copytree(
+        src, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "extra.safetensors")
+    )
     shutil.rmtree(out / "best", ignore_errors=True)
     os.replace(tmp, out / "best")
 

@@ -99,7 +99,7 @@ def train_sft(cfg: SFTConfig) -> Path:
             with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
                 micro_loss = ce_loss_sum(model, batch, cfg.chunk_size) / n_tokens
             acc.backward(micro_loss)
-            loss += float(micro_loss)
+            loss += float(micro_loss.detach())
         lr = scheduler.get_last_lr()[0]
         grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)
         state.step += 1

@@ -1,0 +1,452 @@
+"""The paper's evaluation protocol (DESIGN.md section 3): `minillm eval`.
+
+For each test set and each seed, every prompt (the training template, no BOS) gets one sampled answer
+(temperature 1, top_p 1, top_k 0, <= 256 new tokens, no_repeat_ngram_size 6: the official defaults, all
+configurable). Each answer is scored by Rouge-L against its references (max over them; S-NI carries several).
+A set's score is the mean over prompts; the table value is the mean over seeds, with the sample std over seeds
+as the spread. Also: the LM loss on the gold responses (once per set: it has no randomness), Dist-4 of the
+answers (per seed, then averaged) and Rouge-L per gold-length bucket ([0,5], [6,10], [11,inf) tokens of the
+first reference in the evaluated model's tokenizer, EOS excluded).
+
+Files under `output_dir/<model slug>/`:
+- `generations.jsonl`: one line per (set, id, seed): prompt, output, reference(s), score and lengths. A rerun
+  skips every (set, id, seed) already there; prompts are batched in a fixed partition with one seed per batch
+  (`generate.batch_seed(seed, set, batch index)`), and a batch with any missing line is regenerated whole, so a
+  resumed run writes exactly what an uninterrupted one would.
+- `settings.json`: the decoding-relevant settings of the first run; a rerun that changes any raises instead of
+  mixing generations made under two settings.
+- `lm_loss.json`: the cached gold loss per set; `results.json`: the summary (what `minillm report` reads).
+
+Departures from the official code (LMOps `minillm/evaluate_main.py`, `rouge_metric.py`):
+- LM loss is token-averaged over the set; the official code averages per-example means. Both are reported
+  (`lm_loss`, `lm_loss_per_example`). Prompt + gold is capped at max_prompt_length + max_new_tokens tokens
+  (official: 512 = 256 + 256).
+- At most `max_new_tokens` new tokens (DESIGN: 256); the official code allows 512 minus the padded prompt length.
+- Prompts over `max_prompt_length` tokens are skipped and counted (`skipped_long`), not truncated; the official
+  data was filtered with the same rule beforehand (with GPT-2's tokenizer).
+- The answer is cut at the first EOS id (official: at the text "<|endoftext|>" after decoding without special
+  tokens). The official code also reports exact match; we do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from minillm import models
+from minillm.config import ConfigError, EvalConfig
+from minillm.data import instructions
+from minillm.data.instructions import load_records
+from minillm.data.template import build_prompt
+from minillm.data.tokenize import encode_records
+from minillm.evaluate import generate, metrics
+
+GENERATIONS = "generations.jsonl"
+RESULTS = "results.json"
+SETTINGS = "settings.json"
+LM_LOSS = "lm_loss.json"
+
+# EvalConfig fields that change what a generation is; a rerun into the same folder must keep them.
+FROZEN_FIELDS = (
+    "model",
+    "dtype",
+    "template",
+    "field_instruction",
+    "field_input",
+    "field_output",
+    "max_prompt_length",
+    "batch_size",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_new_tokens",
+    "no_repeat_ngram_size",
+)
+
+
+@dataclass
+class Item:
+    id: str
+    prompt: str
+    prompt_ids: list[int]
+    references: list[str]
+    gold_tokens: int  # first reference, in the model's tokens, EOS excluded
+    record: dict[str, Any]
+
+
+@dataclass
+class EvalSet:
+    name: str
+    spec: str
+    revision: str
+    n_records: int  # after the SelfInst-242 filter and max_per_set
+    skipped_long: int
+    items: list[Item]
+
+
+# ------------------------------------------------------------------------------------------------
+# names and provenance
+
+
+def slug(spec: str) -> str:
+    """A folder name for a model or data spec: runs of characters outside [A-Za-z0-9._-] become '_'."""
+    out = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.strip().strip("/")).strip("_.")
+    if not out:
+        raise ValueError(f"cannot make a name from {spec!r}")
+    return out
+
+
+def set_name(spec: str) -> str:
+    """Shipped names stay; a file is named by its stem (x.jsonl.gz -> x); hf:NAME[:SPLIT] is slugged."""
+    if spec in instructions.SHIPPED:
+        return spec
+    if spec.startswith("hf:"):
+        return slug(spec)
+    name = Path(spec).name
+    for suffix in (".gz", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return slug(name)
+
+
+def data_revision(spec: str) -> str:
+    """sha256 (first 16 hex digits) of a set's file; Hugging Face datasets are named, not hashed."""
+    if spec.startswith("hf:"):
+        return f"{spec} (not hashed)"
+    digest = hashlib.sha256(instructions.resolve(spec).read_bytes()).hexdigest()
+    return f"sha256:{digest[:16]}"
+
+
+def code_revision() -> str | None:
+    """The git commit of the minillm checkout, with '+dirty' for uncommitted changes; None outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "code_revision": code_revision(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic write; NaN and inf become null (strict JSON)."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def load_eval_set(spec: str, cfg: EvalConfig, tokenizer: Any) -> EvalSet:
+    """Records of one set, filtered (SelfInst 242, max_per_set, then prompts over max_prompt_length skipped)."""
+    records = load_records(
+        spec,
+        field_instruction=cfg.field_instruction,
+        field_input=cfg.field_input,
+        field_output=cfg.field_output,
+    )
+    for i, rec in enumerate(records):
+        rec.setdefault("id", str(i))
+        rec["id"] = str(rec["id"])
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"set {spec!r}: record ids are not unique")
+    if cfg.selfinst_242 and records and "in_minillm_242" in records[0]:
+        records = [r for r in records if r.get("in_minillm_242")]
+    if cfg.max_per_set is not None:
+        records = records[: cfg.max_per_set]
+    items, skipped = [], 0
+    for rec in records:
+        prompt = build_prompt(rec["instruction"], rec["input"], cfg.template, tokenizer)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) > cfg.max_prompt_length:
+            skipped += 1
+            continue
+        refs = rec.get("references")
+        if not (isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs)):
+            refs = [rec["output"]]
+        gold = len(tokenizer(refs[0], add_special_tokens=False)["input_ids"])
+        items.append(Item(rec["id"], prompt, prompt_ids, refs, gold, rec))
+    return EvalSet(set_name(spec), spec, data_revision(spec), len(records), skipped, items)
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+
+
+def read_generations(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Lines of generations.jsonl keyed by (set, id, seed). A torn last line (a killed run) is dropped."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # torn final write: rewrite the file without it
+                path.write_text("".join(x + "\n" for x in lines[:-1]), encoding="utf-8")
+                break
+            raise ValueError(f"{path}:{n}: malformed line; delete the file to regenerate") from None
+        out[(row["set"], row["id"], int(row["seed"]))] = row
+    return out
+
+
+def check_settings(out_dir: Path, cfg: EvalConfig) -> None:
+    """Write settings.json on the first run; on a rerun, raise if a generation-relevant field changed."""
+    path = out_dir / SETTINGS
+    now = {k: getattr(cfg, k) for k in FROZEN_FIELDS}
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [k for k in FROZEN_FIELDS if k in before and before[k] != now[k]]
+        if changed:
+            diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
+            raise ConfigError(
+                f"{out_dir} holds generations made with other settings ({diff}); "
+                "use another output_dir or delete that folder"
+            )
+    else:
+        write_json(path, now)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _lm_loss(
+    model: Any, tokenizer: Any, eval_set: EvalSet, cfg: EvalConfig, out_dir: Path
+) -> dict[str, float | int | None]:
+    """Gold loss of a set, cached in lm_loss.json under a key of the ids and length rules."""
+    max_length = cfg.max_prompt_length + cfg.max_new_tokens
+    ids = [it.id for it in eval_set.items]
+    key = hashlib.sha256(json.dumps([ids, cfg.template, max_length, eval_set.revision]).encode()).hexdigest()[
+        :16
+    ]
+    path = out_dir / LM_LOSS
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if cache.get(eval_set.name, {}).get("key") == key:
+        return cache[eval_set.name]["value"]
+    if not eval_set.items:
+        value: dict[str, float | int | None] = {"lm_loss": None, "lm_loss_per_example": None, "lm_tokens": 0}
+    else:
+        examples, dropped = encode_records(
+            [it.record for it in eval_set.items],
+            tokenizer,
+            template=cfg.template,
+            max_prompt_length=cfg.max_prompt_length,
+            max_length=max_length,
+        )
+        assert dropped == 0, "items were filtered by the same prompt-length rule"
+        nll = generate.gold_nll(model, examples, tokenizer.pad_token_id, batch_size=cfg.batch_size)
+        total, tokens = sum(s for s, _ in nll), sum(n for _, n in nll)
+        value = {
+            "lm_loss": total / tokens,
+            "lm_loss_per_example": sum(s / n for s, n in nll) / len(nll),
+            "lm_tokens": tokens,
+        }
+    cache[eval_set.name] = {"key": key, "value": value}
+    write_json(path, cache)
+    return value
+
+
+def summarise(eval_set: EvalSet, rows: dict[tuple[str, str, int], dict[str, Any]], seeds: list[int]) -> dict:
+    """Per-set results from the generation lines: per-seed means, then mean and std over seeds."""
+    items = eval_set.items
+    out: dict[str, Any] = {
+        "spec": eval_set.spec,
+        "revision": eval_set.revision,
+        "n_records": eval_set.n_records,
+        "n_prompts": len(items),
+        "skipped_long": eval_set.skipped_long,
+    }
+    if not items:
+        return out | {"rougeL": None, "dist4": None, "gen_tokens": None, "eos_rate": None, "buckets": {}}
+    per_seed: dict[str, dict[int, float]] = {"rougeL": {}, "dist4": {}, "gen_tokens": {}, "eos_rate": {}}
+    by_bucket: dict[str, list[Item]] = {name: [] for name, _, _ in metrics.BUCKETS}
+    for it in items:
+        by_bucket[metrics.length_bucket(it.gold_tokens)].append(it)
+    bucket_seed: dict[str, dict[int, float]] = {name: {} for name in by_bucket}
+    for seed in seeds:
+        lines = [rows[(eval_set.name, it.id, seed)] for it in items]
+        per_seed["rougeL"][seed] = sum(r["score"] for r in lines) / len(lines)
+        per_seed["dist4"][seed] = metrics.distinct_n([r["output"] for r in lines], 4)
+        per_seed["gen_tokens"][seed] = sum(r["new_tokens"] for r in lines) / len(lines)
+        per_seed["eos_rate"][seed] = sum(bool(r["finished"]) for r in lines) / len(lines)
+        for name, members in by_bucket.items():
+            if members:
+                scores = [rows[(eval_set.name, it.id, seed)]["score"] for it in members]
+                bucket_seed[name][seed] = sum(scores) / len(scores)
+
+    def agg(values: dict[int, float]) -> dict[str, Any]:
+        m, s = metrics.mean_std([values[seed] for seed in seeds])
+        return {"mean": m, "std": s, "per_seed": {str(k): v for k, v in values.items()}}
+
+    for key, values in per_seed.items():
+        out[key] = agg(values)
+    out["buckets"] = {
+        name: ({"n": len(by_bucket[name])} | agg(bucket_seed[name]) if by_bucket[name] else {"n": 0})
+        for name in by_bucket
+    }
+    return out
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, cfg: EvalConfig, out_dir: str | Path, *, progress: bool = True
+) -> dict:
+    """Generate what is missing, score, summarise; writes the three files above into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_settings(out_dir, cfg)
+    sets = [load_eval_set(spec, cfg, tokenizer) for spec in cfg.sets]
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two sets share a name: {names}; rename a file")
+    gen_path = out_dir / GENERATIONS
+    rows = read_generations(gen_path)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    B = cfg.batch_size
+
+    todo = []  # (set, seed, batch index, items) for every batch with a missing line
+    for s in sets:
+        for seed in cfg.seeds:
+            for b in range(0, len(s.items), B):
+                part = s.items[b : b + B]
+                if any((s.name, it.id, seed) not in rows for it in part):
+                    todo.append((s, seed, b // B, part))
+
+    gen_seconds, gen_prompts, gen_tokens = 0.0, 0, 0
+    bar = tqdm(todo, desc="eval", unit="batch", disable=not progress or not todo)
+    with gen_path.open("a", encoding="utf-8") as fh:
+        for s, seed, index, part in bar:
+            bar.set_postfix_str(f"{s.name} seed {seed}")
+            t0 = time.perf_counter()
+            responses = generate.sample(
+                model,
+                [it.prompt_ids for it in part],
+                seed=generate.batch_seed(seed, s.name, index),
+                eos_id=eos,
+                pad_id=pad,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=cfg.top_k,
+                max_new_tokens=cfg.max_new_tokens,
+                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+            )  # [len(part), T]
+            gen_seconds += time.perf_counter() - t0
+            gen_prompts += len(part)
+            for it, ids in zip(part, responses.tolist(), strict=True):
+                tokens, finished = generate.trim_at_eos(ids, eos)
+                gen_tokens += len(tokens) + finished
+                key = (s.name, it.id, seed)
+                if key in rows:
+                    continue
+                text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                row = {
+                    "set": s.name,
+                    "id": it.id,
+                    "seed": seed,
+                    "prompt": it.prompt,
+                    "output": text,
+                    "reference": it.references[0],
+                    "score": metrics.rouge_l(text, it.references),
+                    "new_tokens": len(tokens),
+                    "finished": finished,
+                    "gold_tokens": it.gold_tokens,
+                    "bucket": metrics.length_bucket(it.gold_tokens),
+                }
+                if len(it.references) > 1:
+                    row["references"] = it.references
+                rows[key] = row
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+
+    results_sets = {}
+    for s in sets:
+        summary = summarise(s, rows, cfg.seeds)
+        if cfg.lm_loss:
+            summary |= _lm_loss(model, tokenizer, s, cfg, out_dir)
+        results_sets[s.name] = summary
+    param = next(model.parameters())
+    results = {
+        "kind": "eval",
+        "name": out_dir.name,
+        "model": cfg.model,
+        "config": dataclasses.asdict(cfg),
+        "sets": results_sets,
+        "timing": {
+            "generated_prompts": gen_prompts,
+            "generated_tokens": gen_tokens,
+            "generate_seconds": gen_seconds,
+            "seconds_per_100_prompts": 100 * gen_seconds / gen_prompts if gen_prompts else None,
+        },
+        "environment": environment(param.device, param.dtype),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out_dir / RESULTS, _clean(results))
+    return results
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return _finite(obj)
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """`minillm eval`: load the model and tokenizer, evaluate into output_dir/<model slug>/, return the results."""
+    dev = device()
+    dtype = models.torch_dtype(cfg.dtype, dev)
+    model = models.load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(dev)
+    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    out_dir = Path(cfg.output_dir) / slug(cfg.model)
+    print(f"minillm eval: {cfg.model} -> {out_dir}")
+    return evaluate_model(model, tokenizer, cfg, out_dir)

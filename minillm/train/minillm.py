@@ -1,0 +1,441 @@
+"""MiniLLM (Gu, Dong, Wei, Huang, ICLR 2024, arXiv 2306.08543): reverse-KL distillation by policy gradient.
+
+The student q_θ minimises KL(q_θ ‖ p) over its own responses. Each collection samples `num_rollouts`
+responses from the mixture p̃ = α·p + (1−α)·q_old (section 2.2, "teacher-mixed sampling"), recording
+log q_old, log p and the importance weight w = q_old/p̃ per token. Then `ppo_epochs` passes over the store
+in mini-batches; each mini-batch takes
+  loss = PPO-clipped policy gradient on the length-normalised, discounted return of r_t = log p − log q_old
+       + single-step term: the exact full-vocabulary KL(q(·|y<t) ‖ p(·|y<t)) at every sampled position
+       + pt_coef · PT loss on a batch of pre-training blocks (section 2.3).
+Everything full-vocabulary runs in token chunks from hidden states (never a [B, T, V] fp32 tensor); the
+teacher's hidden states of the sampled responses are cached per collection, so each inner epoch recomputes
+only the teacher's head on a chunk instead of its whole forward.
+
+Departures from the paper / the official code (LMOps minillm/, commits cited in objectives/policy.py),
+each behind a flag:
+- `whiten masked` (default) whitens advantages over valid tokens; the official code counts padding
+  (`whiten official`).
+- `return_inclusive true` (official) with `single_step true` counts the single-step part twice in
+  expectation (tests/test_unbiased.py measures it); `return_inclusive false` is the paper's unbiased Eq. 3.
+- Token losses are divided by the mini-batch's global valid-token count (all micro-batches and ranks);
+  the official code divides by each rank's own count.
+- `pt_loss ce+kd` uses the forward KL to the teacher as its "kd" half: the same gradient as the official
+  soft cross-entropy, whose value differs by the teacher's entropy (a constant).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor
+
+from minillm import models
+from minillm.config import MiniLLMConfig
+from minillm.data.instructions import load_records
+from minillm.data.pretrain import load_pt_blocks
+from minillm.data.tokenize import collate_prompts, encode_prompt
+from minillm.evaluate.metrics import rouge_l
+from minillm.objectives import policy
+from minillm.objectives.chunked import chunked_head_loss
+from minillm.objectives.divergences import forward_kl, reverse_kl
+from minillm.objectives.lm import ce_sum, divergence_sum, token_logprobs
+from minillm.rollout import Rollout, sample_rollout
+from minillm.train import engine
+
+ROLLOUT_FIELDS = (
+    "prompt_ids",
+    "prompt_mask",
+    "response_ids",
+    "mask",
+    "truncated",
+    "logq_old",
+    "logp",
+    "log_w",
+)
+
+
+def load_prompts(
+    spec: str, limit: int | None, tokenizer: Any, cfg: MiniLLMConfig, acc: Accelerator
+) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """Prompt ids under the official length rule (long prompts dropped and counted), and their records."""
+    records = load_records(
+        spec,
+        field_instruction=cfg.field_instruction,
+        field_input=cfg.field_input,
+        field_output=cfg.field_output,
+        limit=limit,
+    )
+    kept = [(encode_prompt(r, tokenizer, cfg.template), r) for r in records]
+    kept = [(ids, r) for ids, r in kept if len(ids) <= cfg.max_prompt_length]
+    acc.print(
+        f"{spec}: {len(kept)} prompts, {len(records) - len(kept)} dropped (> {cfg.max_prompt_length} tokens)"
+    )
+    if not kept:
+        raise ValueError(f"{spec}: no prompt left after the length rule")
+    return [ids for ids, _ in kept], [r for _, r in kept]
+
+
+def response_hidden(model: torch.nn.Module, batch: Rollout) -> Tensor:
+    """Final hidden states at the positions that predict each response token: [B, T, H]."""
+    ids, attn = batch.full_inputs()  # [B, P+T]
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    return models.final_hidden(model, ids, attn)[:, P - 1 : P + T - 1]  # row t predicts response token t
+
+
+@torch.no_grad()
+def teacher_pass(teacher: torch.nn.Module, batch: Rollout, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """One teacher forward over prompt + response: hidden rows of the valid response positions [N, H_t]
+    (cached for every inner epoch's single-step term) and log p of the sampled tokens [B, T]."""
+    rows = response_hidden(teacher, batch)[batch.mask]  # [N, H_t]
+    logp = torch.zeros(batch.mask.shape, device=rows.device)
+    logp[batch.mask] = token_logprobs(
+        rows, batch.response_ids[batch.mask], models.output_head(teacher), chunk_size=chunk_size
+    )
+    return rows, logp
+
+
+def collect(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompts: list[list[int]],
+    pad: int,
+    eos: int,
+    cfg: MiniLLMConfig,
+    acc: Accelerator,
+    g: torch.Generator,
+) -> tuple[Rollout, Tensor]:
+    """Sample this rank's rollouts in batches; returns the store and the cached teacher rows [N, H_t]."""
+    inner = acc.unwrap_model(student)
+    parts, rows = [], []
+    for batch_prompts in engine.chunks(prompts, cfg.batch_size):
+        enc = collate_prompts(batch_prompts, pad)
+        r = sample_rollout(
+            inner,
+            teacher,
+            enc["input_ids"],
+            enc["attention_mask"],
+            alpha=cfg.teacher_mix_alpha,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            generator=g,
+            temperature=cfg.sample_temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            fast=cfg.fast_rollout,
+        )
+        r = Rollout(
+            **{f: getattr(r, f).clone() for f in ROLLOUT_FIELDS}, pad_token_id=pad
+        )  # leave inference mode
+        t_rows, logp = teacher_pass(teacher, r, cfg.chunk_size)
+        if cfg.teacher_mix_alpha == 0.0:
+            r.logp = logp
+        parts.append(r)
+        rows.append(t_rows)
+    # Rollout.cat right-pads responses, so each row keeps its valid positions in place and the parts'
+    # row-major teacher rows concatenate into the store's row-major order
+    return Rollout.cat(parts), torch.cat(rows)
+
+
+def minibatch_loss(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    mb: Rollout,
+    t_rows: Tensor,
+    adv: Tensor,
+    n_tokens: float,
+    cfg: MiniLLMConfig,
+) -> tuple[Tensor, dict[str, float]]:
+    """(Σ PG loss + Σ single-step KL) / n_tokens for one micro-batch, computed in one chunked head pass."""
+    inner = getattr(student, "module", student)
+    mask = mb.mask
+    rows = response_hidden(student, mb)[mask]  # [N, H]
+    targets = mb.response_ids[mask]  # [N]
+    logq_old, log_w, a = mb.logq_old[mask], mb.log_w[mask], adv[mask]  # [N] each
+    t_head = models.output_head(teacher)
+    stats = {"pg": 0.0, "single": 0.0, "clipped": 0.0}
+
+    def token_fn(logits: Tensor, start: int, end: int) -> Tensor:
+        logits = logits.float()
+        logq = logits.log_softmax(-1)  # [C, V]
+        logq_new = logq.gather(-1, targets[start:end, None])[:, 0]  # [C]
+        ones = torch.ones(1, end - start, dtype=torch.bool, device=logits.device)
+        pg, clipped = policy.ppo_policy_loss(
+            logq_new[None],
+            logq_old[None, start:end],
+            log_w[None, start:end],
+            a[None, start:end],
+            ones,
+            clip_eps=cfg.clip_eps,
+        )  # [1, C]
+        total = pg.sum()
+        stats["pg"] += float(pg.detach().sum())
+        stats["clipped"] += float(clipped.sum())
+        if cfg.single_step:
+            with torch.no_grad():
+                t_logits = F.linear(t_rows[start:end], *t_head)  # [C, V]
+            single = reverse_kl(logits[None], t_logits[None], ones)  # [1, C]
+            total = total + single.sum()
+            stats["single"] += float(single.detach().sum())
+        return total
+
+    head = models.output_head(inner)
+    loss = chunked_head_loss(rows, head[0], token_fn, chunk_size=cfg.chunk_size, bias=head[1]) / n_tokens
+    return loss, stats
+
+
+def pt_loss_sum(
+    student: torch.nn.Module, teacher: torch.nn.Module, blocks: Tensor, cfg: MiniLLMConfig
+) -> Tensor:
+    """Σ over block tokens of the PT loss: CE (paper) or (1−kd_ratio)·CE + kd_ratio·KL(p‖q) (official)."""
+    inner = getattr(student, "module", student)
+    attn = torch.ones_like(blocks)
+    rows = models.final_hidden(student, blocks, attn)[:, :-1].reshape(-1, inner.config.hidden_size)  # [N, H]
+    targets = blocks[:, 1:].reshape(-1)  # [N]
+    head = models.output_head(inner)
+    if cfg.pt_loss == "ce":
+        return ce_sum(rows, targets, *head, chunk_size=cfg.chunk_size)
+    with torch.no_grad():
+        t_rows = models.final_hidden(teacher, blocks, attn)[:, :-1].reshape(rows.shape[0], -1)  # [N, H_t]
+    ce = ce_sum(rows, targets, *head, chunk_size=cfg.chunk_size)
+    kd = divergence_sum(
+        rows, t_rows, head, models.output_head(teacher), forward_kl, chunk_size=cfg.chunk_size
+    )
+    return (1 - cfg.kd_ratio) * ce + cfg.kd_ratio * kd
+
+
+@torch.no_grad()
+def validate(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompts: list[list[int]],
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    cfg: MiniLLMConfig,
+    acc: Accelerator,
+) -> dict[str, float]:
+    """Rouge-L of sampled answers (paper decoding) and the reverse KL of the student on its own samples:
+    Σ_t KL(q(·|y<t) ‖ p(·|y<t)) per response, an unbiased estimate of the sequence-level KL(q‖p)."""
+    inner = acc.unwrap_model(student)
+    g = engine.generator(cfg.seed, 0, acc.process_index)  # the same validation samples at every evaluation
+    scores, kls, tokens = [], [], 0
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    mine = list(range(acc.process_index, len(prompts), acc.num_processes))
+    was_training = student.training
+    student.eval()
+    for idx in engine.chunks(mine, cfg.batch_size):
+        enc = collate_prompts([prompts[i] for i in idx], pad)
+        r = sample_rollout(
+            inner,
+            teacher,
+            enc["input_ids"],
+            enc["attention_mask"],
+            alpha=0.0,
+            max_new_tokens=cfg.valid_max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            generator=g,
+            fast=cfg.fast_rollout,
+        )
+        for b, i in enumerate(idx):
+            text = tokenizer.decode(r.response_ids[b][r.mask[b]], skip_special_tokens=True)
+            scores.append(rouge_l(text, [records[i]["output"]]))
+        s_rows = response_hidden(inner, r)[r.mask]  # [N, H]
+        t_rows, _ = teacher_pass(teacher, r, cfg.chunk_size)  # [N, H_t]
+        s_head, t_head = models.output_head(inner), models.output_head(teacher)
+        per_token = torch.zeros(r.mask.shape, device=s_rows.device)  # [B, T]
+        per_token[r.mask] = torch.cat(
+            [
+                reverse_kl(
+                    F.linear(s_rows[i : i + cfg.chunk_size], *s_head)[None],
+                    F.linear(t_rows[i : i + cfg.chunk_size], *t_head)[None],
+                    torch.ones(
+                        1, len(s_rows[i : i + cfg.chunk_size]), dtype=torch.bool, device=s_rows.device
+                    ),
+                )[0]
+                for i in range(0, s_rows.shape[0], cfg.chunk_size)
+            ]
+        )
+        kls += per_token.sum(-1).tolist()
+        tokens += int(r.mask.sum())
+    student.train(was_training)
+    n = engine.global_count(acc, len(scores))
+    return {
+        "valid/rougeL": engine.global_count(acc, sum(scores)) / n,
+        "valid/reverse_kl": engine.global_count(acc, sum(kls)) / n,
+        "valid/reverse_kl_per_token": engine.global_count(acc, sum(kls)) / engine.global_count(acc, tokens),
+        "valid/length": engine.global_count(acc, tokens) / n,
+    }
+
+
+def train_minillm(cfg: MiniLLMConfig) -> Path:
+    """Run MiniLLM; returns the folder of the best checkpoint (highest validation Rouge-L by default)."""
+    acc = engine.make_accelerator(cfg)
+    acc.print(f"config: {cfg}")
+    dtype = models.torch_dtype(cfg.dtype, acc.device)
+    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    models.check_same_tokenizer(
+        tokenizer,
+        models.load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code),
+        ("student", "teacher"),
+    )
+    student = models.load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    teacher = models.load_model(cfg.teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    models.check_same_vocab(student, teacher)
+    teacher.requires_grad_(False).eval().to(acc.device)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompts, _ = load_prompts(cfg.train_data, cfg.max_train_examples, tokenizer, cfg, acc)
+    valid_prompts, valid_records = load_prompts(cfg.valid_data, cfg.max_valid_examples, tokenizer, cfg, acc)
+    pt_blocks = load_pt_blocks(cfg.pt_data, tokenizer, cfg.pt_block_length) if cfg.pt_loss != "none" else None
+
+    per_rank = cfg.num_rollouts // acc.num_processes
+    mini = cfg.batch_size * cfg.grad_accum  # sequences per rank per optimizer step
+    if per_rank % mini:
+        raise ValueError(
+            f"num_rollouts per process ({per_rank}) must be a multiple of batch_size x grad_accum ({mini})"
+        )
+    steps_per_collection = cfg.ppo_epochs * (per_rank // mini)
+    total = min(cfg.max_steps, cfg.epochs * (len(prompts) // cfg.num_rollouts) * steps_per_collection)
+    if total == 0:
+        raise ValueError(
+            f"{len(prompts)} prompts cannot fill one collection of num_rollouts={cfg.num_rollouts}"
+        )
+    optimizer = engine.make_optimizer(student, cfg)
+    scheduler = engine.make_scheduler(optimizer, cfg, total)
+    student, optimizer = acc.prepare(student, optimizer)
+    state = engine.TrainerState()
+    store: Rollout | None = None
+    t_rows_store: Tensor | None = None
+    ckpt = engine.latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if ckpt is not None:
+        state = engine.load_checkpoint(ckpt, acc, student, optimizer, scheduler)
+        extra = engine.load_extra(ckpt)
+        if extra:  # resumed mid-collection: the very rollouts the killed run was training on
+            store = Rollout(**{f: extra[f].to(acc.device) for f in ROLLOUT_FIELDS}, pad_token_id=pad)
+            t_rows_store = extra["teacher_rows"].to(acc.device)
+        engine.truncate_metrics(cfg, state.step)
+        acc.print(f"resumed from {ckpt} at step {state.step}")
+    log = engine.MetricsLog(acc, cfg, total, state.step)
+    if state.step == 0:
+        log.log(0, validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
+    all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
+    student.train()
+    time_sample = 0.0
+    while state.step < total:
+        collection, k = divmod(state.step, steps_per_collection)
+        epoch, b = divmod(k, per_rank // mini)
+        if k == 0 or store is None:
+            t0 = time.perf_counter()
+            idx = engine.step_indices(len(prompts), cfg.num_rollouts, cfg.seed, collection)
+            mine = [prompts[i] for i in idx[acc.process_index :: acc.num_processes]]
+            store, t_rows_store = collect(
+                student,
+                teacher,
+                mine,
+                pad,
+                eos,
+                cfg,
+                acc,
+                engine.generator(cfg.seed, collection, acc.process_index),
+            )
+            time_sample = time.perf_counter() - t0
+        # --- one optimizer step on mini-batch b of inner epoch `epoch` ---
+        t0 = time.perf_counter()
+        order = torch.randperm(per_rank, generator=engine.generator(cfg.seed, collection, epoch, 1))
+        mb_idx = order[b * mini : (b + 1) * mini]
+        mb = store[mb_idx]
+        # teacher rows of the mini-batch: each store row's valid positions, located by a cumulative count
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), store.mask.sum(-1).cumsum(0)]).tolist()
+        rewards = policy.token_rewards(mb.logp, mb.logq_old, mb.mask)
+        adv = policy.advantages(
+            rewards,
+            mb.mask,
+            gamma=cfg.gamma,
+            inclusive=cfg.return_inclusive,
+            length_norm=cfg.length_norm,
+            reward_scale=cfg.reward_scale,
+            reward_clip=cfg.reward_clip,
+            whiten=cfg.whiten,
+            all_reduce=all_reduce,
+        )
+        n_tokens = engine.global_count(acc, int(mb.mask.sum()))
+        engine.seed_step(cfg.seed, state.step, acc.process_index)
+        sums = {"pg": 0.0, "single": 0.0, "clipped": 0.0, "pt": 0.0}
+        for j in range(cfg.grad_accum):
+            sel = list(range(j * cfg.batch_size, (j + 1) * cfg.batch_size))
+            micro = mb[sel]
+            rows = torch.cat([t_rows_store[offsets[i] : offsets[i + 1]] for i in mb_idx[sel].tolist()])
+            last = j == cfg.grad_accum - 1
+            with acc.no_sync(student) if not last else nullcontext(), acc.autocast():
+                loss, stats = minibatch_loss(student, teacher, micro, rows, adv[sel], n_tokens, cfg)
+                if pt_blocks is not None:
+                    pick = torch.randint(
+                        len(pt_blocks),
+                        (cfg.batch_size,),
+                        generator=engine.generator(cfg.seed, state.step, acc.process_index, j),
+                    )
+                    pt = pt_loss_sum(student, teacher, pt_blocks[pick].to(acc.device), cfg)
+                    pt_tokens = (
+                        cfg.batch_size * (cfg.pt_block_length - 1) * cfg.grad_accum * acc.num_processes
+                    )
+                    loss = loss + cfg.pt_coef * pt / pt_tokens
+                    stats["pt"] = float(pt.detach()) / pt_tokens
+            acc.backward(loss)
+            for key in sums:
+                sums[key] += stats[key]
+        lr = scheduler.get_last_lr()[0]
+        grad_norm = engine.clip_and_step(acc, student, optimizer, scheduler, cfg)
+        state.step += 1
+        time_update = time.perf_counter() - t0
+        valid = mb.mask
+        metrics = {
+            "loss/pg": engine.global_count(acc, sums["pg"]) / n_tokens,
+            "loss/single": engine.global_count(acc, sums["single"]) / n_tokens,
+            "loss/pt": engine.global_count(acc, sums["pt"]),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": n_tokens,
+            "reward": engine.global_count(acc, float(rewards[valid].sum())) / n_tokens,
+            "adv/mean": float(adv[valid].mean()),
+            "adv/std": float(adv[valid].std()) if valid.sum() > 1 else 0.0,
+            "clipfrac": engine.global_count(acc, sums["clipped"]) / n_tokens,
+            "importance_weight": float(mb.log_w[valid].exp().mean()),
+            "length": float(valid.sum(-1).float().mean()),
+            "truncated": float(mb.truncated.float().mean()),
+            "time/sample": time_sample if k == 0 else 0.0,
+            "time/update": time_update,
+            "tokens/s": n_tokens / time_update,
+        }
+        metrics["loss"] = metrics["loss/pg"] + metrics["loss/single"] + cfg.pt_coef * metrics["loss/pt"]
+        if k == 0:
+            metrics["tokens/s_sample"] = engine.global_count(acc, int(store.mask.sum())) / max(
+                time_sample, 1e-9
+            )
+        evaluate = state.step == total or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)
+        if evaluate:
+            metrics.update(validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
+        if state.step % cfg.log_every == 0 or evaluate:
+            log.log(state.step, metrics)
+        log.advance()
+        if evaluate or (cfg.save_every > 0 and state.step % cfg.save_every == 0):
+            best = evaluate and engine.update_best(state, metrics, cfg)
+            mid = state.step % steps_per_collection != 0
+            extra = (
+                {**{f: getattr(store, f) for f in ROLLOUT_FIELDS}, "teacher_rows": t_rows_store}
+                if mid
+                else None
+            )
+            engine.save_checkpoint(acc, cfg, student, tokenizer, optimizer, scheduler, state, extra)
+            if best and acc.is_main_process:
+                engine.mark_best(cfg, state)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; see {log.path}")
+    log.close()
+    return Path(cfg.output_dir) / "best"
