@@ -12,6 +12,7 @@ like with like. Prints a markdown table; seconds are the median of `--reps` runs
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -64,14 +65,18 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> tuple[torch.Tenso
     return ids.masked_fill(~mask, 0), mask
 
 
-def median_seconds(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up (allocator, lazy inits, compilation)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def median_seconds(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median wall time of each fn. Reps are interleaved (a, b, c, a, b, c, ...) so that load from other
+    processes on a shared machine hits every method alike; one untimed warm-up call each first."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -86,7 +91,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     ap.add_argument("--compile", action="store_true", help="also time the fast path with compile=True")
     ap.add_argument("--skip-eager", action="store_true", help="skip the eager two-model loop")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pair = "embedded" if args.embedded else args.pair
 
     torch.manual_seed(0)  # HF generate draws from the global generator
@@ -117,24 +125,27 @@ def main() -> None:
         with torch.inference_mode():
             return student.generate(input_ids=ids, attention_mask=mask.long(), generation_config=gen_config)
 
-    rows: list[tuple[str, float]] = [("HF generate, student alone", median_seconds(hf, args.reps))]
+    eager_name = f"eager two-model loop, α={args.alpha}"
+    fns: dict[str, Callable[[], object]] = {"HF generate, student alone": hf}
     if not args.skip_eager:
-        rows.append((f"eager two-model loop, α={args.alpha}", median_seconds(ours(False), args.reps)))
-    rows.append((f"fast path, α={args.alpha}", median_seconds(ours(True), args.reps)))
+        fns[eager_name] = ours(False)
+    fns[f"fast path, α={args.alpha}"] = ours(True)
     if args.compile:
-        rows.append((f"fast path + compile, α={args.alpha}", median_seconds(ours(True, True), args.reps)))
+        fns[f"fast path + compile, α={args.alpha}"] = ours(True, True)
+    load = os.getloadavg()[0]
+    seconds = median_seconds(fns, args.reps)
 
     n_s = sum(p.numel() for p in student.parameters()) / 1e6
     n_t = sum(p.numel() for p in teacher.parameters()) / 1e6
     print(
         f"pair {pair} (student {n_s:.1f}M, teacher {n_t:.1f}M params, V={vocab}), B={args.batch}, "
         f"P={args.prompt_len}, {N} new tokens, top_p={args.top_p}, {torch.get_num_threads()} threads, "
-        f"median of {args.reps}\n"
+        f"median of {args.reps} interleaved reps, load average {load:.1f} at start\n"
     )
-    eager = dict(rows).get(f"eager two-model loop, α={args.alpha}")
+    eager = seconds.get(eager_name)
     print("| method | seconds | ms / step | tokens / s | vs eager |")
     print("|---|---:|---:|---:|---:|")
-    for name, sec in rows:
+    for name, sec in seconds.items():
         rel = f"{eager / sec:.2f}x" if eager else "–"
         print(f"| {name} | {sec:.3f} | {1000 * sec / N:.1f} | {args.batch * N / sec:.0f} | {rel} |")
 

@@ -16,6 +16,11 @@ from minillm import config as config_lib
 # command → (config class name, "module:function" that runs it)
 STAGE_COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("SFTConfig", "minillm.train.sft:train_sft", "Supervised fine-tuning on response tokens."),
+    "kd": ("KDConfig", "minillm.train.kd:train_kd", "Word-level KD: kd_ratio·D(teacher, student) + CE on gold."),
+    "seqkd": ("SeqKDConfig", "minillm.train.seqkd:train_seqkd", "SeqKD: cached teacher responses, then fine-tuning."),
+    "gkd": ("GKDConfig", "minillm.train.gkd:train_gkd", "On-policy KD (GKD): student samples with probability lmbda."),
+    "distill": ("MiniLLMConfig", "minillm.train.minillm:train_minillm",
+                "MiniLLM: reverse-KL policy-gradient distillation on the student's own samples."),
     "eval": ("EvalConfig", "minillm.evaluate.protocol:run_eval", "The paper's evaluation: sampled answers, Rouge-L."),
     "eval-exposure": ("ExposureConfig", "minillm.evaluate.exposure:run_exposure", "Exposure bias (ExAccErr)."),
     "eval-calibration": ("CalibrationConfig", "minillm.evaluate.calibration:run_calibration",

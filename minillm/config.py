@@ -205,6 +205,157 @@ class MiniLLMConfig(TrainConfig):
 
 
 @dataclass
+class KDConfig(TrainConfig):
+    """Word-level KD: kd_ratio·D(teacher, student) + (1 − kd_ratio)·CE on the gold responses (DESIGN.md §2).
+    Schedule defaults are the official KD scripts' (LMOps minillm/scripts/gpt2/kd/kd_base.sh) except lr."""
+
+    teacher: str | None = _f(
+        "smollm2-135m-instruct",
+        "Teacher (frozen): hub id, folder, .gguf or alias; must share the student's tokenizer and vocabulary.",
+    )
+    lr: float = _f(
+        5e-5,
+        "Peak learning rate. Official KD/SeqKD scripts: 5e-4 (GPT-2 base, from the pretrained model), "
+        "1e-4 (GPT-2 large); 5e-5 suits a student that is already fine-tuned (as SFT's default).",
+    )
+    weight_decay: float = _f(1e-2, "AdamW weight decay (official KD/SeqKD scripts: 1e-2).")
+    lr_schedule: str = _f("cosine", "constant or cosine (to 0 at the last step); official KD/SeqKD scripts: cosine.")
+    warmup_steps: int = _f(0, "Linear warm-up steps (official KD/SeqKD scripts: 0).")
+    epochs: int = _f(20, "Passes over the training data at most (official: 20 for GPT-2 base, 10 for large).")
+    max_valid_examples: int | None = _f(1000, "Validation records (official --dev-num 1000).")
+    divergence: str = _f(
+        "forward_kl",
+        "Token-level divergence D between teacher p and student q: forward_kl, reverse_kl, jsd, tvd, "
+        "skew_forward_kl, skew_reverse_kl (minillm.objectives.divergences). Official KD: forward KL, written "
+        "there as the teacher soft-CE −Σ p·log q, which has the same gradient.",
+    )
+    jsd_beta: float = _f(
+        0.5,
+        "β in [0, 1] of divergence jsd: the teacher's weight in the mixture m = β·p + (1 − β)·q; β = 0 is "
+        "forward KL, β = 1 reverse KL (GKD paper Eq. 1; TRL GKDConfig beta default 0.5).",
+    )
+    skew_alpha: float = _f(
+        0.1, "α in [0, 1] of skew_forward_kl / skew_reverse_kl (DistiLLM --skew-alpha default 0.1)."
+    )
+    loss_temperature: float = _f(
+        1.0,
+        "> 0. Both logits are divided by it inside D, with no T² factor (divergences.py); the CE term is "
+        "never tempered. Official code: 1.",
+    )
+    kd_ratio: float = _f(
+        0.5, "In [0, 1]: loss = kd_ratio·D + (1 − kd_ratio)·CE (official --kd-ratio 0.5; 1 = D only)."
+    )
+    valid_forward_kl: bool = _f(
+        True,
+        "Also report valid/forward_kl, the token-averaged KL(teacher ‖ student) on valid_data's gold "
+        "responses (costs one teacher forward over the validation set per evaluation).",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from minillm.objectives.divergences import DIVERGENCES
+
+        if not self.teacher:
+            raise ConfigError(f"{type(self).__name__} needs a teacher, got {self.teacher!r}")
+        _choice(self, "divergence", tuple(DIVERGENCES))
+        for name in ("jsd_beta", "skew_alpha", "kd_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _positive(self, "loss_temperature")
+
+
+def _check_sampling(cfg: Any) -> None:
+    """Range checks of the sampling fields SeqKDConfig and GKDConfig share."""
+    _positive(cfg, "sample_temperature")
+    _positive(cfg, "max_new_tokens")
+    if cfg.top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0 = off), got {cfg.top_k}")
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {cfg.top_p}")
+
+
+@dataclass
+class SeqKDConfig(KDConfig):
+    """SeqKD: one teacher-sampled response per training prompt, cached on disk, then fine-tuning on those
+    responses (paper: CE; official scripts: the KD loss). Schedule as the official SeqKD scripts."""
+
+    seqkd_loss: str = _f(
+        "ce",
+        "Loss on the teacher's responses: ce (the paper, §3.1: plain fine-tuning) or kd (official "
+        "scripts/gpt2/seqkd/*.sh: --type kd --kd-ratio 0.5, i.e. kd_ratio·D + (1 − kd_ratio)·CE).",
+    )
+    teacher_data_cache: str = _f(
+        "runs/teacher-data",
+        "Folder of teacher-response caches: one subfolder per key (teacher weights, prompts, sampling "
+        "settings), reused by any run with that key and resumed where a run stopped.",
+    )
+    sample_temperature: float = _f(1.0, "> 0: temperature of the teacher's sampling (official: 1.0).")
+    top_k: int = _f(0, ">= 0: top-k of the teacher's sampling (official: 0 = off).")
+    top_p: float = _f(1.0, "In (0, 1]: top-p of the teacher's sampling (official: 1.0 = off).")
+    max_new_tokens: int = _f(
+        256, "Teacher response tokens at most (official: --max-length 512 − --max-prompt-length 256)."
+    )
+    sample_batch_size: int = _f(
+        16,
+        "Prompts per generation batch (official --eval-batch-size 16). Part of the cache key: the rows of "
+        "a batch share one random stream.",
+    )
+    sample_seed: int = _f(
+        10,
+        "Seed of the teacher's sampling, apart from seed so the training order can change without "
+        "regenerating (official generate_data_seqkd.sh: --seed 10).",
+    )
+    fast_rollout: bool = _f(True, "Static-cache decode loop (same tokens as the eager loop; not in the key).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice(self, "seqkd_loss", ("ce", "kd"))
+        _check_sampling(self)
+        _positive(self, "sample_batch_size")
+
+
+@dataclass
+class GKDConfig(KDConfig):
+    """Token-level on-policy distillation (GKD, Agarwal et al. 2024; DistiLLM's on-policy baseline): with
+    probability lmbda a step trains on the student's own samples, otherwise on train_data's responses."""
+
+    divergence: str = _f(
+        "jsd",
+        "Token-level divergence D (names as KDConfig). GKD paper, TRL GKDTrainer and DistiLLM's GKD "
+        "baseline (--type mixed-jsd): the generalised JSD.",
+    )
+    jsd_beta: float = _f(
+        0.5,
+        "β in [0, 1] of divergence jsd (TRL GKDConfig beta 0.5; DistiLLM's js_distance(lam=0.9) is β = 0.1).",
+    )
+    kd_ratio: float = _f(
+        1.0,
+        "In [0, 1]: loss = kd_ratio·D + (1 − kd_ratio)·CE on the step's responses, whichever their source "
+        "(TRL GKD: D only; DistiLLM gkd scripts: --kd-ratio 1.0).",
+    )
+    lmbda: float = _f(
+        0.5,
+        "In [0, 1]: probability that an optimizer step trains on responses sampled from the student instead "
+        "of train_data's (GKD λ; TRL GKDConfig lmbda 0.5; DistiLLM --mixed-alpha 0.5). One seeded coin per step.",
+    )
+    sample_temperature: float = _f(
+        1.0, "> 0: temperature of the student's sampling (DistiLLM gkd scripts: 1.0; TRL GKDConfig: 0.9)."
+    )
+    top_k: int = _f(0, ">= 0: top-k of the student's sampling (DistiLLM: 0 = off; TRL: 0).")
+    top_p: float = _f(1.0, "In (0, 1]: top-p of the student's sampling (DistiLLM: 1.0 = off).")
+    max_new_tokens: int = _f(
+        256, "Sampled response tokens at most (DistiLLM: max-length 512 − prompt 256; TRL GKDConfig: 128)."
+    )
+    fast_rollout: bool = _f(True, "Static-cache decode loop (same tokens as the eager loop).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ConfigError(f"lmbda must be in [0, 1], got {self.lmbda}")
+        _check_sampling(self)
+
+
+@dataclass
 class EvalConfig:
     """The paper's evaluation protocol (section 3 of DESIGN.md): sampled answers scored by Rouge-L."""
 
@@ -295,7 +446,16 @@ class CalibrationConfig:
             _positive(self, name)
 
 
-ALL_CONFIGS = (SFTConfig, MiniLLMConfig, EvalConfig, ExposureConfig, CalibrationConfig)
+ALL_CONFIGS = (
+    SFTConfig,
+    MiniLLMConfig,
+    KDConfig,
+    SeqKDConfig,
+    GKDConfig,
+    EvalConfig,
+    ExposureConfig,
+    CalibrationConfig,
+)
 
 
 # ------------------------------------------------------------------------------------------------

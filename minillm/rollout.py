@@ -462,45 +462,40 @@ class _Buffers:
 
 
 def _fast_step(
-    s_logits: Tensor,
-    t_logits: Tensor | None,
-    u: Tensor,
-    finished: Tensor,
-    buf: _Buffers,
-    t: int,
-    s: _Sampling,
-) -> Tensor:
-    """Mix, draw and record step t in one function; returns the next input ids [B] (pad once finished).
+    s_logits: Tensor, t_logits: Tensor | None, u: Tensor, finished: Tensor, s: _Sampling
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Warp, mix, draw and do the EOS bookkeeping of one step in one function (compilable: no Python
+    state, fixed shapes).
 
-    s_logits, t_logits: [B, V] fp32 next-token logits (t_logits None when α = 0); u: [B, 1] float64
-    uniforms; finished: [B] bool, updated in place.
+    s_logits, t_logits: [B, V] fp32 next-token logits (t_logits None when α = 0)
+    u:                  [B, 1] float64 uniforms (drawn by the caller, as `_draw` does)
+    finished:           [B] bool, rows that emitted EOS at an earlier step
+    returns:            ids, logq, logp, log p̃ of this step ([B]; pad / 0 on finished rows) and the
+                        updated finished [B]
     """
-    logq = s_logits.log_softmax(-1)
+    logq = s_logits.log_softmax(-1)  # [B, V] raw student
     logq_s = _warp_fast(s_logits, logq, s.temperature, s.top_k, s.top_p)
+    logp = logp_s = None
     if t_logits is not None:
         logp = t_logits.log_softmax(-1)
         logp_s = _warp_fast(t_logits, logp, s.temperature, s.top_k, s.top_p)
-    else:
-        logp = logp_s = None
-    # Inverse-CDF draw, as `_draw` (kept inline so a compiled step sees it; u is drawn outside).
-    cdf = _mix_probs(logp_s, logq_s, s.alpha).double().cumsum(-1)  # [B, V]
+    cdf = _mix_probs(logp_s, logq_s, s.alpha).double().cumsum(-1)  # [B, V], inverse CDF as in `_draw`
     tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)  # [B, 1]
 
     lq = logq.gather(-1, tok).squeeze(-1)
-    lmix = _log_mix(
-        logp_s.gather(-1, tok).squeeze(-1) if logp_s is not None else lq,
-        logq_s.gather(-1, tok).squeeze(-1),
-        s.alpha,
-    )
+    lq_s = logq_s.gather(-1, tok).squeeze(-1)
+    lp = logp.gather(-1, tok).squeeze(-1) if logp is not None else torch.zeros_like(lq)
+    lmix = _log_mix(logp_s.gather(-1, tok).squeeze(-1) if logp_s is not None else lq_s, lq_s, s.alpha)
     tok = tok.squeeze(-1)
-    buf.ids[:, t] = torch.where(finished, s.pad, tok)
-    buf.mask[:, t] = ~finished
-    buf.logq[:, t] = lq.masked_fill(finished, 0.0)
-    if logp is not None:
-        buf.logp[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(finished, 0.0)
-    buf.logmix[:, t] = lmix.masked_fill(finished, 0.0)
-    finished |= tok == s.eos
-    return buf.ids[:, t]
+    ids = torch.where(finished, s.pad, tok)
+    zero = torch.zeros_like(lq)
+    return (
+        ids,
+        torch.where(finished, zero, lq),
+        torch.where(finished, zero, lp),
+        torch.where(finished, zero, lmix),
+        finished | (tok == s.eos),
+    )
 
 
 class _Decoder:
@@ -589,7 +584,13 @@ def _sample_fast(
     T = N
     for t in range(N):
         u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=device)  # as `_draw`
-        nxt = step(s_logits, t_logits, u, finished, buf, t, s)
+        nxt, lq, lp, lmix, done = step(s_logits, t_logits, u, finished, s)
+        buf.ids[:, t] = nxt
+        buf.mask[:, t] = ~finished
+        buf.logq[:, t] = lq
+        buf.logp[:, t] = lp
+        buf.logmix[:, t] = lmix
+        finished = done
         if bool(finished.all()) or t == N - 1:
             T = t + 1
             break

@@ -148,10 +148,15 @@ def test_frozen_head_and_constant_chunks():
     assert_close_verbose(hidden.grad[16:], ref_hidden.grad[16:], torch.float64)
 
 
-def test_no_grad_mode_computes_the_loss_only():
+def test_no_grad_mode_computes_the_loss_only(monkeypatch):
     data = _problem(seed=5)
     hidden, weight = data["hidden"].clone().requires_grad_(), data["weight"].clone().requires_grad_()
     token_fn = _token_fn(data)
+
+    def no_grads(*args, **kwargs):
+        raise AssertionError("gradients computed under no_grad (evaluation would pay for them)")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_grads)
     with torch.no_grad():
         loss = chunked_head_loss(hidden, weight, token_fn, chunk_size=8)
     assert not loss.requires_grad

@@ -11,7 +11,6 @@ from minillm.evaluate.calibration import calibration_result
 from minillm.evaluate.exposure import accumulated_error, ex_acc_err
 from minillm.evaluate.metrics import distinct_n, ece, ece_bins, length_bucket, mean_std, rouge_l
 
-
 # ------------------------------------------------------------------------------------------------ Rouge-L
 
 

@@ -203,7 +203,7 @@ def load_checkpoint(
 ) -> TrainerState:
     """Restore weights, optimizer, scheduler and trainer state written by `save_checkpoint`."""
     inner = acc.unwrap_model(model)
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} holds no .safetensors weights")
     weights: dict[str, Tensor] = {}

@@ -388,8 +388,8 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                     loss = loss + cfg.pt_coef * pt / pt_tokens
                     stats["pt"] = float(pt.detach()) / pt_tokens
             acc.backward(loss)
-            for key in sums:
-                sums[key] += stats[key]
+            for key, value in stats.items():
+                sums[key] += value
         lr = scheduler.get_last_lr()[0]
         grad_norm = engine.clip_and_step(acc, student, optimizer, scheduler, cfg)
         state.step += 1

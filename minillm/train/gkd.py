@@ -1,0 +1,125 @@
+"""Token-level on-policy distillation: GKD (Agarwal et al., ICLR 2024, arXiv 2306.13649) and DistiLLM's
+on-policy baseline (Ko et al., ICML 2024, arXiv 2402.03898).
+
+Each optimizer step tosses one coin: with probability `lmbda` (GKD's λ, the "student data fraction") the
+step's responses are sampled from the current student for the step's prompts; otherwise the step uses
+train_data's responses (gold, or teacher responses when train_data is a SeqKD cache file
+`teacher_data_cache/<key>/responses.jsonl`). On those responses the loss is the KD loss of `kd.py`:
+kd_ratio·D(p, q) + (1 − kd_ratio)·CE, summed over response tokens and divided by the step's global token
+count, with the full-vocabulary D of `minillm.objectives.divergences` (default: generalised JSD, β = 0.5)
+differentiated through the student's logits only (no gradient through the sampling, GKD §3).
+Sampling reuses MiniLLM's rollout code with α = 0 (student only, same seeded sampler and EOS rules).
+
+Where this matches and departs from the references:
+- TRL GKDTrainer (trl/experimental/gkd/gkd_trainer.py): loss = generalized_jsd_loss only (kd_ratio 1),
+  coin with probability lmbda, student sampled at temperature 0.9, 128 new tokens. TRL tosses its coin
+  with Python's `random.random()` once per micro-batch and per rank; ours is one coin per optimizer step,
+  drawn from generator(seed, step, 0, stream 1), the same on every rank, so the step's global token count
+  is known before its micro-batches and a resumed run repeats the coin. TRL's `seq_kd` (teacher responses
+  generated every step) is replaced by the cached SeqKD responses as train_data.
+- DistiLLM gkd scripts (scripts/gpt2/gkd/gkd_base.sh: --type mixed-jsd --student-gen --mixed-alpha 0.5
+  --kd-ratio 1.0, temperature 1, top_k 0, top_p 1, max-length 512): the same coin (numpy, per iteration),
+  but on-policy batches there pass through a replay buffer; here a sampled batch is trained on at once.
+  DistiLLM's js_distance(lam=0.9) is our jsd with β = 0.1. Its adaptive schedule is not implemented.
+- Samples are drawn with dropout off (eval mode), as both references' generate calls do.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from minillm import models
+from minillm.config import GKDConfig
+from minillm.data.tokenize import Example, collate
+from minillm.train import engine
+from minillm.train.kd import kd_loss, load_teacher, make_divergence, validation_metrics
+from minillm.train.seqkd import sample_responses
+from minillm.train.sft import load_examples
+
+# Streams of engine.generator(seed, step, rank, stream): the coin (rank 0 on every rank) and the samples.
+COIN_STREAM, SAMPLE_STREAM = 1, 2
+
+
+def on_policy_coin(cfg: GKDConfig, step: int) -> bool:
+    """Whether optimizer step `step` trains on student samples: True with probability cfg.lmbda, seeded."""
+    u = torch.rand((), generator=engine.generator(cfg.seed, step, 0, COIN_STREAM), dtype=torch.float64)
+    return bool(u < cfg.lmbda)
+
+
+def train_gkd(cfg: GKDConfig) -> Path:
+    """Run on-policy distillation; returns the folder of the best checkpoint (lowest validation loss by default)."""
+    acc = engine.make_accelerator(cfg)
+    acc.print(f"config: {cfg}")
+    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = models.load_model(cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device),
+                              trust_remote_code=cfg.trust_remote_code)
+    teacher = load_teacher(cfg, tokenizer, model, acc)
+    divergence = make_divergence(cfg)
+    train, valid = load_examples(cfg, tokenizer, acc)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    optimizer = engine.make_optimizer(model, cfg)
+    total = engine.total_steps(len(train), cfg, acc.num_processes)
+    scheduler = engine.make_scheduler(optimizer, cfg, total)
+    model, optimizer = acc.prepare(model, optimizer)
+    state = engine.TrainerState()
+    ckpt = engine.latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if ckpt is not None:
+        state = engine.load_checkpoint(ckpt, acc, model, optimizer, scheduler)
+        engine.truncate_metrics(cfg, state.step)
+        acc.print(f"resumed from {ckpt} at step {state.step}")
+    log = engine.MetricsLog(acc, cfg, total, state.step)
+    if state.step == 0:
+        log.log(0, validation_metrics(model, teacher, valid, pad, cfg, acc))
+    per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
+    model.train()
+    while state.step < total:
+        t0 = time.perf_counter()
+        indices = engine.step_indices(len(train), per_step, cfg.seed, state.step)
+        examples = [[train[i] for i in mb] for mb in engine.rank_micro_batches(indices, acc, cfg)]
+        on_policy = on_policy_coin(cfg, state.step)
+        if on_policy:  # replace the responses by the student's own, for the same prompts
+            student = acc.unwrap_model(model)
+            g = engine.generator(cfg.seed, state.step, acc.process_index, SAMPLE_STREAM, device=acc.device)
+            for mb in examples:
+                prompts = [e.prompt_ids for e in mb]
+                responses, _ = sample_responses(student, student, prompts, cfg=cfg, eos_id=eos, pad_id=pad,
+                                                generator=g)
+                mb[:] = [Example(p, r[: cfg.max_length - len(p)]) for p, r in zip(prompts, responses, strict=True)]
+        t_sample = time.perf_counter() - t0
+        micro = [collate(mb, pad) for mb in examples]
+        n_tokens = engine.global_count(acc, sum(int(b["target_mask"].sum()) for b in micro))
+        engine.seed_step(cfg.seed, state.step, acc.process_index)
+        sums: dict[str, float] = {"loss": 0.0}
+        for k, batch in enumerate(micro):
+            batch = {key: v.to(acc.device) for key, v in batch.items()}
+            with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
+                micro_sum, parts = kd_loss(model, teacher, batch, divergence, cfg)
+            acc.backward(micro_sum / n_tokens)
+            for key, value in {"loss": float(micro_sum), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value / n_tokens
+        lr = scheduler.get_last_lr()[0]
+        grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)
+        state.step += 1
+        dt = time.perf_counter() - t0
+        metrics = {**{key: engine.global_count(acc, v) for key, v in sums.items()}, "lr": lr,
+                   "grad_norm": grad_norm, "tokens": n_tokens, "tokens/s": n_tokens / dt,
+                   "on_policy": float(on_policy), "time/sample": t_sample, "time/update": dt - t_sample}
+        evaluate = state.step == total or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)
+        if evaluate:
+            metrics.update(validation_metrics(model, teacher, valid, pad, cfg, acc))
+        if state.step % cfg.log_every == 0 or evaluate:
+            log.log(state.step, metrics)
+        log.advance()
+        if evaluate:
+            best = engine.update_best(state, metrics, cfg)
+            engine.save_checkpoint(acc, cfg, model, tokenizer, optimizer, scheduler, state)
+            if best and acc.is_main_process:
+                engine.mark_best(cfg, state)
+        elif cfg.save_every > 0 and state.step % cfg.save_every == 0:
+            engine.save_checkpoint(acc, cfg, model, tokenizer, optimizer, scheduler, state)
+    log.close()
+    return Path(cfg.output_dir) / "best"

@@ -1,0 +1,197 @@
+"""Word-level KD (DESIGN.md §2): loss = kd_ratio·D(p, q) + (1 − kd_ratio)·CE on the gold responses.
+
+At every gold response token the student q matches the frozen teacher's full next-token distribution p
+(Hinton et al. 2015; the word-level KD of Kim & Rush 2016 that the MiniLLM paper uses as its "KD"
+baseline), mixed with the usual cross-entropy on the gold token. Both terms are summed over response
+tokens (prompt masked, first EOS a target) and divided by the optimizer step's global token count. The
+teacher's logits are built chunk by chunk from its final hidden states, so no [B, L, V] tensor exists.
+The helpers below (teacher loading, the loss sums, held-out forward KL) are shared with SeqKD and GKD.
+
+Departures from the official code (LMOps @ c97f828, minillm/finetune.py `get_distil_loss`,
+minillm/scripts/gpt2/kd/kd_base.sh: --type kd --kd-ratio 0.5):
+- The official D is the teacher soft-CE −Σ p·log q; ours is forward KL Σ p·(log p − log q) = soft-CE − H(p):
+  same gradient, loss values lower by the teacher's entropy, 0 when q = p (`divergence`).
+- The official loss averages each micro-batch over its own tokens; ours divides by the step's global
+  token count, so gradient accumulation does not reweight micro-batches (STYLE 7).
+- Any divergence of `minillm.objectives.divergences` (`divergence`, `jsd_beta`, `skew_alpha`) and a
+  temperature applied inside D only (`loss_temperature`; official: 1). The teacher runs in `dtype`
+  (official: fp16 teacher).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from minillm import models
+from minillm.config import KDConfig
+from minillm.data.tokenize import Example, collate
+from minillm.objectives.divergences import get_divergence
+from minillm.objectives.lm import ce_sum, divergence_sum, target_rows
+from minillm.train import engine
+from minillm.train.sft import load_examples, validation_loss
+
+
+def make_divergence(cfg: KDConfig) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The configured divergence with its parameters bound: (student [B,T,V], teacher [B,T,V], mask) -> [B,T]."""
+    params: dict[str, float] = {"temperature": cfg.loss_temperature}
+    if cfg.divergence == "jsd":
+        params["beta"] = cfg.jsd_beta
+    elif cfg.divergence.startswith("skew_"):
+        params["alpha"] = cfg.skew_alpha
+    return get_divergence(cfg.divergence, **params)
+
+
+def load_teacher(cfg: KDConfig, tokenizer: Any, student: nn.Module, acc: Accelerator) -> nn.Module:
+    """The frozen teacher on the run's device, after checking it shares the student's tokenizer and vocabulary."""
+    kw = dict(trust_remote_code=cfg.trust_remote_code)
+    teacher_tokenizer = models.load_tokenizer(cfg.teacher, **kw)
+    models.check_same_tokenizer(tokenizer, teacher_tokenizer, (f"student {cfg.model}", f"teacher {cfg.teacher}"))
+    teacher = models.load_model(cfg.teacher, dtype=models.torch_dtype(cfg.dtype, acc.device), **kw)
+    models.check_same_vocab(student, teacher)
+    return teacher.requires_grad_(False).eval().to(acc.device)
+
+
+def kd_loss_sums(
+    model: nn.Module,
+    teacher: nn.Module,
+    batch: dict[str, Tensor],
+    divergence: Callable[[Tensor, Tensor, Tensor], Tensor],
+    *,
+    kd_ratio: float,
+    chunk_size: int,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(Σ D(p_n, q_n), Σ CE_n) over the batch's target tokens, each a scalar to divide by the global count.
+
+    batch: input_ids [B, L] long, attention_mask [B, L], target_mask [B, L] bool (as `data.tokenize.collate`)
+    A term whose weight is 0 (kd_ratio 0 for D, 1 for CE) is not computed and comes back as None.
+    """
+    inner = getattr(model, "module", model)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    hidden = models.final_hidden(model, ids, attn)  # [B, L, H]
+    rows, targets = target_rows(hidden, ids, batch["target_mask"])  # [N, H], [N]
+    head = models.output_head(inner)
+    kd = ce = None
+    if kd_ratio > 0.0:
+        with torch.no_grad():
+            t_hidden = models.final_hidden(teacher, ids, attn)  # [B, L, H_t]
+            t_rows, _ = target_rows(t_hidden, ids, batch["target_mask"])  # [N, H_t]
+        teacher_head = models.output_head(teacher)
+        kd = divergence_sum(rows, t_rows, head, teacher_head, divergence, chunk_size=chunk_size)
+    if kd_ratio < 1.0:
+        ce = ce_sum(rows, targets, *head, chunk_size=chunk_size)
+    return kd, ce
+
+
+def kd_loss(
+    model: nn.Module,
+    teacher: nn.Module,
+    batch: dict[str, Tensor],
+    divergence: Callable[[Tensor, Tensor, Tensor], Tensor],
+    cfg: KDConfig,
+) -> tuple[Tensor, dict[str, float]]:
+    """kd_ratio·Σ D + (1 − kd_ratio)·Σ CE of one micro-batch (a sum: divide by the step's global token
+    count) and its computed parts as floats, {"loss/kd": Σ D, "loss/ce": Σ CE}."""
+    kd, ce = kd_loss_sums(model, teacher, batch, divergence, kd_ratio=cfg.kd_ratio, chunk_size=cfg.chunk_size)
+    terms = [(name, w, x) for name, w, x in (("loss/kd", cfg.kd_ratio, kd), ("loss/ce", 1.0 - cfg.kd_ratio, ce))
+             if x is not None]
+    return sum(w * x for _, w, x in terms), {name: float(x) for name, _, x in terms}
+
+
+@torch.no_grad()
+def validation_forward_kl(
+    model: nn.Module, teacher: nn.Module, examples: list[Example], pad_id: int, cfg: KDConfig, acc: Accelerator
+) -> float:
+    """Token-averaged KL(teacher ‖ student) at temperature 1 over the examples' response tokens, all ranks."""
+    was_training = model.training
+    model.eval()
+    fkl = get_divergence("forward_kl")
+    total, count = 0.0, 0
+    for batch_examples in engine.chunks(examples[acc.process_index :: acc.num_processes], cfg.batch_size):
+        batch = {k: v.to(acc.device) for k, v in collate(batch_examples, pad_id).items()}
+        with acc.autocast():
+            kd, _ = kd_loss_sums(model, teacher, batch, fkl, kd_ratio=1.0, chunk_size=cfg.chunk_size)
+        total += float(kd)
+        count += int(batch["target_mask"].sum())
+    model.train(was_training)
+    return engine.global_count(acc, total) / max(1.0, engine.global_count(acc, count))
+
+
+def validation_metrics(
+    model: nn.Module, teacher: nn.Module, examples: list[Example], pad_id: int, cfg: KDConfig, acc: Accelerator
+) -> dict[str, float]:
+    """valid/loss (gold CE) and, if cfg.valid_forward_kl, valid/forward_kl on the validation examples."""
+    out = {"valid/loss": validation_loss(model, examples, pad_id, cfg, acc)}
+    if cfg.valid_forward_kl:
+        out["valid/forward_kl"] = validation_forward_kl(model, teacher, examples, pad_id, cfg, acc)
+    return out
+
+
+def train_kd(cfg: KDConfig) -> Path:
+    """Run word-level KD; returns the folder of the best checkpoint (lowest validation loss by default)."""
+    acc = engine.make_accelerator(cfg)
+    acc.print(f"config: {cfg}")
+    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = models.load_model(cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device),
+                              trust_remote_code=cfg.trust_remote_code)
+    teacher = load_teacher(cfg, tokenizer, model, acc)
+    divergence = make_divergence(cfg)
+    train, valid = load_examples(cfg, tokenizer, acc)
+    pad = tokenizer.pad_token_id
+    optimizer = engine.make_optimizer(model, cfg)
+    total = engine.total_steps(len(train), cfg, acc.num_processes)
+    scheduler = engine.make_scheduler(optimizer, cfg, total)
+    model, optimizer = acc.prepare(model, optimizer)
+    state = engine.TrainerState()
+    ckpt = engine.latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if ckpt is not None:
+        state = engine.load_checkpoint(ckpt, acc, model, optimizer, scheduler)
+        engine.truncate_metrics(cfg, state.step)
+        acc.print(f"resumed from {ckpt} at step {state.step}")
+    log = engine.MetricsLog(acc, cfg, total, state.step)
+    if state.step == 0:
+        log.log(0, validation_metrics(model, teacher, valid, pad, cfg, acc))
+    per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
+    model.train()
+    while state.step < total:
+        t0 = time.perf_counter()
+        indices = engine.step_indices(len(train), per_step, cfg.seed, state.step)
+        micro = [collate([train[i] for i in mb], pad) for mb in engine.rank_micro_batches(indices, acc, cfg)]
+        n_tokens = engine.global_count(acc, sum(int(b["target_mask"].sum()) for b in micro))
+        engine.seed_step(cfg.seed, state.step, acc.process_index)
+        sums: dict[str, float] = {"loss": 0.0}
+        for k, batch in enumerate(micro):
+            batch = {key: v.to(acc.device) for key, v in batch.items()}
+            with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
+                micro_sum, parts = kd_loss(model, teacher, batch, divergence, cfg)
+            acc.backward(micro_sum / n_tokens)
+            for key, value in {"loss": float(micro_sum), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value / n_tokens
+        lr = scheduler.get_last_lr()[0]
+        grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)
+        state.step += 1
+        dt = time.perf_counter() - t0
+        metrics = {**{key: engine.global_count(acc, v) for key, v in sums.items()}, "lr": lr,
+                   "grad_norm": grad_norm, "tokens": n_tokens, "tokens/s": n_tokens / dt, "time/update": dt}
+        evaluate = state.step == total or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)
+        if evaluate:
+            metrics.update(validation_metrics(model, teacher, valid, pad, cfg, acc))
+        if state.step % cfg.log_every == 0 or evaluate:
+            log.log(state.step, metrics)
+        log.advance()
+        if evaluate:
+            best = engine.update_best(state, metrics, cfg)
+            engine.save_checkpoint(acc, cfg, model, tokenizer, optimizer, scheduler, state)
+            if best and acc.is_main_process:
+                engine.mark_best(cfg, state)
+        elif cfg.save_every > 0 and state.step % cfg.save_every == 0:
+            engine.save_checkpoint(acc, cfg, model, tokenizer, optimizer, scheduler, state)
+    log.close()
+    return Path(cfg.output_dir) / "best"
