@@ -16,15 +16,41 @@ from minillm import config as config_lib
 # command → (config class name, "module:function" that runs it)
 STAGE_COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("SFTConfig", "minillm.train.sft:train_sft", "Supervised fine-tuning on response tokens."),
-    "kd": ("KDConfig", "minillm.train.kd:train_kd", "Word-level KD: kd_ratio·D(teacher, student) + CE on gold."),
-    "seqkd": ("SeqKDConfig", "minillm.train.seqkd:train_seqkd", "SeqKD: cached teacher responses, then fine-tuning."),
-    "gkd": ("GKDConfig", "minillm.train.gkd:train_gkd", "On-policy KD (GKD): student samples with probability lmbda."),
-    "distill": ("MiniLLMConfig", "minillm.train.minillm:train_minillm",
-                "MiniLLM: reverse-KL policy-gradient distillation on the student's own samples."),
-    "eval": ("EvalConfig", "minillm.evaluate.protocol:run_eval", "The paper's evaluation: sampled answers, Rouge-L."),
-    "eval-exposure": ("ExposureConfig", "minillm.evaluate.exposure:run_exposure", "Exposure bias (ExAccErr)."),
-    "eval-calibration": ("CalibrationConfig", "minillm.evaluate.calibration:run_calibration",
-                         "Calibration (ECE) of label-word probabilities."),
+    "kd": (
+        "KDConfig",
+        "minillm.train.kd:train_kd",
+        "Word-level KD: kd_ratio·D(teacher, student) + CE on gold.",
+    ),
+    "seqkd": (
+        "SeqKDConfig",
+        "minillm.train.seqkd:train_seqkd",
+        "SeqKD: cached teacher responses, then fine-tuning.",
+    ),
+    "gkd": (
+        "GKDConfig",
+        "minillm.train.gkd:train_gkd",
+        "On-policy KD (GKD): student samples with probability lmbda.",
+    ),
+    "distill": (
+        "MiniLLMConfig",
+        "minillm.train.minillm:train_minillm",
+        "MiniLLM: reverse-KL policy-gradient distillation on the student's own samples.",
+    ),
+    "eval": (
+        "EvalConfig",
+        "minillm.evaluate.protocol:run_eval",
+        "The paper's evaluation: sampled answers, Rouge-L.",
+    ),
+    "eval-exposure": (
+        "ExposureConfig",
+        "minillm.evaluate.exposure:run_exposure",
+        "Exposure bias (ExAccErr).",
+    ),
+    "eval-calibration": (
+        "CalibrationConfig",
+        "minillm.evaluate.calibration:run_calibration",
+        "Calibration (ECE) of label-word probabilities.",
+    ),
 }
 
 
@@ -37,8 +63,10 @@ def _run_stage(command: str, argv: list[str]) -> None:
     cls_name, target, about = STAGE_COMMANDS[command]
     cls = getattr(config_lib, cls_name)
     if "-h" in argv or "--help" in argv:
-        print(f"usage: minillm {command} [--config FILE.yaml] [--field value ...]\n\n{about}\n\nfields:\n"
-              f"{config_lib.help_text(cls)}")
+        print(
+            f"usage: minillm {command} [--config FILE.yaml] [--field value ...]\n\n{about}\n\nfields:\n"
+            f"{config_lib.help_text(cls)}"
+        )
         return
     config_file = None
     if "--config" in argv:
@@ -51,10 +79,14 @@ def _run_stage(command: str, argv: list[str]) -> None:
 
 
 def _derive_student(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="minillm derive-student",
-                                description="Cut a student from a teacher by keeping some of its layers.")
+    p = argparse.ArgumentParser(
+        prog="minillm derive-student",
+        description="Cut a student from a teacher by keeping some of its layers.",
+    )
     p.add_argument("--teacher", required=True, help="Teacher: hub id, folder, .gguf or alias.")
-    p.add_argument("--output", required=True, help="Folder for the student (Hugging Face format, safetensors).")
+    p.add_argument(
+        "--output", required=True, help="Folder for the student (Hugging Face format, safetensors)."
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--num-layers", type=int, help="Keep this many layers, spread evenly from layer 0.")
     g.add_argument("--layers", help="Comma-separated layer indices to keep, e.g. 0,5,10,15,20,25.")
@@ -65,8 +97,9 @@ def _derive_student(argv: list[str]) -> None:
     teacher = models.load_model(args.teacher, trust_remote_code=args.trust_remote_code)
     tokenizer = models.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
     n = teacher.config.num_hidden_layers
-    layers = ([int(x) for x in args.layers.split(",")] if args.layers else
-              models.spread_layers(n, args.num_layers))
+    layers = (
+        [int(x) for x in args.layers.split(",")] if args.layers else models.spread_layers(n, args.num_layers)
+    )
     student = models.derive_student(teacher, layers)
     student.save_pretrained(args.output, safe_serialization=True)
     tokenizer.save_pretrained(args.output)
@@ -75,23 +108,34 @@ def _derive_student(argv: list[str]) -> None:
 
 
 def _generate(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="minillm generate", description="Answer a prompt with any model.")
+    p = argparse.ArgumentParser(prog="minillm generate", description="Answer prompts with any model.")
     p.add_argument("--model", required=True, help="Hub id, folder, .gguf or alias.")
     p.add_argument("--prompt", required=True, action="append", help="Instruction text (repeatable).")
     p.add_argument("--input", default="", help="Optional input/context for the instruction.")
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat", "none"],
-                   help="Prompt template; none sends the text as it is.")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"], help="Prompt template.")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--greedy", action="store_true", help="Greedy decoding instead of the paper's sampling.")
+    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (paper: 1).")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=10)
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
-    from minillm.generation import generate_answers
+    from minillm.demo import answer
 
-    for prompt, answer in zip(args.prompt, generate_answers(
-        args.model, args.prompt, input=args.input, template=args.template, max_new_tokens=args.max_new_tokens,
-        greedy=args.greedy, seed=args.seed, trust_remote_code=args.trust_remote_code), strict=True):
-        print(f"### {prompt}\n{answer}\n")
+    records = [{"instruction": text, "input": args.input} for text in args.prompt]
+    answers = answer(
+        args.model,
+        records,
+        template=args.template,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
+    )
+    for text, reply in zip(args.prompt, answers, strict=True):
+        print(f"### {text}\n{reply}\n")
 
 
 def _report(argv: list[str]) -> None:
@@ -109,6 +153,7 @@ TOOL_COMMANDS = {
     "derive-student": (_derive_student, "Cut a student from a teacher by keeping some of its layers."),
     "generate": (_generate, "Answer prompts with any model."),
     "report": (_report, "Markdown/CSV tables and PNG plots from evaluation runs."),
+    "demo": (lambda argv: _load("minillm.demo:main")(argv), "The main job on the embedded pair (make demo)."),
 }
 
 

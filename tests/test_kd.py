@@ -78,16 +78,19 @@ def test_kd_loss_matches_float64_reference(divergence, params, tiny_llama, tiny_
 
 
 def test_kd_lowers_heldout_forward_kl(tiny_llama, sft_teacher, tmp_path):
-    """KD from a fine-tuned teacher into a random student: held-out KL(teacher ‖ student) on the gold
-    validation responses falls by more than half within 10 steps, and the gold loss falls too."""
-    out = tmp_path / "kd"
-    train_kd(kd_config(tiny_llama, sft_teacher, out))
-    lines = [m for m in read_metrics(out) if "valid/forward_kl" in m]
-    assert [m["step"] for m in lines] == [0, 5, 10]
-    fkl = [m["valid/forward_kl"] for m in lines]
-    assert fkl[0] > 0.3, fkl  # the random student is far from the fine-tuned teacher
-    assert fkl[-1] < 0.5 * fkl[0], fkl
-    assert lines[-1]["valid/loss"] < lines[0]["valid/loss"] - 0.3
+    """KD from a fine-tuned teacher into a random student lowers held-out KL(teacher ‖ student) on the gold
+    validation responses, and by more than the same steps of plain CE on the gold data (kd_ratio 0) do."""
+    fkl = {}
+    for ratio in (0.5, 0.0):
+        out = tmp_path / f"kd{ratio}"
+        train_kd(kd_config(tiny_llama, sft_teacher, out, kd_ratio=ratio))
+        lines = [m for m in read_metrics(out) if "valid/forward_kl" in m]
+        assert [m["step"] for m in lines] == [0, 5, 10]
+        fkl[ratio] = [m["valid/forward_kl"] for m in lines]
+    kd, ce = fkl[0.5], fkl[0.0]
+    assert kd[0] == ce[0] and kd[0] > 1.0, kd  # the random student is far from the fine-tuned teacher
+    assert kd[-1] < 0.75 * kd[0], kd
+    assert kd[-1] < ce[-1] - 0.03, (kd, ce)  # measured: 0.766 vs 0.832
 
 
 def test_micro_batches_give_equal_gradients(tiny_llama, tiny_gpt2, tmp_path):

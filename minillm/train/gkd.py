@@ -99,7 +99,7 @@ def train_gkd(cfg: GKDConfig) -> Path:
             with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
                 micro_sum, parts = kd_loss(model, teacher, batch, divergence, cfg)
             acc.backward(micro_sum / n_tokens)
-            for key, value in {"loss": float(micro_sum), **parts}.items():
+            for key, value in {"loss": float(micro_sum.detach()), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value / n_tokens
         lr = scheduler.get_last_lr()[0]
         grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)

@@ -102,7 +102,7 @@ def kd_loss(
     kd, ce = kd_loss_sums(model, teacher, batch, divergence, kd_ratio=cfg.kd_ratio, chunk_size=cfg.chunk_size)
     terms = [(name, w, x) for name, w, x in (("loss/kd", cfg.kd_ratio, kd), ("loss/ce", 1.0 - cfg.kd_ratio, ce))
              if x is not None]
-    return sum(w * x for _, w, x in terms), {name: float(x) for name, _, x in terms}
+    return sum(w * x for _, w, x in terms), {name: float(x.detach()) for name, _, x in terms}
 
 
 @torch.no_grad()
@@ -172,7 +172,7 @@ def train_kd(cfg: KDConfig) -> Path:
             with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
                 micro_sum, parts = kd_loss(model, teacher, batch, divergence, cfg)
             acc.backward(micro_sum / n_tokens)
-            for key, value in {"loss": float(micro_sum), **parts}.items():
+            for key, value in {"loss": float(micro_sum.detach()), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value / n_tokens
         lr = scheduler.get_last_lr()[0]
         grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)

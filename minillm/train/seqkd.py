@@ -244,7 +244,7 @@ def train_seqkd(cfg: SeqKDConfig) -> Path:
                 else:
                     micro_sum, parts = ce_loss_sum(model, batch, cfg.chunk_size), {}
             acc.backward(micro_sum / n_tokens)
-            for key, value in {"loss": float(micro_sum), **parts}.items():
+            for key, value in {"loss": float(micro_sum.detach()), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value / n_tokens
         lr = scheduler.get_last_lr()[0]
         grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)

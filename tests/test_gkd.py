@@ -1,0 +1,104 @@
+"""GKD: the seeded on-policy coin, training on the student's samples, and exact resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_model
+
+from minillm import config as config_lib
+from minillm.config import GKDConfig
+from minillm.train import engine, gkd
+from minillm.train.gkd import on_policy_coin, train_gkd
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tokenizer) -> Path:
+    """A teacher unlike the student (wider, deeper, another seed)."""
+    return save_tiny_model(tmp_path_factory.mktemp("gkd_teacher"), "llama", tokenizer, layers=3, hidden=48, seed=1)
+
+
+def gkd_config(model: Path, teacher: Path, out: Path, **kw) -> GKDConfig:
+    base = dict(model=str(model), teacher=str(teacher), output_dir=str(out), train_data="dolly_valid",
+                valid_data="dolly_test", max_train_examples=32, max_valid_examples=4, batch_size=2, grad_accum=2,
+                max_steps=4, lr=1e-3, eval_every=0, save_every=0, max_prompt_length=192, max_length=256,
+                chunk_size=50, max_new_tokens=6, valid_forward_kl=False)
+    base.update(kw)
+    return GKDConfig(**base)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_coin_is_seeded_with_probability_lmbda():
+    cfg = GKDConfig(lmbda=0.3, seed=7)
+    flips = [on_policy_coin(cfg, step) for step in range(400)]
+    assert flips == [on_policy_coin(GKDConfig(lmbda=0.3, seed=7), step) for step in range(400)]
+    assert flips != [on_policy_coin(GKDConfig(lmbda=0.3, seed=8), step) for step in range(400)]
+    assert sum(flips) / 400 == pytest.approx(0.3, abs=0.07)  # 3 standard deviations of a 400-draw mean
+    # the coin is a float64 uniform from the step's own generator, below lmbda
+    u = torch.rand((), generator=engine.generator(7, 5, 0, gkd.COIN_STREAM), dtype=torch.float64)
+    assert flips[5] == bool(u < 0.3)
+    assert not any(on_policy_coin(GKDConfig(lmbda=0.0), s) for s in range(400))
+    assert all(on_policy_coin(GKDConfig(lmbda=1.0), s) for s in range(400))
+
+
+def test_lmbda_zero_never_samples_and_one_always_does(tiny_llama, teacher, tmp_path, monkeypatch):
+    """lmbda 0 trains on the gold responses and never calls the sampler; lmbda 1 samples every step, and its
+    steps then hold only the student's short responses (≤ max_new_tokens each)."""
+    with monkeypatch.context() as m:
+        m.setattr(gkd, "sample_responses", lambda *a, **k: pytest.fail("sampled with lmbda 0"))
+        train_gkd(gkd_config(tiny_llama, teacher, tmp_path / "off", lmbda=0.0))
+    off = read_metrics(tmp_path / "off")[1:]
+    train_gkd(gkd_config(tiny_llama, teacher, tmp_path / "on", lmbda=1.0))
+    on = read_metrics(tmp_path / "on")[1:]
+    assert [m["on_policy"] for m in off] == [0.0] * 4 and [m["on_policy"] for m in on] == [1.0] * 4
+    per_step = 2 * 2
+    assert all(m["tokens"] <= per_step * 6 for m in on), [m["tokens"] for m in on]
+    assert all(m["tokens"] > per_step * 6 for m in off), [m["tokens"] for m in off]  # gold answers are longer
+    assert all(m["time/sample"] > 0 for m in on)
+
+
+def _launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "minillm.cli", "gkd", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_killed_run_resumes_exactly(tiny_llama, teacher, tmp_path):
+    """Kill -9 a GKD run after a checkpoint, resume it, and get the uninterrupted run's coins, losses and
+    validation values bit for bit (the coin and the samples follow from the step alone)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+    def cfg(out: Path, resume: bool) -> GKDConfig:
+        return gkd_config(tiny_llama, teacher, out, lmbda=0.5, max_steps=10, save_every=2, eval_every=5,
+                          valid_forward_kl=True, resume=resume)
+
+    killed_dir = tmp_path / "killed"
+    run = _launch(config_lib.to_argv(cfg(killed_dir, False)), env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        latest = killed_dir / "latest.json"
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 4:
+            break
+        assert run.poll() is None, run.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    resumed = _launch(config_lib.to_argv(cfg(killed_dir, True)), env)
+    train_gkd(cfg(tmp_path / "ref", False))  # the uninterrupted run, here (1 thread, as the subprocesses)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    want, got = read_metrics(tmp_path / "ref"), read_metrics(killed_dir)
+    assert [m["step"] for m in got] == list(range(11))
+    assert {m.get("on_policy") for m in want[1:]} == {0.0, 1.0}  # both kinds of step are exercised
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "loss/kd", "on_policy", "tokens", "valid/loss", "valid/forward_kl"):
+            assert a.get(key) == b.get(key), (key, a, b)
