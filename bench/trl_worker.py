@@ -24,7 +24,8 @@ What each trainer optimises per step (TRL 1.14.2 source, `trl/experimental/...`)
   with one inner epoch: ratio = 1), advantage A_t = GRPO advantage (0: the dummy reward is constant) +
   `_compute_advantage` (L291-346): r_t = log p(y_t) − log q(y_t); with the default gamma 0, A_t = r_t (no
   discount, no length normalisation, no whitening, no reward scale, no clip); with gamma > 0, the discounted
-  reverse cumsum divided by the discounted count of remaining positions. A_t is *not detached* (it comes
+  reverse cumsum divided by the *discounted* count of remaining positions (L338-342; padding after an early
+  EOS counted, since its mask is all-True). A_t is *not detached* (it comes
   from the student's differentiable forward at L355), which adds the zero-mean term ∇log q(y_t) per token.
   No PT loss, no teacher mixing, no importance weight. The student runs two differentiable forwards per
   step (L355 for the single-step term and rewards, GRPO `_compute_loss` for the PG log-probs and entropy).
@@ -310,7 +311,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_before_train_kb": rss_before_train,
         "peak_rss_kb": _peak_rss_kb(),
         "torch_threads": torch.get_num_threads(),
-        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        "versions": {
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
     }
 
 
@@ -358,9 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="Timed optimizer steps (after the warm-up).")
     p.add_argument("--warmup", type=int, default=1, help="Untimed optimizer steps first.")
     p.add_argument("--gamma", type=float, default=0.0, help="MiniLLMConfig.gamma (TRL default 0).")
-    p.add_argument(
-        "--gradient-checkpointing", choices=["on", "off"], default="on", help="TRL default: on."
-    )
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on", help="TRL default: on.")
     p.add_argument("--records", default=None, help="JSONL of records to use (default: select them here).")
     p.add_argument("--seed", type=int, default=10, help="Trainer seed (sampling).")
     args = p.parse_args(argv)

@@ -219,7 +219,9 @@ class KDConfig(TrainConfig):
         "1e-4 (GPT-2 large); 5e-5 suits a student that is already fine-tuned (as SFT's default).",
     )
     weight_decay: float = _f(1e-2, "AdamW weight decay (official KD/SeqKD scripts: 1e-2).")
-    lr_schedule: str = _f("cosine", "constant or cosine (to 0 at the last step); official KD/SeqKD scripts: cosine.")
+    lr_schedule: str = _f(
+        "cosine", "constant or cosine (to 0 at the last step); official KD/SeqKD scripts: cosine."
+    )
     warmup_steps: int = _f(0, "Linear warm-up steps (official KD/SeqKD scripts: 0).")
     epochs: int = _f(20, "Passes over the training data at most (official: 20 for GPT-2 base, 10 for large).")
     max_valid_examples: int | None = _f(1000, "Validation records (official --dev-num 1000).")

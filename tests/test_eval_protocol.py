@@ -67,6 +67,15 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(family, request):
         assert row[: len(single)].tolist() == single.tolist()
 
 
+def test_samples_of_a_prompt_are_consecutive_rows(llama):
+    # exposure pairs row r with prompt r // S: near-greedy samples of one prompt agree, across prompts they differ
+    model, tok = llama
+    prompts = [tok("Name a fish.")["input_ids"], tok("Why is the sky blue?")["input_ids"]]
+    out = generate.sample(model, prompts, seed=0, num_return_sequences=2, **sample_kw(tok, temperature=1e-4))
+    assert out.shape[0] == 4
+    assert torch.equal(out[0], out[1]) and torch.equal(out[2], out[3]) and not torch.equal(out[0], out[2])
+
+
 def test_trim_at_eos_and_alive_mask():
     assert generate.trim_at_eos([5, 6, 2, 2], 2) == ([5, 6], True)
     assert generate.trim_at_eos([5, 6], 2) == ([5, 6], False)
@@ -223,9 +232,10 @@ def student_path(tmp_path_factory, tokenizer):
     return save_tiny_model(tmp_path_factory.mktemp("student"), "llama", tokenizer, seed=1)
 
 
-def test_step_kl_matches_slow_reference(llama, student_path):
+def test_step_kl_matches_slow_reference(llama, tiny_gpt2):
+    # llama teacher, GPT-2 student (absolute positions: left padding must not shift them); row 1 is left-padded
     teacher, tok = llama
-    student = models.load_model(str(student_path))
+    student = models.load_model(str(tiny_gpt2))
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     eos = tok.eos_token_id
     responses = torch.tensor([[20, eos, eos, eos], [21, 22, 23, 24]])  # row 0 ends at step 2

@@ -23,19 +23,24 @@ def test_teacher_rouge_far_above_random_weights(tmp_path):
     tok = models.load_tokenizer(models.EMBEDDED_ALIAS)
     torch.manual_seed(0)
     random_model = AutoModelForCausalLM.from_config(teacher.config)  # same shape, initializer weights
-    cfg = EvalConfig(
-        model=models.EMBEDDED_ALIAS, sets=["dolly"], seeds=[10], max_per_set=20, max_new_tokens=64, batch_size=20
+    kw = dict(
+        model=models.EMBEDDED_ALIAS,
+        sets=["dolly"],
+        seeds=[10],
+        max_per_set=20,
+        max_new_tokens=64,
+        batch_size=10,
     )
     got = {}
-    for name, model in (("teacher", teacher), ("random", random_model)):
-        res = evaluate_model(model, tok, cfg, tmp_path / name, progress=False)
+    for name, model, lm_loss in (("teacher", teacher, True), ("random", random_model, False)):
+        res = evaluate_model(model, tok, EvalConfig(**kw, lm_loss=lm_loss), tmp_path / name, progress=False)
         got[name] = res["sets"]["dolly"]
-    print({k: (v["rougeL"]["mean"], v["lm_loss"]) for k, v in got.items()})
+    print({k: (v["rougeL"]["mean"], v.get("lm_loss")) for k, v in got.items()})
     assert got["teacher"]["n_prompts"] == 20
-    # measured on this machine (alpaca template, 64 tokens): teacher 9.5, random 0.2. SmolLM2 is chat-tuned,
+    # measured on this machine (alpaca template, 64 tokens): teacher 12.3, random 0.2. SmolLM2 is chat-tuned,
     # not Dolly-tuned like the paper's teachers, and 64 tokens cut most answers short; the mean over 20 prompts
     # has a standard error of about 2 points, so the bar sits at 5 points above random (and 5x it)
     assert got["teacher"]["rougeL"]["mean"] > got["random"]["rougeL"]["mean"] + 5.0
     assert got["teacher"]["rougeL"]["mean"] > 5 * got["random"]["rougeL"]["mean"]
-    # gold loss: random weights sit near ln(49152) = 10.8 nats; the teacher is far lower
-    assert got["random"]["lm_loss"] > 10.0 and got["teacher"]["lm_loss"] < 4.0
+    # gold loss of the teacher (measured 2.25 nats; random weights would sit near ln(49152) = 10.8)
+    assert got["teacher"]["lm_loss"] < 4.0

@@ -23,14 +23,32 @@ from minillm.train.gkd import on_policy_coin, train_gkd
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, tokenizer) -> Path:
     """A teacher unlike the student (wider, deeper, another seed)."""
-    return save_tiny_model(tmp_path_factory.mktemp("gkd_teacher"), "llama", tokenizer, layers=3, hidden=48, seed=1)
+    return save_tiny_model(
+        tmp_path_factory.mktemp("gkd_teacher"), "llama", tokenizer, layers=3, hidden=48, seed=1
+    )
 
 
 def gkd_config(model: Path, teacher: Path, out: Path, **kw) -> GKDConfig:
-    base = dict(model=str(model), teacher=str(teacher), output_dir=str(out), train_data="dolly_valid",
-                valid_data="dolly_test", max_train_examples=32, max_valid_examples=4, batch_size=2, grad_accum=2,
-                max_steps=4, lr=1e-3, eval_every=0, save_every=0, max_prompt_length=192, max_length=256,
-                chunk_size=50, max_new_tokens=6, valid_forward_kl=False)
+    base = dict(
+        model=str(model),
+        teacher=str(teacher),
+        output_dir=str(out),
+        train_data="dolly_valid",
+        valid_data="dolly_test",
+        max_train_examples=32,
+        max_valid_examples=4,
+        batch_size=2,
+        grad_accum=2,
+        max_steps=4,
+        lr=1e-3,
+        eval_every=0,
+        save_every=0,
+        max_prompt_length=192,
+        max_length=256,
+        chunk_size=50,
+        max_new_tokens=6,
+        valid_forward_kl=False,
+    )
     base.update(kw)
     return GKDConfig(**base)
 
@@ -69,8 +87,12 @@ def test_lmbda_zero_never_samples_and_one_always_does(tiny_llama, teacher, tmp_p
 
 
 def _launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "minillm.cli", "gkd", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "minillm.cli", "gkd", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_killed_run_resumes_exactly(tiny_llama, teacher, tmp_path):
@@ -79,8 +101,17 @@ def test_killed_run_resumes_exactly(tiny_llama, teacher, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
     def cfg(out: Path, resume: bool) -> GKDConfig:
-        return gkd_config(tiny_llama, teacher, out, lmbda=0.5, max_steps=10, save_every=2, eval_every=5,
-                          valid_forward_kl=True, resume=resume)
+        return gkd_config(
+            tiny_llama,
+            teacher,
+            out,
+            lmbda=0.5,
+            max_steps=10,
+            save_every=2,
+            eval_every=5,
+            valid_forward_kl=True,
+            resume=resume,
+        )
 
     killed_dir = tmp_path / "killed"
     run = _launch(config_lib.to_argv(cfg(killed_dir, False)), env)

@@ -21,10 +21,24 @@ from minillm.train.sft import train_sft
 
 
 def kd_config(model: Path, teacher: Path, out: Path, **kw) -> KDConfig:
-    base = dict(model=str(model), teacher=str(teacher), output_dir=str(out), train_data="dolly_valid",
-                valid_data="dolly_test", max_train_examples=64, max_valid_examples=16, batch_size=4, grad_accum=2,
-                max_steps=10, lr=3e-3, eval_every=5, save_every=0, max_prompt_length=192, max_length=256,
-                chunk_size=50)
+    base = dict(
+        model=str(model),
+        teacher=str(teacher),
+        output_dir=str(out),
+        train_data="dolly_valid",
+        valid_data="dolly_test",
+        max_train_examples=64,
+        max_valid_examples=16,
+        batch_size=4,
+        grad_accum=2,
+        max_steps=10,
+        lr=3e-3,
+        eval_every=5,
+        save_every=0,
+        max_prompt_length=192,
+        max_length=256,
+        chunk_size=50,
+    )
     base.update(kw)
     return KDConfig(**base)
 
@@ -39,17 +53,34 @@ def sft_teacher(tmp_path_factory, tokenizer) -> Path:
     distributions, unlike a random model's near-uniform ones)."""
     root = tmp_path_factory.mktemp("kd_teacher")
     init = save_tiny_model(root / "init", "llama", tokenizer, layers=2, hidden=48, seed=1)
-    cfg = SFTConfig(model=str(init), output_dir=str(root / "sft"), train_data="dolly_valid", valid_data="dolly_test",
-                    max_train_examples=64, max_valid_examples=8, batch_size=8, max_steps=16, lr=5e-3, warmup_steps=0,
-                    eval_every=0, save_every=0, max_prompt_length=192, max_length=256, chunk_size=64)
+    cfg = SFTConfig(
+        model=str(init),
+        output_dir=str(root / "sft"),
+        train_data="dolly_valid",
+        valid_data="dolly_test",
+        max_train_examples=64,
+        max_valid_examples=8,
+        batch_size=8,
+        max_steps=16,
+        lr=5e-3,
+        warmup_steps=0,
+        eval_every=0,
+        save_every=0,
+        max_prompt_length=192,
+        max_length=256,
+        chunk_size=64,
+    )
     return train_sft(cfg)
 
 
-@pytest.mark.parametrize("divergence,params", [
-    ("forward_kl", {}),
-    ("jsd", {"jsd_beta": 0.3, "loss_temperature": 2.0}),
-    ("skew_reverse_kl", {"skew_alpha": 0.2}),
-])
+@pytest.mark.parametrize(
+    "divergence,params",
+    [
+        ("forward_kl", {}),
+        ("jsd", {"jsd_beta": 0.3, "loss_temperature": 2.0}),
+        ("skew_reverse_kl", {"skew_alpha": 0.2}),
+    ],
+)
 def test_kd_loss_matches_float64_reference(divergence, params, tiny_llama, tiny_gpt2, tokenizer):
     """kd_ratio·Σ D + (1 − kd_ratio)·Σ CE over exactly the response tokens (EOS = pad kept), against
     explicit float64 probabilities from the two models' full logits."""
@@ -65,15 +96,26 @@ def test_kd_loss_matches_float64_reference(divergence, params, tiny_llama, tiny_
     predict = batch["target_mask"][:, 1:]  # [B, L-1]
     params_slow = {"beta": params["jsd_beta"]} if divergence == "jsd" else {}
     params_slow |= {"alpha": params["skew_alpha"]} if "skew_alpha" in params else {}
-    d = divergence_slow(divergence, s_logits[:, :-1], t_logits[:, :-1], predict,
-                        temperature=params.get("loss_temperature", 1.0), **params_slow)
+    d = divergence_slow(
+        divergence,
+        s_logits[:, :-1],
+        t_logits[:, :-1],
+        predict,
+        temperature=params.get("loss_temperature", 1.0),
+        **params_slow,
+    )
     ce = 0.0
     for b, i in predict.nonzero().tolist():
-        ce -= torch.tensor(softmax_slow(s_logits[b, i].tolist())[int(batch["input_ids"][b, i + 1])]).log().item()
+        ce -= (
+            torch.tensor(softmax_slow(s_logits[b, i].tolist())[int(batch["input_ids"][b, i + 1])])
+            .log()
+            .item()
+        )
     assert int(predict.sum()) == 7
     want = 0.3 * d.sum() + 0.7 * ce
-    assert_close_verbose(torch.tensor([parts["loss/kd"], parts["loss/ce"]]), torch.tensor([d.sum(), ce]),
-                         torch.float32)
+    assert_close_verbose(
+        torch.tensor([parts["loss/kd"], parts["loss/ce"]]), torch.tensor([d.sum(), ce]), torch.float32
+    )
     assert_close_verbose(got.detach().reshape(1), want.reshape(1), torch.float32)
 
 
@@ -99,8 +141,19 @@ def test_micro_batches_give_equal_gradients(tiny_llama, tiny_gpt2, tmp_path):
     logs = []
     for name, bs, ga in (("one", 8, 1), ("four", 2, 4)):
         out = tmp_path / name
-        train_kd(kd_config(tiny_llama, tiny_gpt2, out, batch_size=bs, grad_accum=ga, max_steps=1, eval_every=0,
-                           max_valid_examples=2, valid_forward_kl=False))
+        train_kd(
+            kd_config(
+                tiny_llama,
+                tiny_gpt2,
+                out,
+                batch_size=bs,
+                grad_accum=ga,
+                max_steps=1,
+                eval_every=0,
+                max_valid_examples=2,
+                valid_forward_kl=False,
+            )
+        )
         logs.append(read_metrics(out)[1])
     a, b = logs
     assert a["tokens"] == b["tokens"]
@@ -113,9 +166,16 @@ def test_configs_check_values_and_round_trip():
         cfg = cls()
         assert config_lib.parse(cls, None, config_lib.to_argv(cfg)) == cfg
         assert all(f.metadata.get("help") for f in dataclasses.fields(cls)), cls
-    for cls, bad in ((KDConfig, {"kd_ratio": 1.5}), (KDConfig, {"divergence": "kl"}), (KDConfig, {"teacher": None}),
-                     (KDConfig, {"loss_temperature": 0.0}), (KDConfig, {"jsd_beta": -0.1}),
-                     (SeqKDConfig, {"seqkd_loss": "pg"}), (SeqKDConfig, {"top_p": 0.0}),
-                     (GKDConfig, {"lmbda": 1.2}), (GKDConfig, {"sample_temperature": -1.0})):
+    for cls, bad in (
+        (KDConfig, {"kd_ratio": 1.5}),
+        (KDConfig, {"divergence": "kl"}),
+        (KDConfig, {"teacher": None}),
+        (KDConfig, {"loss_temperature": 0.0}),
+        (KDConfig, {"jsd_beta": -0.1}),
+        (SeqKDConfig, {"seqkd_loss": "pg"}),
+        (SeqKDConfig, {"top_p": 0.0}),
+        (GKDConfig, {"lmbda": 1.2}),
+        (GKDConfig, {"sample_temperature": -1.0}),
+    ):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             cls(**bad)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -432,6 +433,27 @@ def test_dropout_off_while_sampling_and_mode_restored() -> None:
     student.eval()
     b = sample_rollout(student, teacher, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logq_old, b.logq_old)
+
+
+def test_outputs_are_normal_tensors_usable_by_autograd() -> None:
+    """Sampling runs in inference mode, but a trainer must be able to save logq_old / log_w for backward."""
+    r = run("llama", 0, alpha=0.0)
+    for name in ("response_ids", "mask", "logq_old", "logp", "log_w", "truncated", "prompt_ids"):
+        assert not getattr(r, name).is_inference(), name
+    logq_new = torch.zeros_like(r.logq_old, requires_grad=True)
+    ((logq_new - r.logq_old).exp() * r.log_w.exp() * r.logp).sum().backward()
+    assert_close_verbose(logq_new.grad, ((-r.logq_old).exp() * r.log_w.exp() * r.logp), torch.float32)
+
+
+@pytest.mark.skipif(not os.environ.get("MINILLM_TEST_COMPILE"), reason="~1 min of compilation; opt in")
+@pytest.mark.parametrize("setting", ["mixed", "warped"])
+def test_compiled_step_equals_fast(setting: str) -> None:
+    """Opt-in (MINILLM_TEST_COMPILE=1): the torch.compile'd step gives the same rollout."""
+    kw = SETTINGS[setting]
+    plain, compiled = run("gpt2", 2, **kw), run("gpt2", 2, compile=True, **kw)
+    assert torch.equal(plain.response_ids, compiled.response_ids) and torch.equal(plain.mask, compiled.mask)
+    for name in ("logq_old", "logp", "log_w"):
+        assert_close_verbose(getattr(compiled, name), getattr(plain, name), torch.float32)
 
 
 def test_bad_inputs_raise() -> None:

@@ -20,15 +20,34 @@ from minillm.train.seqkd import cache_settings, read_cache, teacher_data, train_
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, tokenizer) -> Path:
     """A teacher unlike the student (wider, deeper, another seed)."""
-    return save_tiny_model(tmp_path_factory.mktemp("seqkd_teacher"), "llama", tokenizer, layers=3, hidden=48, seed=1)
+    return save_tiny_model(
+        tmp_path_factory.mktemp("seqkd_teacher"), "llama", tokenizer, layers=3, hidden=48, seed=1
+    )
 
 
 def seqkd_config(model: Path, teacher: Path, tmp: Path, out: str, **kw) -> SeqKDConfig:
-    base = dict(model=str(model), teacher=str(teacher), output_dir=str(tmp / out),
-                teacher_data_cache=str(tmp / "cache"), train_data="dolly_valid", valid_data="dolly_test",
-                max_train_examples=24, max_valid_examples=4, batch_size=4, grad_accum=1, max_steps=2, lr=1e-3,
-                eval_every=0, save_every=0, max_prompt_length=192, max_length=256, chunk_size=50,
-                max_new_tokens=8, sample_batch_size=5, valid_forward_kl=False)
+    base = dict(
+        model=str(model),
+        teacher=str(teacher),
+        output_dir=str(tmp / out),
+        teacher_data_cache=str(tmp / "cache"),
+        train_data="dolly_valid",
+        valid_data="dolly_test",
+        max_train_examples=24,
+        max_valid_examples=4,
+        batch_size=4,
+        grad_accum=1,
+        max_steps=2,
+        lr=1e-3,
+        eval_every=0,
+        save_every=0,
+        max_prompt_length=192,
+        max_length=256,
+        chunk_size=50,
+        max_new_tokens=8,
+        sample_batch_size=5,
+        valid_forward_kl=False,
+    )
     base.update(kw)
     return SeqKDConfig(**base)
 
@@ -69,7 +88,9 @@ def test_cache_reused_then_regenerated_when_a_setting_changes(tiny_llama, teache
     assert read_metrics(tmp_path / "third")[0]["teacher_data/generated"] == n
     folders = sorted((tmp_path / "cache").iterdir())
     assert len(folders) == 2 and folder in folders
-    temps = sorted(json.loads((f / "settings.json").read_text())["sampling"]["sample_temperature"] for f in folders)
+    temps = sorted(
+        json.loads((f / "settings.json").read_text())["sampling"]["sample_temperature"] for f in folders
+    )
     assert temps == [0.7, 1.0]
 
 
@@ -98,4 +119,6 @@ def test_cut_generation_resumes_to_the_same_cache(tiny_llama, teacher, tokenizer
     again, stats = teacher_data(cfg, t, s, tokenizer, acc)
     assert stats["teacher_data/generated"] == 16 and stats["teacher_data/cached"] == 5
     assert [(e.prompt_ids, e.response_ids) for e in again] == [(e.prompt_ids, e.response_ids) for e in full]
-    assert [json.loads(line) for line in path.read_text().splitlines()] == [json.loads(line) for line in whole]
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        json.loads(line) for line in whole
+    ]

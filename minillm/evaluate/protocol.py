@@ -10,9 +10,10 @@ first reference in the evaluated model's tokenizer, EOS excluded).
 
 Files under `output_dir/<model slug>/`:
 - `generations.jsonl`: one line per (set, id, seed): prompt, output, reference(s), score and lengths. A rerun
-  skips every (set, id, seed) already there; prompts are batched in a fixed partition with one seed per batch
-  (`generate.batch_seed(seed, set, batch index)`), and a batch with any missing line is regenerated whole, so a
-  resumed run writes exactly what an uninterrupted one would.
+  skips every (set, id, seed) already there. Prompts are batched in a fixed partition (sorted by prompt length,
+  which cuts the padding to prefill, ties in file order) with one seed per batch (`generate.batch_seed(seed,
+  set, batch index)`), and a batch with any missing line is regenerated whole, so a resumed run writes exactly
+  what an uninterrupted one would.
 - `settings.json`: the decoding-relevant settings of the first run; a rerun that changes any raises instead of
   mixing generations made under two settings.
 - `lm_loss.json`: the cached gold loss per set; `results.json`: the summary (what `minillm report` reads).
@@ -278,6 +279,9 @@ def _lm_loss(
             max_length=max_length,
         )
         assert dropped == 0, "items were filtered by the same prompt-length rule"
+        examples.sort(
+            key=lambda e: len(e.prompt_ids) + len(e.response_ids)
+        )  # less padding; sums ignore order
         nll = generate.gold_nll(model, examples, tokenizer.pad_token_id, batch_size=cfg.batch_size)
         total, tokens = sum(s for s, _ in nll), sum(n for _, n in nll)
         value = {
@@ -349,9 +353,10 @@ def evaluate_model(
 
     todo = []  # (set, seed, batch index, items) for every batch with a missing line
     for s in sets:
+        by_length = sorted(s.items, key=lambda it: len(it.prompt_ids))  # stable: less left padding to prefill
         for seed in cfg.seeds:
-            for b in range(0, len(s.items), B):
-                part = s.items[b : b + B]
+            for b in range(0, len(by_length), B):
+                part = by_length[b : b + B]
                 if any((s.name, it.id, seed) not in rows for it in part):
                     todo.append((s, seed, b // B, part))
 

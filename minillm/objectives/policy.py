@@ -161,7 +161,7 @@ def advantages(
         r = r.clamp(-reward_clip, reward_clip)
     # Discounted reverse cumulative sum, G_t = r_t + γ·G_{t+1} (official loop over reversed(range(T))).
     g = torch.zeros_like(r)  # [B, T]
-    acc = torch.zeros(B, dtype=dt)  # [B] running G_{t+1}
+    acc = torch.zeros(B, dtype=dt, device=r.device)  # [B] running G_{t+1}
     for t in reversed(range(T)):
         acc = r[:, t] + gamma * acc
         g[:, t] = acc
@@ -172,7 +172,7 @@ def advantages(
         ret, n_terms = g, n_from_t
     else:
         # R_{t+1} = G_{t+1}, and 0 after the last position; it sums the tokens after t.
-        ret = torch.cat([g[:, 1:], torch.zeros(B, 1, dtype=dt)], dim=1)  # [B, T]
+        ret = torch.cat([g[:, 1:], torch.zeros(B, 1, dtype=dt, device=r.device)], dim=1)  # [B, T]
         n_terms = n_from_t - m
     if length_norm:
         ret = ret / n_terms.clamp(min=1.0)

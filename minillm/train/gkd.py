@@ -21,7 +21,8 @@ Where this matches and departs from the references:
   --kd-ratio 1.0, temperature 1, top_k 0, top_p 1, max-length 512): the same coin (numpy, per iteration),
   but on-policy batches there pass through a replay buffer; here a sampled batch is trained on at once.
   DistiLLM's js_distance(lam=0.9) is our jsd with β = 0.1. Its adaptive schedule is not implemented.
-- Samples are drawn with dropout off (eval mode), as both references' generate calls do.
+- Samples are drawn with dropout off (eval mode), as DistiLLM's sampler does; TRL turns dropout off for
+  training too (disable_dropout=True), we keep the model's own dropout for the update, as KD does.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def train_gkd(cfg: GKDConfig) -> Path:
     acc = engine.make_accelerator(cfg)
     acc.print(f"config: {cfg}")
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = models.load_model(cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device),
-                              trust_remote_code=cfg.trust_remote_code)
+    model = models.load_model(
+        cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
+    )
     teacher = load_teacher(cfg, tokenizer, model, acc)
     divergence = make_divergence(cfg)
     train, valid = load_examples(cfg, tokenizer, acc)
@@ -86,9 +88,12 @@ def train_gkd(cfg: GKDConfig) -> Path:
             g = engine.generator(cfg.seed, state.step, acc.process_index, SAMPLE_STREAM, device=acc.device)
             for mb in examples:
                 prompts = [e.prompt_ids for e in mb]
-                responses, _ = sample_responses(student, student, prompts, cfg=cfg, eos_id=eos, pad_id=pad,
-                                                generator=g)
-                mb[:] = [Example(p, r[: cfg.max_length - len(p)]) for p, r in zip(prompts, responses, strict=True)]
+                responses, _ = sample_responses(
+                    student, student, prompts, cfg=cfg, eos_id=eos, pad_id=pad, generator=g
+                )
+                mb[:] = [
+                    Example(p, r[: cfg.max_length - len(p)]) for p, r in zip(prompts, responses, strict=True)
+                ]
         t_sample = time.perf_counter() - t0
         micro = [collate(mb, pad) for mb in examples]
         n_tokens = engine.global_count(acc, sum(int(b["target_mask"].sum()) for b in micro))
@@ -105,9 +110,16 @@ def train_gkd(cfg: GKDConfig) -> Path:
         grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)
         state.step += 1
         dt = time.perf_counter() - t0
-        metrics = {**{key: engine.global_count(acc, v) for key, v in sums.items()}, "lr": lr,
-                   "grad_norm": grad_norm, "tokens": n_tokens, "tokens/s": n_tokens / dt,
-                   "on_policy": float(on_policy), "time/sample": t_sample, "time/update": dt - t_sample}
+        metrics = {
+            **{key: engine.global_count(acc, v) for key, v in sums.items()},
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": n_tokens,
+            "tokens/s": n_tokens / dt,
+            "on_policy": float(on_policy),
+            "time/sample": t_sample,
+            "time/update": dt - t_sample,
+        }
         evaluate = state.step == total or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)
         if evaluate:
             metrics.update(validation_metrics(model, teacher, valid, pad, cfg, acc))

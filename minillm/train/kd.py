@@ -53,7 +53,9 @@ def load_teacher(cfg: KDConfig, tokenizer: Any, student: nn.Module, acc: Acceler
     """The frozen teacher on the run's device, after checking it shares the student's tokenizer and vocabulary."""
     kw = dict(trust_remote_code=cfg.trust_remote_code)
     teacher_tokenizer = models.load_tokenizer(cfg.teacher, **kw)
-    models.check_same_tokenizer(tokenizer, teacher_tokenizer, (f"student {cfg.model}", f"teacher {cfg.teacher}"))
+    models.check_same_tokenizer(
+        tokenizer, teacher_tokenizer, (f"student {cfg.model}", f"teacher {cfg.teacher}")
+    )
     teacher = models.load_model(cfg.teacher, dtype=models.torch_dtype(cfg.dtype, acc.device), **kw)
     models.check_same_vocab(student, teacher)
     return teacher.requires_grad_(False).eval().to(acc.device)
@@ -100,14 +102,22 @@ def kd_loss(
     """kd_ratio·Σ D + (1 − kd_ratio)·Σ CE of one micro-batch (a sum: divide by the step's global token
     count) and its computed parts as floats, {"loss/kd": Σ D, "loss/ce": Σ CE}."""
     kd, ce = kd_loss_sums(model, teacher, batch, divergence, kd_ratio=cfg.kd_ratio, chunk_size=cfg.chunk_size)
-    terms = [(name, w, x) for name, w, x in (("loss/kd", cfg.kd_ratio, kd), ("loss/ce", 1.0 - cfg.kd_ratio, ce))
-             if x is not None]
+    terms = [
+        (name, w, x)
+        for name, w, x in (("loss/kd", cfg.kd_ratio, kd), ("loss/ce", 1.0 - cfg.kd_ratio, ce))
+        if x is not None
+    ]
     return sum(w * x for _, w, x in terms), {name: float(x.detach()) for name, _, x in terms}
 
 
 @torch.no_grad()
 def validation_forward_kl(
-    model: nn.Module, teacher: nn.Module, examples: list[Example], pad_id: int, cfg: KDConfig, acc: Accelerator
+    model: nn.Module,
+    teacher: nn.Module,
+    examples: list[Example],
+    pad_id: int,
+    cfg: KDConfig,
+    acc: Accelerator,
 ) -> float:
     """Token-averaged KL(teacher ‖ student) at temperature 1 over the examples' response tokens, all ranks."""
     was_training = model.training
@@ -125,7 +135,12 @@ def validation_forward_kl(
 
 
 def validation_metrics(
-    model: nn.Module, teacher: nn.Module, examples: list[Example], pad_id: int, cfg: KDConfig, acc: Accelerator
+    model: nn.Module,
+    teacher: nn.Module,
+    examples: list[Example],
+    pad_id: int,
+    cfg: KDConfig,
+    acc: Accelerator,
 ) -> dict[str, float]:
     """valid/loss (gold CE) and, if cfg.valid_forward_kl, valid/forward_kl on the validation examples."""
     out = {"valid/loss": validation_loss(model, examples, pad_id, cfg, acc)}
@@ -139,8 +154,9 @@ def train_kd(cfg: KDConfig) -> Path:
     acc = engine.make_accelerator(cfg)
     acc.print(f"config: {cfg}")
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = models.load_model(cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device),
-                              trust_remote_code=cfg.trust_remote_code)
+    model = models.load_model(
+        cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
+    )
     teacher = load_teacher(cfg, tokenizer, model, acc)
     divergence = make_divergence(cfg)
     train, valid = load_examples(cfg, tokenizer, acc)
@@ -178,8 +194,14 @@ def train_kd(cfg: KDConfig) -> Path:
         grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)
         state.step += 1
         dt = time.perf_counter() - t0
-        metrics = {**{key: engine.global_count(acc, v) for key, v in sums.items()}, "lr": lr,
-                   "grad_norm": grad_norm, "tokens": n_tokens, "tokens/s": n_tokens / dt, "time/update": dt}
+        metrics = {
+            **{key: engine.global_count(acc, v) for key, v in sums.items()},
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": n_tokens,
+            "tokens/s": n_tokens / dt,
+            "time/update": dt,
+        }
         evaluate = state.step == total or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)
         if evaluate:
             metrics.update(validation_metrics(model, teacher, valid, pad, cfg, acc))

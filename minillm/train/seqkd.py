@@ -72,9 +72,19 @@ def sample_responses(
     device = next(sampler.parameters()).device
     batch = collate_prompts(prompts, pad_id)  # left-padded [B, P]
     rollout = sample_rollout(
-        sampler, scorer, batch["input_ids"].to(device), batch["attention_mask"].to(device), alpha=0.0,
-        max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, generator=generator,
-        temperature=cfg.sample_temperature, top_k=cfg.top_k, top_p=cfg.top_p, fast=cfg.fast_rollout,
+        sampler,
+        scorer,
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        alpha=0.0,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        generator=generator,
+        temperature=cfg.sample_temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        fast=cfg.fast_rollout,
     )
     ids, mask = rollout.response_ids.cpu(), rollout.mask.cpu()
     return [ids[b][mask[b]].tolist() for b in range(len(prompts))], rollout.truncated.cpu().tolist()
@@ -97,10 +107,21 @@ def cache_settings(cfg: SeqKDConfig, teacher: nn.Module) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
         "teacher_sha1": weights_sha1(teacher),
-        "data": {k: getattr(cfg, k) for k in ("train_data", "field_instruction", "field_input", "template",
-                                              "max_prompt_length")},
-        "sampling": {k: getattr(cfg, k) for k in ("sample_temperature", "top_k", "top_p", "max_new_tokens",
-                                                  "sample_batch_size", "sample_seed")},
+        "data": {
+            k: getattr(cfg, k)
+            for k in ("train_data", "field_instruction", "field_input", "template", "max_prompt_length")
+        },
+        "sampling": {
+            k: getattr(cfg, k)
+            for k in (
+                "sample_temperature",
+                "top_k",
+                "top_p",
+                "max_new_tokens",
+                "sample_batch_size",
+                "sample_seed",
+            )
+        },
     }
 
 
@@ -131,15 +152,22 @@ def teacher_data(
     cfg: SeqKDConfig, teacher: nn.Module, scorer: nn.Module, tokenizer: Any, acc: Accelerator
 ) -> tuple[list[Example], dict[str, float]]:
     """Training examples (prompt, teacher response), generating what the cache lacks; and generation stats."""
-    records = load_records(cfg.train_data, field_instruction=cfg.field_instruction, field_input=cfg.field_input,
-                           field_output=cfg.field_output, limit=cfg.max_train_examples)
+    records = load_records(
+        cfg.train_data,
+        field_instruction=cfg.field_instruction,
+        field_input=cfg.field_input,
+        field_output=cfg.field_output,
+        limit=cfg.max_train_examples,
+    )
     prompts = {}  # record index -> prompt ids, for prompts within the official length rule
     for i, rec in enumerate(records):
         prompt = encode_prompt(rec, tokenizer, cfg.template)
         if len(prompt) <= cfg.max_prompt_length:
             prompts[i] = prompt
-    acc.print(f"{cfg.train_data}: {len(prompts)} prompts, {len(records) - len(prompts)} dropped "
-              f"(prompt > {cfg.max_prompt_length} tokens)")
+    acc.print(
+        f"{cfg.train_data}: {len(prompts)} prompts, {len(records) - len(prompts)} dropped "
+        f"(prompt > {cfg.max_prompt_length} tokens)"
+    )
     if not prompts:
         raise ValueError(f"{cfg.train_data}: no prompt left after the length rule")
     settings = cache_settings(cfg, teacher)
@@ -169,13 +197,26 @@ def teacher_data(
         if r + acc.process_index < len(todo):
             k = todo[r + acc.process_index]
             responses, truncated = sample_responses(
-                teacher, scorer, [prompts[i] for i in batches[k]], cfg=cfg, eos_id=eos, pad_id=pad,
-                generator=engine.generator(cfg.sample_seed, k, device=acc.device))
+                teacher,
+                scorer,
+                [prompts[i] for i in batches[k]],
+                cfg=cfg,
+                eos_id=eos,
+                pad_id=pad,
+                generator=engine.generator(cfg.sample_seed, k, device=acc.device),
+            )
             for i, resp, cut in zip(batches[k], responses, truncated, strict=True):
-                lines.append({"index": i, "prompt_sha1": _prompt_sha1(prompts[i]), "response_ids": resp,
-                              "truncated": cut, "instruction": records[i]["instruction"],
-                              "input": records[i]["input"],
-                              "output": tokenizer.decode(resp, skip_special_tokens=True)})
+                lines.append(
+                    {
+                        "index": i,
+                        "prompt_sha1": _prompt_sha1(prompts[i]),
+                        "response_ids": resp,
+                        "truncated": cut,
+                        "instruction": records[i]["instruction"],
+                        "input": records[i]["input"],
+                        "output": tokenizer.decode(resp, skip_special_tokens=True),
+                    }
+                )
         if acc.num_processes > 1:
             lines = gather_object(lines)
         if acc.is_main_process:
@@ -185,11 +226,15 @@ def teacher_data(
                 os.fsync(fh.fileno())
         cached.update({line["index"]: line for line in lines})
         acc.print(f"teacher data: batch {min(r + acc.num_processes, len(todo))}/{len(todo)}")
-    examples = [Example(prompts[i], cached[i]["response_ids"][: cfg.max_length - len(prompts[i])])
-                for i in sorted(prompts)]
-    stats = {"teacher_data/generated": float(sum(len(batches[k]) for k in todo)),
-             "teacher_data/cached": float(len(prompts) - sum(len(batches[k]) for k in todo)),
-             "time/generate": time.perf_counter() - t0}
+    examples = [
+        Example(prompts[i], cached[i]["response_ids"][: cfg.max_length - len(prompts[i])])
+        for i in sorted(prompts)
+    ]
+    stats = {
+        "teacher_data/generated": float(sum(len(batches[k]) for k in todo)),
+        "teacher_data/cached": float(len(prompts) - sum(len(batches[k]) for k in todo)),
+        "time/generate": time.perf_counter() - t0,
+    }
     return examples, stats
 
 
@@ -198,15 +243,25 @@ def train_seqkd(cfg: SeqKDConfig) -> Path:
     acc = engine.make_accelerator(cfg)
     acc.print(f"config: {cfg}")
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = models.load_model(cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device),
-                              trust_remote_code=cfg.trust_remote_code).to(acc.device)
+    model = models.load_model(
+        cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
+    ).to(acc.device)
     teacher = load_teacher(cfg, tokenizer, model, acc)
     train, generation = teacher_data(cfg, teacher, model, tokenizer, acc)
-    valid_records = load_records(cfg.valid_data, field_instruction=cfg.field_instruction,
-                                 field_input=cfg.field_input, field_output=cfg.field_output,
-                                 limit=cfg.max_valid_examples)
-    valid, _ = encode_records(valid_records, tokenizer, template=cfg.template,
-                              max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length)
+    valid_records = load_records(
+        cfg.valid_data,
+        field_instruction=cfg.field_instruction,
+        field_input=cfg.field_input,
+        field_output=cfg.field_output,
+        limit=cfg.max_valid_examples,
+    )
+    valid, _ = encode_records(
+        valid_records,
+        tokenizer,
+        template=cfg.template,
+        max_prompt_length=cfg.max_prompt_length,
+        max_length=cfg.max_length,
+    )
     if not valid:
         raise ValueError(f"{cfg.valid_data}: no example left after the length rule")
     if cfg.seqkd_loss == "ce" and not cfg.valid_forward_kl:
@@ -250,8 +305,14 @@ def train_seqkd(cfg: SeqKDConfig) -> Path:
         grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)
         state.step += 1
         dt = time.perf_counter() - t0
-        metrics = {**{key: engine.global_count(acc, v) for key, v in sums.items()}, "lr": lr,
-                   "grad_norm": grad_norm, "tokens": n_tokens, "tokens/s": n_tokens / dt, "time/update": dt}
+        metrics = {
+            **{key: engine.global_count(acc, v) for key, v in sums.items()},
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": n_tokens,
+            "tokens/s": n_tokens / dt,
+            "time/update": dt,
+        }
         evaluate = state.step == total or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)
         if evaluate:
             metrics.update(validation_metrics(model, teacher, valid, pad, cfg, acc))
