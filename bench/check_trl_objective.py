@@ -67,7 +67,7 @@ def our_loss_and_grads(
     s_logits = student(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
     with torch.no_grad():
         t_logits = teacher(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
-    s_logits, t_logits = s_logits[:, P - 1 : -1].float(), t_logits[:, P - 1 : -1].float()  # [B, T, V]
+    s_logits, t_logits = s_logits[:, P - 1 : -1], t_logits[:, P - 1 : -1]  # [B, T, V], fp64 here
     y = inputs["completion_ids"]
     logq = s_logits.log_softmax(-1).gather(-1, y[..., None])[..., 0]  # [B, T]
     logp = t_logits.log_softmax(-1).gather(-1, y[..., None])[..., 0]

@@ -174,6 +174,7 @@ def sample_rollout(
     top_p: float = 1.0,
     fast: bool = True,
     compile: bool = False,
+    score: bool = True,
 ) -> Rollout:
     """Sample one response per prompt from p̃ = α·p + (1 − α)·q and record log-probs and weights.
 
@@ -186,6 +187,8 @@ def sample_rollout(
     temperature, top_k, top_p: applied to each model's distribution before mixing (module docstring)
     fast:           the static-cache fast path (default) or the eager reference; same tokens either way
     compile:        opt-in `torch.compile` of the fused sampling step of the fast path (module docstring)
+    score:          with alpha == 0, fill `logp` by one teacher forward; False leaves it 0 for a caller that
+                    runs its own teacher pass over the responses anyway (the MiniLLM trainer)
     returns:        a `Rollout` on the models' device, T = steps taken (≤ max_new_tokens; all rows end early)
     """
     B, P = input_ids.shape
@@ -230,7 +233,7 @@ def sample_rollout(
                 log_w=(logq - logmix).masked_fill(~mask, 0.0),
                 pad_token_id=pad_token_id,
             )
-            if alpha == 0.0:
+            if alpha == 0.0 and score:
                 rollout.logp = _score(teacher, rollout).to(device)
     finally:
         student.train(modes[0])
@@ -551,9 +554,9 @@ class _Decoder:
         full = not any(getattr(self.cache, "is_sliding", [False]))
         self.mode = impl if impl in ("sdpa", "eager") and full else "2d"
         if self.mode == "eager":
-            dtype = next(model.parameters()).dtype
-            self.neg = torch.finfo(dtype).min
-            self.additive = torch.full((B, 1, 1, self.L), self.neg, dtype=dtype, device=prompt_mask.device)
+            dtype = next(model.parameters()).dtype  # HF's eager attention adds the mask to its scores
+            neg = torch.finfo(dtype).min
+            self.additive = torch.full((B, 1, 1, self.L), neg, dtype=dtype, device=prompt_mask.device)
             self.additive[:, 0, 0, :P].masked_fill_(prompt_mask, 0.0)
 
     def prefill(self, ids: Tensor) -> Tensor:
@@ -630,11 +633,7 @@ def _sample_fast(
     return buf.ids[:, :T], buf.mask[:, :T], buf.logq[:, :T], buf.logp[:, :T], buf.logmix[:, :T]
 
 
-_COMPILED: dict[str, Callable[..., Tensor]] = {}
-
-
-def _compiled_step() -> Callable[..., Tensor]:
+@functools.cache
+def _compiled_step() -> Callable[..., tuple[Tensor, ...]]:
     """`torch.compile` of `_fast_step`, built once per process (dynamic=False: shapes are fixed)."""
-    if "step" not in _COMPILED:
-        _COMPILED["step"] = torch.compile(_fast_step, dynamic=False)
-    return _COMPILED["step"]
+    return torch.compile(_fast_step, dynamic=False)

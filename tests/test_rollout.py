@@ -374,52 +374,34 @@ def test_warp_fast_equals_reference(temperature: float, top_k: int, top_p: float
 
 
 def test_top_p_by_hand() -> None:
-    """probs 0.5, 0.3, 0.15, 0.05: top_p 0.75 keeps the first two (0.5 + 0.3 ≥ 0.75), 0.85 the first three."""
+    """probs 0.5, 0.3, 0.15, 0.05: top_p 0.75 keeps the first two (mass above 0.15 is 0.8 ≥ 0.75), renormalised
+    to 0.625, 0.375; top_p 0.85 keeps three: 0.5/0.95, 0.3/0.95, 0.15/0.95."""
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    for top_p, kept in ((0.75, 2), (0.85, 3)):
+    cases = {0.75: [0.625, 0.375, 0.0, 0.0], 0.85: [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]}
+    for top_p, expected in cases.items():
         for out in (_warp_reference(logits, 1.0, 0, top_p), _warp_fast(logits, logits, 1.0, 0, top_p)):
-            assert (~out.isinf()).sum().item() == kept
-            assert_close_verbose(
-                out.exp(),
-                torch.tensor([[0.5, 0.3, 0.15, 0.05][:kept] + [0.0] * (4 - kept)])
-                / sum([0.5, 0.3, 0.15, 0.05][:kept]),
-                torch.float32,
-            )
+            assert_close_verbose(out.exp(), torch.tensor([expected]), torch.float32)
+
+
+FIELDS = ("prompt_ids", "prompt_mask", "response_ids", "mask", "truncated", "logq_old", "logp", "log_w")
 
 
 def test_index_and_cat_round_trip() -> None:
     r = run("llama", 5)
     back = Rollout.cat([r[[0, 1]], r[2:]])
-    for name in (
-        "prompt_ids",
-        "prompt_mask",
-        "response_ids",
-        "mask",
-        "truncated",
-        "logq_old",
-        "logp",
-        "log_w",
-    ):
+    for name in FIELDS:
         assert torch.equal(getattr(back, name), getattr(r, name)), name
-    short = r[1]  # narrower pieces are padded: prompts on the left, responses on the right
-    short = Rollout(
-        **{
-            **short.__dict__,
-            "prompt_ids": short.prompt_ids[:, 2:],
-            "prompt_mask": short.prompt_mask[:, 2:],
-            "response_ids": short.response_ids[:, :3],
-            "mask": short.mask[:, :3],
-            "logq_old": short.logq_old[:, :3],
-            "logp": short.logp[:, :3],
-            "log_w": short.log_w[:, :3],
-        }
+    # Narrower pieces are padded: prompts on the left (mask False), responses on the right (pad, False, 0).
+    a, b = r[0], r[1]
+    b.prompt_ids, b.prompt_mask = b.prompt_ids[:, 2:], b.prompt_mask[:, 2:]
+    for name in ("response_ids", "mask", "logq_old", "logp", "log_w"):
+        setattr(b, name, getattr(b, name)[:, :3])
+    both = Rollout.cat([a, b])
+    assert both.prompt_ids.shape == r[:2].prompt_ids.shape and both.response_ids.shape == (2, N)
+    assert torch.equal(both.prompt_ids[1, 2:], r.prompt_ids[1, 2:]) and not bool(
+        both.prompt_mask[1, :2].any()
     )
-    both = Rollout.cat([r[0], short])
-    assert (
-        both.prompt_ids.shape == r[:2].prompt_ids.shape
-        and both.response_ids.shape == r[:2].response_ids.shape
-    )
-    assert not bool(both.prompt_mask[1, :2].any()) and not bool(both.mask[1, 3:].any())
+    assert torch.equal(both.response_ids[1, :3], r.response_ids[1, :3]) and not bool(both.mask[1, 3:].any())
     assert bool((both.response_ids[1, 3:] == EOS).all()) and bool((both.logq_old[1, 3:] == 0).all())
 
 

@@ -261,9 +261,8 @@ def _lm_loss(
     """Gold loss of a set, cached in lm_loss.json under a key of the ids and length rules."""
     max_length = cfg.max_prompt_length + cfg.max_new_tokens
     ids = [it.id for it in eval_set.items]
-    key = hashlib.sha256(json.dumps([ids, cfg.template, max_length, eval_set.revision]).encode()).hexdigest()[
-        :16
-    ]
+    key_text = json.dumps([ids, cfg.template, max_length, eval_set.revision])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     path = out_dir / LM_LOSS
     cache = json.loads(path.read_text()) if path.is_file() else {}
     if cache.get(eval_set.name, {}).get("key") == key:
@@ -279,9 +278,8 @@ def _lm_loss(
             max_length=max_length,
         )
         assert dropped == 0, "items were filtered by the same prompt-length rule"
-        examples.sort(
-            key=lambda e: len(e.prompt_ids) + len(e.response_ids)
-        )  # less padding; sums ignore order
+        # sorted by length: less padding, and the sums below do not depend on the order
+        examples.sort(key=lambda e: len(e.prompt_ids) + len(e.response_ids))
         nll = generate.gold_nll(model, examples, tokenizer.pad_token_id, batch_size=cfg.batch_size)
         total, tokens = sum(s for s, _ in nll), sum(n for _, n in nll)
         value = {

@@ -130,10 +130,8 @@ def collect(
             top_k=cfg.top_k,
             top_p=cfg.top_p,
             fast=cfg.fast_rollout,
+            score=False,  # the teacher pass below gives log p and the hidden rows in one forward
         )
-        r = Rollout(
-            **{f: getattr(r, f).clone() for f in ROLLOUT_FIELDS}, pad_token_id=pad
-        )  # leave inference mode
         t_rows, logp = teacher_pass(teacher, r, cfg.chunk_size)
         if cfg.teacher_mix_alpha == 0.0:
             r.logp = logp
@@ -243,6 +241,7 @@ def validate(
             pad_token_id=pad,
             generator=g,
             fast=cfg.fast_rollout,
+            score=False,
         )
         for b, i in enumerate(idx):
             text = tokenizer.decode(r.response_ids[b][r.mask[b]], skip_special_tokens=True)
