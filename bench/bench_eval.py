@@ -2,6 +2,10 @@
 
     python bench/bench_eval.py                                  # 20 DollyEval prompts, 256 new tokens
     python bench/bench_eval.py --prompts 100 --max-new-tokens 64 --no-repeat-ngram-size 0
+    python bench/bench_eval.py --threads 1                      # when other jobs share the cores
+
+On a CPU shared with other jobs, use --threads 1: with 2 torch threads on 2 oversubscribed cores every small
+matmul waits on a descheduled thread, and decoding ran ~7x slower here (225 s vs 30 s for 8 prompts x 32 tokens).
 
 Teacher: SmolLM2-135M-Instruct (30 layers). Student: its layers 0,5,10,15,20,25 (`models.derive_student`,
 not fine-tuned, so it rarely emits EOS and always pays for the full `--max-new-tokens`). One seed, the paper's

@@ -108,17 +108,35 @@ def test_cut_generation_resumes_to_the_same_cache(tiny_llama, teacher, tokenizer
     """A generation killed after its first batch (mid-line) continues where it stopped, and the cache ends as
     the uninterrupted one: batch k always samples from generator(sample_seed, k)."""
     cfg = seqkd_config(tiny_llama, teacher, tmp_path, "unused")
-    t, s = models.load_model(str(teacher)), models.load_model(str(tiny_llama))
+    t = models.load_model(str(teacher))
     acc = Accelerator(cpu=True)
-    full, stats = teacher_data(cfg, t, s, tokenizer, acc)
+    full, stats = teacher_data(cfg, t, tokenizer, acc)
     assert stats["teacher_data/generated"] == 21
     (folder,) = (tmp_path / "cache").iterdir()
     path = folder / "responses.jsonl"
     whole = path.read_text().splitlines()
     path.write_text("\n".join(whole[:5]) + "\n" + whole[5][:20])  # first batch of 5, then a cut line
-    again, stats = teacher_data(cfg, t, s, tokenizer, acc)
+    again, stats = teacher_data(cfg, t, tokenizer, acc)
     assert stats["teacher_data/generated"] == 16 and stats["teacher_data/cached"] == 5
     assert [(e.prompt_ids, e.response_ids) for e in again] == [(e.prompt_ids, e.response_ids) for e in full]
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         json.loads(line) for line in whole
     ]
+
+
+def test_changing_the_data_size_gives_the_cache_of_a_fresh_run(tiny_llama, teacher, tokenizer, tmp_path):
+    """max_train_examples 24 → 22 → 24 on one cache: each run ends with a fresh run's responses. The last
+    batch changes size with the limit and is regenerated, never reused from the other layout."""
+    t = models.load_model(str(teacher))
+    acc = Accelerator(cpu=True)
+
+    def run(root: Path, limit: int) -> tuple[list[list[int]], float]:
+        cfg = seqkd_config(tiny_llama, teacher, root, "unused", max_train_examples=limit)
+        examples, stats = teacher_data(cfg, t, tokenizer, acc)
+        return [e.response_ids for e in examples], stats["teacher_data/generated"]
+
+    fresh = {limit: run(tmp_path / f"fresh{limit}", limit)[0] for limit in (22, 24)}
+    # 24 records: 21 prompts in batches (5, 5, 5, 5, 1); 22 records: 19 prompts in (5, 5, 5, 4)
+    assert run(tmp_path / "b", 24) == (fresh[24], 21)
+    assert run(tmp_path / "b", 22) == (fresh[22], 4)
+    assert run(tmp_path / "b", 24) == (fresh[24], 5)

@@ -4,7 +4,7 @@ on-policy baseline (Ko et al., ICML 2024, arXiv 2402.03898).
 Each optimizer step tosses one coin: with probability `lmbda` (GKD's λ, the "student data fraction") the
 step's responses are sampled from the current student for the step's prompts; otherwise the step uses
 train_data's responses (gold, or teacher responses when train_data is a SeqKD cache file
-`teacher_data_cache/<key>/responses.jsonl`). On those responses the loss is the KD loss of `kd.py`:
+`teacher_data_cache/<key>/responses.jsonl`, whose decoded answers are re-tokenised). On those responses the loss is the KD loss of `kd.py`:
 kd_ratio·D(p, q) + (1 − kd_ratio)·CE, summed over response tokens and divided by the step's global token
 count, with the full-vocabulary D of `minillm.objectives.divergences` (default: generalised JSD, β = 0.5)
 differentiated through the student's logits only (no gradient through the sampling, GKD §3).
@@ -89,7 +89,7 @@ def train_gkd(cfg: GKDConfig) -> Path:
             for mb in examples:
                 prompts = [e.prompt_ids for e in mb]
                 responses, _ = sample_responses(
-                    student, student, prompts, cfg=cfg, eos_id=eos, pad_id=pad, generator=g
+                    student, prompts, cfg=cfg, eos_id=eos, pad_id=pad, generator=g
                 )
                 mb[:] = [
                     Example(p, r[: cfg.max_length - len(p)]) for p, r in zip(prompts, responses, strict=True)

@@ -10,14 +10,15 @@ Validation is on the gold validation responses (valid/loss, valid/forward_kl), c
 
 The cache. `teacher_data_cache/<key>/` holds settings.json (what the key hashes: the teacher's weights,
 the data spec and the sampling settings) and responses.jsonl, one line per training record:
-{"index": record index in train_data, "prompt_sha1", "response_ids", "truncated", "instruction", "input",
-"output": the decoded teacher response}, so the file is itself a valid `train_data` for `kd`/`gkd`.
+{"index": record index in train_data, "batch": [number, size], "prompt_sha1", "response_ids", "truncated", "instruction",
+"input", "output": the decoded teacher response}, so the file is itself a valid `train_data` for `kd`/`gkd`.
 Any change of teacher, data spec or sampling setting gives a new key, hence a new folder: the cache is
 regenerated there and the old one is kept for runs that still match it. Prompts are cut into fixed
 batches of sample_batch_size in record order, and batch k samples from generator(sample_seed, k), so a
 record's response does not depend on which run, rank or resume produced it. Lines are appended (and
-fsynced) batch by batch; a rerun regenerates only batches that are incomplete or whose prompt hash no
-longer matches, and a line cut by a kill is dropped. Later lines win for an index.
+fsynced) batch by batch; a rerun regenerates only the batches that are incomplete, whose prompt hashes no
+longer match or whose lines were sampled in another layout (max_train_examples changes the last
+batch), and a line cut by a kill is dropped. Later lines win for an index.
 
 Generation reuses `minillm.rollout.sample_rollout` with the teacher as the sampled model and α = 0: the
 same seeded inverse-CDF sampler, static-cache decode and EOS/mask rules as MiniLLM's rollouts, no new
@@ -50,12 +51,11 @@ from minillm.train import engine
 from minillm.train.kd import kd_loss, load_teacher, make_divergence, validation_metrics
 from minillm.train.sft import ce_loss_sum
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: lines record their batch
 
 
 def sample_responses(
-    sampler: nn.Module,
-    scorer: nn.Module,
+    model: nn.Module,
     prompts: list[list[int]],
     *,
     cfg: Any,
@@ -63,17 +63,17 @@ def sample_responses(
     pad_id: int,
     generator: torch.Generator,
 ) -> tuple[list[list[int]], list[bool]]:
-    """One sampled response per prompt from `sampler` (α = 0 rollout); ids up to and including the first EOS.
+    """One sampled response per prompt from `model` alone (an α = 0 rollout, not scored afterwards).
 
-    scorer:  the rollout's second model, run once after sampling for log-probs we do not use: pass the
-             cheaper model. cfg supplies sample_temperature, top_k, top_p, max_new_tokens, fast_rollout.
-    returns: the response ids per prompt and whether each was cut at max_new_tokens (no EOS).
+    cfg supplies sample_temperature, top_k, top_p, max_new_tokens and fast_rollout.
+    returns: the response ids per prompt, up to and including the first EOS, and whether each was cut at
+             max_new_tokens (no EOS).
     """
-    device = next(sampler.parameters()).device
+    device = next(model.parameters()).device
     batch = collate_prompts(prompts, pad_id)  # left-padded [B, P]
     rollout = sample_rollout(
-        sampler,
-        scorer,
+        model,
+        model,  # the mixing partner, never run: α = 0 and score=False
         batch["input_ids"].to(device),
         batch["attention_mask"].to(device),
         alpha=0.0,
@@ -85,6 +85,7 @@ def sample_responses(
         top_k=cfg.top_k,
         top_p=cfg.top_p,
         fast=cfg.fast_rollout,
+        score=False,
     )
     ids, mask = rollout.response_ids.cpu(), rollout.mask.cpu()
     return [ids[b][mask[b]].tolist() for b in range(len(prompts))], rollout.truncated.cpu().tolist()
@@ -149,7 +150,7 @@ def _prompt_sha1(prompt: list[int]) -> str:
 
 
 def teacher_data(
-    cfg: SeqKDConfig, teacher: nn.Module, scorer: nn.Module, tokenizer: Any, acc: Accelerator
+    cfg: SeqKDConfig, teacher: nn.Module, tokenizer: Any, acc: Accelerator
 ) -> tuple[list[Example], dict[str, float]]:
     """Training examples (prompt, teacher response), generating what the cache lacks; and generation stats."""
     records = load_records(
@@ -185,10 +186,15 @@ def teacher_data(
         drop_partial_line(path)
     batches = list(engine.chunks(sorted(prompts), cfg.sample_batch_size))
 
-    def done(i: int) -> bool:
-        return i in cached and cached[i]["prompt_sha1"] == _prompt_sha1(prompts[i])
+    def done(i: int, k: int) -> bool:  # cached from this prompt, sampled in this very batch (number, size)
+        line = cached.get(i)
+        return (
+            line is not None
+            and line["prompt_sha1"] == _prompt_sha1(prompts[i])
+            and line["batch"] == [k, len(batches[k])]
+        )
 
-    todo = [k for k, batch in enumerate(batches) if not all(done(i) for i in batch)]
+    todo = [k for k, batch in enumerate(batches) if not all(done(i, k) for i in batch)]
     acc.print(f"teacher data {folder}: {len(batches) - len(todo)} of {len(batches)} batches cached")
     t0 = time.perf_counter()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -198,7 +204,6 @@ def teacher_data(
             k = todo[r + acc.process_index]
             responses, truncated = sample_responses(
                 teacher,
-                scorer,
                 [prompts[i] for i in batches[k]],
                 cfg=cfg,
                 eos_id=eos,
@@ -209,6 +214,7 @@ def teacher_data(
                 lines.append(
                     {
                         "index": i,
+                        "batch": [k, len(batches[k])],
                         "prompt_sha1": _prompt_sha1(prompts[i]),
                         "response_ids": resp,
                         "truncated": cut,
@@ -245,9 +251,9 @@ def train_seqkd(cfg: SeqKDConfig) -> Path:
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = models.load_model(
         cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
-    ).to(acc.device)
+    )
     teacher = load_teacher(cfg, tokenizer, model, acc)
-    train, generation = teacher_data(cfg, teacher, model, tokenizer, acc)
+    train, generation = teacher_data(cfg, teacher, tokenizer, acc)
     valid_records = load_records(
         cfg.valid_data,
         field_instruction=cfg.field_instruction,
