@@ -210,12 +210,26 @@ def table(pair: str, results: list[dict[str, Any]]) -> str:
         f"**{pair}** pair",
         "",
         "| implementation | reps x steps | s/step median | min | max | tokens/step | tokens/s | peak RSS GiB "
-        "| throughput vs TRL MiniLLM | RSS vs TRL MiniLLM |",
+        "| throughput vs TRL MiniLLM: pooled; per rep median (range) | RSS vs TRL MiniLLM |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def per_rep(impl: str, key: str) -> str:
+        """The ratio to the baseline within each repetition (adjacent in time, so under similar load)."""
+        ratios = []
+        for b in (r for r in results if r["impl"] == BASELINE):
+            same = [r for r in results if r["impl"] == impl and r["rep"] == b["rep"] and r["run"] == b["run"]]
+            if same:
+                ratios.append(summarise(same)[key] / summarise([b])[key])
+        if not ratios:
+            return "-"
+        if len(ratios) == 1:
+            return f"{ratios[0]:.2f}x"
+        return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
     for impl, s in rows.items():
-        thr = f"{s['tok_s'] / base['tok_s']:.2f}x" if base else "-"
-        mem = f"{s['rss'] / base['rss']:.2f}x" if base else "-"
+        thr = f"{s['tok_s'] / base['tok_s']:.2f}x; per rep {per_rep(impl, 'tok_s')}" if base else "-"
+        mem = f"{s['rss'] / base['rss']:.2f}x; per rep {per_rep(impl, 'rss')}" if base else "-"
         out.append(
             f"| {impl} | {s['reps']} x {s['steps'] // s['reps']} | {s['median']:.2f} | {s['min']:.2f} "
             f"| {s['max']:.2f} | {s['tokens_per_step']:.0f} | {s['tok_s']:.1f} | {s['rss']:.2f} "
@@ -255,7 +269,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bench-python", type=Path, default=ROOT / ".venv-bench" / "bin" / "python")
     p.add_argument("--minillm-bin", type=Path, default=ROOT / ".venv" / "bin" / "minillm")
     p.add_argument("--prepare-only", action="store_true", help="Build the model pairs and stop.")
+    p.add_argument(
+        "--tabulate",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="Print the tables of saved raw results (results-*.json files, pooled) and stop.",
+    )
     args = p.parse_args(argv)
+    if args.tabulate:
+        pooled = []
+        for f in args.tabulate:
+            raw = json.loads(f.read_text())
+            pooled += [{"run": raw["date"], **r} for r in raw["results"]]
+        for pair in dict.fromkeys(r["pair"] for r in pooled):
+            print(table(pair, [r for r in pooled if r["pair"] == pair]) + "\n")
+        return
 
     pairs = [x for x in args.pairs.split(",") if x]
     impls = [x for x in args.impls.split(",") if x]
@@ -314,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                 except RuntimeError as e:
                     print(f"  {impl} rep {rep}: {e}", flush=True)
                     continue
-                r.update(rep=rep, load_before=load_before, load_after=os.getloadavg()[0])
+                r.update(run=stamp, rep=rep, load_before=load_before, load_after=os.getloadavg()[0])
                 results.append(r)
                 raw_path.write_text(json.dumps({**meta, "results": results}, indent=1))
                 print(

@@ -362,6 +362,9 @@ class EvalConfig:
     """The paper's evaluation protocol (section 3 of DESIGN.md): sampled answers scored by Rouge-L."""
 
     model: str = _f("runs/student-init", "Model to evaluate: hub id, folder, .gguf or alias.")
+    name: str | None = _f(
+        None, "Display name in results and reports (e.g. SFT, MiniLLM); default: derived from the model path."
+    )
     trust_remote_code: bool = _f(False, "Allow model code from the hub.")
     dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16.")
     sets: list[str] = _f(

@@ -266,6 +266,9 @@ def test_exacc_err_zero_when_prefixes_come_from_the_teacher(llama, tiny_llama, s
     assert eps[-1] > 1e-3  # the two models do differ: a non-degenerate 0
     torch.testing.assert_close(ex_acc_err(R_teacher, eps), torch.zeros(6, dtype=torch.float64))
     assert (eps.diff() >= 0).all() and (R_student.diff() >= 0).all()  # accumulated errors never decrease
+    # step 1 is conditioned on the prompt alone, whoever samples the prefix: R(1) = eps(1), ExAccErr(1) = 0
+    assert R_student[0].item() == pytest.approx(eps[0].item(), rel=1e-5)
+    assert (R_student[1:] != eps[1:]).any()
 
 
 def test_run_exposure_student_equal_teacher_gives_zero(tiny_llama, tmp_path):

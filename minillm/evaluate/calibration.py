@@ -31,7 +31,7 @@ from minillm.config import CalibrationConfig, ConfigError
 from minillm.data.instructions import load_records
 from minillm.data.tokenize import Example, encode_prompt
 from minillm.evaluate import generate, metrics
-from minillm.evaluate.protocol import _clean, data_revision, device, environment, slug, write_json
+from minillm.evaluate.protocol import data_revision, device, environment, json_safe, slug, write_json
 
 RESULT = "calibration.json"
 PLOT = "reliability.png"
@@ -150,7 +150,7 @@ def run_calibration(cfg: CalibrationConfig) -> dict:
         "config": dataclasses.asdict(cfg),
     } | calibration_result(lp, gold, cfg.bins)
     result |= {"seconds": time.perf_counter() - t0, "environment": environment(dev, dtype)}
-    result = _clean(result)
+    result = json_safe(result)
     out_dir = Path(cfg.output_dir) / result["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / RESULT, result)

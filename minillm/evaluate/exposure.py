@@ -38,7 +38,7 @@ from minillm.config import ExposureConfig
 from minillm.data.instructions import load_records
 from minillm.data.tokenize import collate_prompts, encode_prompt, position_ids
 from minillm.evaluate import generate
-from minillm.evaluate.protocol import _clean, data_revision, device, environment, slug, write_json
+from minillm.evaluate.protocol import data_revision, device, environment, json_safe, slug, write_json
 
 RESULT = "exposure.json"
 PLOT = "exposure.png"
@@ -103,7 +103,7 @@ def step_kl(
     pos = position_ids(mask)
 
     def logprobs(model: Any) -> Tensor:
-        # the last T + 1 positions hold P-1 .. P+T-1; position P-1+t predicts response token t+1 (0-based)
+        # the last T + 1 positions are P-1 .. P+T-1; position P-1+t predicts response token t (0-based)
         out = model(
             input_ids=input_ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1, use_cache=False
         )
@@ -152,9 +152,8 @@ def prompt_errors(
         responses = torch.nn.functional.pad(responses, (0, max_new_tokens - T), value=pad_id)  # [n*S, T]
         rows = [p for p in part for _ in range(samples)]
         kls, alives = [], []
-        for r in range(
-            0, len(rows), batch_size
-        ):  # score at most batch_size rows at once: [rows, T, V] logits
+        # score at most batch_size rows at once: each model's logits are [rows, T, V]
+        for r in range(0, len(rows), batch_size):
             kl, alive = step_kl(
                 teacher,
                 student,
@@ -246,7 +245,7 @@ def run_exposure(cfg: ExposureConfig) -> dict:
         "seconds": time.perf_counter() - t0,
         "environment": environment(dev, dtype),
     }
-    result = _clean(result)
+    result = json_safe(result)
     out_dir = Path(cfg.output_dir) / result["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / RESULT, result)

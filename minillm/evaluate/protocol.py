@@ -426,17 +426,19 @@ def evaluate_model(
         "environment": environment(param.device, param.dtype),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json(out_dir / RESULTS, _clean(results))
+    results = json_safe(results)
+    write_json(out_dir / RESULTS, results)
     return results
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None, so it serialises as strict JSON."""
     if isinstance(obj, float):
         return _finite(obj)
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -450,6 +452,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     dtype = models.torch_dtype(cfg.dtype, dev)
     model = models.load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(dev)
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    out_dir = Path(cfg.output_dir) / slug(cfg.model)
+    out_dir = Path(cfg.output_dir) / (slug(cfg.name) if cfg.name else slug(cfg.model))
     print(f"minillm eval: {cfg.model} -> {out_dir}")
     return evaluate_model(model, tokenizer, cfg, out_dir)
