@@ -227,6 +227,44 @@ def load_extra(path: Path) -> dict[str, Tensor]:
     return load_file(f) if f.is_file() else {}
 
 
+def resume(
+    acc: Accelerator, cfg: TrainConfig, model: torch.nn.Module, optimizer: Any, scheduler: Any
+) -> tuple[TrainerState, Path | None]:
+    """The state to start from: the latest checkpoint's when `cfg.resume` is set (and one exists)."""
+    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if ckpt is None:
+        return TrainerState(), None
+    state = load_checkpoint(ckpt, acc, model, optimizer, scheduler)
+    truncate_metrics(cfg, state.step)
+    acc.print(f"resumed from {ckpt} at step {state.step}")
+    return state, ckpt
+
+
+def is_eval_step(cfg: TrainConfig, step: int, total: int) -> bool:
+    return step == total or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+
+
+def checkpoint_if_due(
+    acc: Accelerator,
+    cfg: TrainConfig,
+    state: TrainerState,
+    metrics: dict[str, float],
+    evaluated: bool,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    extra: dict[str, Tensor] | None = None,
+) -> None:
+    """Checkpoint after every evaluation (refreshing `best/` on a new best) and every `save_every` steps."""
+    if not (evaluated or (cfg.save_every > 0 and state.step % cfg.save_every == 0)):
+        return
+    best = evaluated and update_best(state, metrics, cfg)
+    save_checkpoint(acc, cfg, model, tokenizer, optimizer, scheduler, state, extra)
+    if best and acc.is_main_process:
+        mark_best(cfg, state)
+
+
 def update_best(state: TrainerState, metrics: dict[str, float], cfg: TrainConfig) -> bool:
     """Whether `metrics` holds a new best `cfg.best_metric`; records it in `state`."""
     if cfg.best_metric not in metrics:

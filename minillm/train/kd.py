@@ -165,12 +165,7 @@ def train_kd(cfg: KDConfig) -> Path:
     total = engine.total_steps(len(train), cfg, acc.num_processes)
     scheduler = engine.make_scheduler(optimizer, cfg, total)
     model, optimizer = acc.prepare(model, optimizer)
-    state = engine.TrainerState()
-    ckpt = engine.latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    if ckpt is not None:
-        state = engine.load_checkpoint(ckpt, acc, model, optimizer, scheduler)
-        engine.truncate_metrics(cfg, state.step)
-        acc.print(f"resumed from {ckpt} at step {state.step}")
+    state, _ = engine.resume(acc, cfg, model, optimizer, scheduler)
     log = engine.MetricsLog(acc, cfg, total, state.step)
     if state.step == 0:
         log.log(0, validation_metrics(model, teacher, valid, pad, cfg, acc))
@@ -202,18 +197,12 @@ def train_kd(cfg: KDConfig) -> Path:
             "tokens/s": n_tokens / dt,
             "time/update": dt,
         }
-        evaluate = state.step == total or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)
+        evaluate = engine.is_eval_step(cfg, state.step, total)
         if evaluate:
             metrics.update(validation_metrics(model, teacher, valid, pad, cfg, acc))
         if state.step % cfg.log_every == 0 or evaluate:
             log.log(state.step, metrics)
         log.advance()
-        if evaluate:
-            best = engine.update_best(state, metrics, cfg)
-            engine.save_checkpoint(acc, cfg, model, tokenizer, optimizer, scheduler, state)
-            if best and acc.is_main_process:
-                engine.mark_best(cfg, state)
-        elif cfg.save_every > 0 and state.step % cfg.save_every == 0:
-            engine.save_checkpoint(acc, cfg, model, tokenizer, optimizer, scheduler, state)
+        engine.checkpoint_if_due(acc, cfg, state, metrics, evaluate, model, tokenizer, optimizer, scheduler)
     log.close()
     return Path(cfg.output_dir) / "best"

@@ -309,18 +309,13 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
     optimizer = engine.make_optimizer(student, cfg)
     scheduler = engine.make_scheduler(optimizer, cfg, total)
     student, optimizer = acc.prepare(student, optimizer)
-    state = engine.TrainerState()
+    state, ckpt = engine.resume(acc, cfg, student, optimizer, scheduler)
     store: Rollout | None = None
     t_rows_store: Tensor | None = None
-    ckpt = engine.latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    if ckpt is not None:
-        state = engine.load_checkpoint(ckpt, acc, student, optimizer, scheduler)
-        extra = engine.load_extra(ckpt)
-        if extra:  # resumed mid-collection: the very rollouts the killed run was training on
-            store = Rollout(**{f: extra[f].to(acc.device) for f in ROLLOUT_FIELDS}, pad_token_id=pad)
-            t_rows_store = extra["teacher_rows"].to(acc.device)
-        engine.truncate_metrics(cfg, state.step)
-        acc.print(f"resumed from {ckpt} at step {state.step}")
+    extra = engine.load_extra(ckpt) if ckpt is not None else {}
+    if extra:  # resumed mid-collection: the very rollouts the killed run was training on
+        store = Rollout(**{f: extra[f].to(acc.device) for f in ROLLOUT_FIELDS}, pad_token_id=pad)
+        t_rows_store = extra["teacher_rows"].to(acc.device)
     log = engine.MetricsLog(acc, cfg, total, state.step)
     if state.step == 0:
         log.log(0, validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
@@ -417,23 +412,19 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             metrics["tokens/s_sample"] = engine.global_count(acc, int(store.mask.sum())) / max(
                 time_sample, 1e-9
             )
-        evaluate = state.step == total or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)
+        evaluate = engine.is_eval_step(cfg, state.step, total)
         if evaluate:
             metrics.update(validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
         if state.step % cfg.log_every == 0 or evaluate:
             log.log(state.step, metrics)
         log.advance()
-        if evaluate or (cfg.save_every > 0 and state.step % cfg.save_every == 0):
-            best = evaluate and engine.update_best(state, metrics, cfg)
-            mid = state.step % steps_per_collection != 0
-            extra = (
-                {**{f: getattr(store, f) for f in ROLLOUT_FIELDS}, "teacher_rows": t_rows_store}
-                if mid
-                else None
-            )
-            engine.save_checkpoint(acc, cfg, student, tokenizer, optimizer, scheduler, state, extra)
-            if best and acc.is_main_process:
-                engine.mark_best(cfg, state)
+        mid = state.step % steps_per_collection != 0  # a checkpoint taken now must carry the rollouts
+        extra = (
+            {**{f: getattr(store, f) for f in ROLLOUT_FIELDS}, "teacher_rows": t_rows_store} if mid else None
+        )
+        engine.checkpoint_if_due(
+            acc, cfg, state, metrics, evaluate, student, tokenizer, optimizer, scheduler, extra
+        )
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; see {log.path}")
     log.close()

@@ -27,11 +27,23 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, acc: Accelerator) -> tuple[l
     """Tokenised train and validation examples, with the official length rule applied and reported."""
     out = []
     for spec, limit in ((cfg.train_data, cfg.max_train_examples), (cfg.valid_data, cfg.max_valid_examples)):
-        records = load_records(spec, field_instruction=cfg.field_instruction, field_input=cfg.field_input,
-                               field_output=cfg.field_output, limit=limit)
-        examples, dropped = encode_records(records, tokenizer, template=cfg.template,
-                                           max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length)
-        acc.print(f"{spec}: {len(examples)} examples, {dropped} dropped (prompt > {cfg.max_prompt_length} tokens)")
+        records = load_records(
+            spec,
+            field_instruction=cfg.field_instruction,
+            field_input=cfg.field_input,
+            field_output=cfg.field_output,
+            limit=limit,
+        )
+        examples, dropped = encode_records(
+            records,
+            tokenizer,
+            template=cfg.template,
+            max_prompt_length=cfg.max_prompt_length,
+            max_length=cfg.max_length,
+        )
+        acc.print(
+            f"{spec}: {len(examples)} examples, {dropped} dropped (prompt > {cfg.max_prompt_length} tokens)"
+        )
         if not examples:
             raise ValueError(f"{spec}: no example left after the length rule")
         out.append(examples)
@@ -48,8 +60,9 @@ def ce_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_si
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, examples: list[Example], pad_id: int, cfg: TrainConfig,
-                    acc: Accelerator) -> float:
+def validation_loss(
+    model: torch.nn.Module, examples: list[Example], pad_id: int, cfg: TrainConfig, acc: Accelerator
+) -> float:
     """Token-averaged response cross-entropy over `examples`, shared across ranks."""
     was_training = model.training
     model.eval()
@@ -68,20 +81,16 @@ def train_sft(cfg: SFTConfig) -> Path:
     acc = engine.make_accelerator(cfg)
     acc.print(f"config: {cfg}")
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = models.load_model(cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device),
-                              trust_remote_code=cfg.trust_remote_code)
+    model = models.load_model(
+        cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
+    )
     train, valid = load_examples(cfg, tokenizer, acc)
     pad = tokenizer.pad_token_id
     optimizer = engine.make_optimizer(model, cfg)
     total = engine.total_steps(len(train), cfg, acc.num_processes)
     scheduler = engine.make_scheduler(optimizer, cfg, total)
     model, optimizer = acc.prepare(model, optimizer)
-    state = engine.TrainerState()
-    ckpt = engine.latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    if ckpt is not None:
-        state = engine.load_checkpoint(ckpt, acc, model, optimizer, scheduler)
-        engine.truncate_metrics(cfg, state.step)
-        acc.print(f"resumed from {ckpt} at step {state.step}")
+    state, _ = engine.resume(acc, cfg, model, optimizer, scheduler)
     log = engine.MetricsLog(acc, cfg, total, state.step)
     if state.step == 0:
         log.log(0, {"valid/loss": validation_loss(model, valid, pad, cfg, acc)})
@@ -104,20 +113,20 @@ def train_sft(cfg: SFTConfig) -> Path:
         grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)
         state.step += 1
         dt = time.perf_counter() - t0
-        metrics = {"loss": engine.global_count(acc, loss), "lr": lr, "grad_norm": grad_norm,
-                   "tokens": n_tokens, "tokens/s": n_tokens / dt, "time/update": dt}
-        evaluate = state.step == total or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)
+        metrics = {
+            "loss": engine.global_count(acc, loss),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": n_tokens,
+            "tokens/s": n_tokens / dt,
+            "time/update": dt,
+        }
+        evaluate = engine.is_eval_step(cfg, state.step, total)
         if evaluate:
             metrics["valid/loss"] = validation_loss(model, valid, pad, cfg, acc)
         if state.step % cfg.log_every == 0 or evaluate:
             log.log(state.step, metrics)
         log.advance()
-        if evaluate:
-            best = engine.update_best(state, metrics, cfg)
-            engine.save_checkpoint(acc, cfg, model, tokenizer, optimizer, scheduler, state)
-            if best and acc.is_main_process:
-                engine.mark_best(cfg, state)
-        elif cfg.save_every > 0 and state.step % cfg.save_every == 0:
-            engine.save_checkpoint(acc, cfg, model, tokenizer, optimizer, scheduler, state)
+        engine.checkpoint_if_due(acc, cfg, state, metrics, evaluate, model, tokenizer, optimizer, scheduler)
     log.close()
     return Path(cfg.output_dir) / "best"
