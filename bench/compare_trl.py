@@ -134,6 +134,15 @@ def run_process(cmd: list[str], log_path: Path, env: dict[str, str]) -> tuple[in
     return proc.returncode, usage.ru_maxrss, time.perf_counter() - t0
 
 
+def thread_env(args: argparse.Namespace) -> dict[str, str]:
+    """Both sides get the same intra-op thread count. On a shared 2-core box torch's default (2 threads)
+    decodes 7-14x slower than 1 thread once other processes load the cores (bench/RESULTS.md)."""
+    if args.threads <= 0:
+        return {}
+    n = str(args.threads)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
 def steps_of(args: argparse.Namespace, impl: str) -> int:
     return args.steps_gkd if impl == "trl-gkd" and args.steps_gkd else args.steps
 
@@ -148,7 +157,7 @@ def run_trl(args: argparse.Namespace, impl: str, pair: str, records: Path, log_p
         *("--gamma", str(args.gamma)),
         *("--gradient-checkpointing", args.trl_gradient_checkpointing, "--seed", str(args.seed)),
     ]
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **thread_env(args), "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONUNBUFFERED": "1"}
     code, rss, wall = run_process(cmd, log_path, env)
     lines = [ln for ln in log_path.read_text().splitlines() if ln.startswith("RESULT ")]
     if code != 0 or not lines:
@@ -162,7 +171,7 @@ def run_ours(args: argparse.Namespace, pair: str, records: Path, log_path: Path)
     out_dir = OUT / "ours-out" / pair
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [str(args.minillm_bin), "distill", *ours_argv(args, pair, records, out_dir)]
-    code, rss, wall = run_process(cmd, log_path, {**os.environ, "PYTHONUNBUFFERED": "1"})
+    code, rss, wall = run_process(cmd, log_path, {**os.environ, **thread_env(args), "PYTHONUNBUFFERED": "1"})
     metrics_path = out_dir / "metrics.jsonl"
     if code != 0 or not metrics_path.is_file():
         raise RuntimeError(f"minillm distill on {pair} failed (exit {code}); see {log_path}")
@@ -259,6 +268,13 @@ def main(argv: list[str] | None = None) -> None:
         "default) it samples without a KV cache, so each step is slow.",
     )
     p.add_argument("--gamma", type=float, default=0.0, help="Discount on both sides (TRL default 0).")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of both sides (0 = torch's default, all cores). 1 keeps timings stable on a "
+        "shared machine.",
+    )
     p.add_argument("--seed", type=int, default=10)
     p.add_argument(
         "--trl-gradient-checkpointing", choices=["on", "off"], default="on", help="TRL's default: on."
