@@ -24,9 +24,18 @@ from minillm.rollout import Rollout, sample_rollout
 from minillm.train.minillm import minibatch_loss, teacher_pass
 
 
-def build(layers: int, hidden: int, heads: int, vocab: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=1024,
-                     eos_token_id=0, bos_token_id=0)
+def build(
+    layers: int, hidden: int, heads: int, vocab: int, dtype: torch.dtype, device: str
+) -> torch.nn.Module:
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=1024,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
 
 
@@ -60,20 +69,41 @@ def main() -> None:
         teacher, student = build(4, 64, 4, V, dtype, args.device), build(2, 32, 4, V, dtype, args.device)
     else:
         V, B, P, T = 50257, 64, 128, 256
-        teacher, student = build(48, 1600, 25, V, dtype, args.device), build(12, 768, 12, V, dtype, args.device)
+        teacher, student = (
+            build(48, 1600, 25, V, dtype, args.device),
+            build(12, 768, 12, V, dtype, args.device),
+        )
     g = torch.Generator(device=args.device)
     ids = torch.randint(1, V, (B, P), device=args.device, generator=g.manual_seed(0))
     attn = torch.ones_like(ids)
     rows = []
 
     def sample(fast: bool) -> Rollout:
-        return sample_rollout(student, teacher, ids, attn, alpha=args.alpha, max_new_tokens=T, eos_token_id=-1,
-                              pad_token_id=0, generator=g.manual_seed(1), fast=fast)
+        return sample_rollout(
+            student,
+            teacher,
+            ids,
+            attn,
+            alpha=args.alpha,
+            max_new_tokens=T,
+            eos_token_id=-1,
+            pad_token_id=0,
+            generator=g.manual_seed(1),
+            fast=fast,
+        )
 
     def hf_generate() -> torch.Tensor:
         torch.manual_seed(1)
-        return student.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0,
-                                max_new_tokens=T, min_new_tokens=T, pad_token_id=0)
+        return student.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=T,
+            min_new_tokens=T,
+            pad_token_id=0,
+        )
 
     t, m, _ = timed(hf_generate, args.device, args.reps)
     rows.append(("HF generate, student alone", t, m))
@@ -85,8 +115,16 @@ def main() -> None:
     rows.append(("teacher scoring forward (hidden rows + log p)", t, m))
     cfg = MiniLLMConfig(chunk_size=4096)
     student.train()
-    adv = policy.advantages(policy.token_rewards(r.logp, r.logq_old, r.mask), r.mask, gamma=0.95, inclusive=True,
-                            length_norm=True, reward_scale=2.0, reward_clip=100.0, whiten="masked")
+    adv = policy.advantages(
+        policy.token_rewards(r.logp, r.logq_old, r.mask),
+        r.mask,
+        gamma=0.95,
+        inclusive=True,
+        length_norm=True,
+        reward_scale=2.0,
+        reward_clip=100.0,
+        whiten="masked",
+    )
 
     def update() -> None:
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):

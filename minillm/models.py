@@ -205,6 +205,8 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     config = model.config
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, attr, None) not in (None, 1.0):
-            raise NotImplementedError(f"{type(model).__name__} applies {attr} to its logits; not supported yet")
+            raise NotImplementedError(
+                f"{type(model).__name__} applies {attr} to its logits; not supported yet"
+            )
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)

@@ -29,8 +29,9 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
@@ -38,20 +39,43 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 def model_config(family: str, vocab_size: int, layers: int = 2, hidden: int = 32):
     common = dict(vocab_size=vocab_size, eos_token_id=0, bos_token_id=0, pad_token_id=0)
     if family == "llama":
-        return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
+        return LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
+        )
     if family == "qwen2":
-        return Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
+        return Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
+        )
     if family == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common)
     if family == "opt":
-        return OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                         max_position_embeddings=512, word_embed_proj_dim=hidden, **common)
+        return OPTConfig(
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=hidden,
+            **common,
+        )
     raise ValueError(family)
 
 
-def save_tiny_model(path: Path, family: str, tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+def save_tiny_model(
+    path: Path, family: str, tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0
+) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config(family, len(tokenizer), layers, hidden))
     model.save_pretrained(path, safe_serialization=True)

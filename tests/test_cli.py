@@ -33,5 +33,30 @@ def test_config_error_exits_with_message():
 
 
 def test_console_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "minillm.cli", "sft", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "minillm.cli", "sft", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "--max_prompt_length int (default 256)" in out.stdout
+
+
+def test_generate_answers_with_a_tiny_model(tiny_llama):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minillm.cli",
+            "generate",
+            "--model",
+            str(tiny_llama),
+            "--prompt",
+            "Name a colour.",
+            "--prompt",
+            "Say hi.",
+            "--max-new-tokens",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("### ") == 2 and "### Name a colour.\n" in out.stdout

@@ -18,7 +18,9 @@ def test_alpaca_template_matches_the_paper():
         "Below is an instruction that describes a task. Write a response that appropriately completes the "
         "request.\n\n### Instruction:\nName a colour.\n\n### Response:\n"
     )
-    assert build_prompt("Sum.", "1 and 2").endswith("### Instruction:\nSum.\n\n### Input:\n1 and 2\n\n### Response:\n")
+    assert build_prompt("Sum.", "1 and 2").endswith(
+        "### Instruction:\nSum.\n\n### Input:\n1 and 2\n\n### Response:\n"
+    )
     assert "paired with an input that provides further context" in build_prompt("Sum.", "1 and 2")
     with pytest.raises(ValueError, match="unknown template 'x'"):
         build_prompt("a", template="x")
@@ -35,7 +37,9 @@ def test_shipped_sets_load_with_their_sizes():
 def test_encode_masks_prompt_and_keeps_eos(tokenizer):
     eos = tokenizer.eos_token_id
     rec = {"instruction": "Say hi.", "input": "", "output": "hi"}
-    (ex,), dropped = encode_records([rec], tokenizer, template="alpaca", max_prompt_length=256, max_length=512)
+    (ex,), dropped = encode_records(
+        [rec], tokenizer, template="alpaca", max_prompt_length=256, max_length=512
+    )
     prompt = tokenizer(build_prompt("Say hi."), add_special_tokens=False)["input_ids"]
     assert dropped == 0 and ex.prompt_ids == prompt
     assert ex.response_ids == tokenizer("hi", add_special_tokens=False)["input_ids"] + [eos]
@@ -52,9 +56,13 @@ def test_encode_masks_prompt_and_keeps_eos(tokenizer):
 
 def test_length_rule_drops_long_prompts_and_caps_total(tokenizer):
     recs = [{"instruction": "word " * n, "input": "", "output": "answer " * 50} for n in (1, 5, 200)]
-    lengths = [len(tokenizer(build_prompt(r["instruction"]), add_special_tokens=False)["input_ids"]) for r in recs]
+    lengths = [
+        len(tokenizer(build_prompt(r["instruction"]), add_special_tokens=False)["input_ids"]) for r in recs
+    ]
     limit = lengths[1]  # keeps the first two prompts, drops the third
-    exs, dropped = encode_records(recs, tokenizer, template="alpaca", max_prompt_length=limit, max_length=limit + 10)
+    exs, dropped = encode_records(
+        recs, tokenizer, template="alpaca", max_prompt_length=limit, max_length=limit + 10
+    )
     assert dropped == 1 and len(exs) == 2
     assert all(len(e.prompt_ids) + len(e.response_ids) == limit + 10 for e in exs)
     assert all(e.response_ids[-1] != tokenizer.eos_token_id for e in exs)  # cut by the cap: no EOS target

@@ -35,27 +35,62 @@ def peaked_teacher(tmp_path_factory, tokenizer) -> Path:
     data = root / "task.jsonl"
     with open(data, "w") as fh:
         for i in range(64):
-            fh.write(json.dumps({"instruction": f"Say the word number {i}.", "input": "", "output": "yes"}) + "\n")
+            fh.write(
+                json.dumps({"instruction": f"Say the word number {i}.", "input": "", "output": "yes"}) + "\n"
+            )
     init = save_tiny_model(root / "init", "llama", tokenizer, layers=2, hidden=32, seed=1)
-    cfg = SFTConfig(model=str(init), output_dir=str(root / "sft"), train_data=str(data), valid_data=str(data),
-                    max_valid_examples=8, batch_size=8, max_steps=40, lr=1e-2, warmup_steps=0, eval_every=40,
-                    save_every=0, max_prompt_length=192, max_length=256, chunk_size=64)
+    cfg = SFTConfig(
+        model=str(init),
+        output_dir=str(root / "sft"),
+        train_data=str(data),
+        valid_data=str(data),
+        max_valid_examples=8,
+        batch_size=8,
+        max_steps=40,
+        lr=1e-2,
+        warmup_steps=0,
+        eval_every=40,
+        save_every=0,
+        max_prompt_length=192,
+        max_length=256,
+        chunk_size=64,
+    )
     return train_sft(cfg), data
 
 
 def minillm_config(student: Path, teacher: Path, data: Path, out: Path, **kw) -> MiniLLMConfig:
-    base = dict(model=str(student), teacher=str(teacher), output_dir=str(out), train_data=str(data),
-                valid_data=str(data), max_valid_examples=16, num_rollouts=16, batch_size=4, grad_accum=2,
-                ppo_epochs=2, max_steps=16, max_new_tokens=6, valid_max_new_tokens=6, max_prompt_length=192,
-                max_length=256, pt_loss="none", eval_every=16, save_every=0, chunk_size=16, warmup_steps=0,
-                lr=5e-3)
+    base = dict(
+        model=str(student),
+        teacher=str(teacher),
+        output_dir=str(out),
+        train_data=str(data),
+        valid_data=str(data),
+        max_valid_examples=16,
+        num_rollouts=16,
+        batch_size=4,
+        grad_accum=2,
+        ppo_epochs=2,
+        max_steps=16,
+        max_new_tokens=6,
+        valid_max_new_tokens=6,
+        max_prompt_length=192,
+        max_length=256,
+        pt_loss="none",
+        eval_every=16,
+        save_every=0,
+        chunk_size=16,
+        warmup_steps=0,
+        lr=5e-3,
+    )
     base.update(kw)
     return MiniLLMConfig(**base)
 
 
-@pytest.mark.parametrize("variant", [dict(max_steps=24, lr=2e-2),
-                                     dict(single_step=False, teacher_mix_alpha=0.0, max_steps=64, lr=3e-2)],
-                         ids=["full", "pg-only"])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(max_steps=24, lr=2e-2), dict(single_step=False, teacher_mix_alpha=0.0, max_steps=64, lr=3e-2)],
+    ids=["full", "pg-only"],
+)
 def test_reverse_kl_to_peaked_teacher_halves(peaked_teacher, tokenizer, tmp_path, variant):
     teacher, data = peaked_teacher
     student = save_tiny_model(tmp_path / "student", "llama", tokenizer, layers=1, hidden=32, seed=2)
@@ -75,8 +110,18 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
     ids = torch.randint(1, len(tokenizer), (3, 5), generator=g)
     attn = torch.ones_like(ids)
     attn[0, :2] = 0  # left padding
-    r = sample_rollout(student, teacher, ids, attn, alpha=0.3, max_new_tokens=7, eos_token_id=0, pad_token_id=0,
-                       generator=g, fast=False)
+    r = sample_rollout(
+        student,
+        teacher,
+        ids,
+        attn,
+        alpha=0.3,
+        max_new_tokens=7,
+        eos_token_id=0,
+        pad_token_id=0,
+        generator=g,
+        fast=False,
+    )
     t_rows, _ = teacher_pass(teacher, r, chunk_size=5)
     adv = torch.randn(r.mask.shape, generator=g)
     cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=5, clip_eps=0.2)
@@ -90,9 +135,15 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
     full_ids, full_attn = r.full_inputs()
     P, T = r.prompt_ids.shape[1], r.response_ids.shape[1]
     pos = (full_attn.long().cumsum(-1) - 1).clamp(min=0)
-    logq = s64(full_ids, attention_mask=full_attn, position_ids=pos).logits[:, P - 1 : P + T - 1].log_softmax(-1)
+    logq = (
+        s64(full_ids, attention_mask=full_attn, position_ids=pos).logits[:, P - 1 : P + T - 1].log_softmax(-1)
+    )
     with torch.no_grad():
-        logp = t64(full_ids, attention_mask=full_attn, position_ids=pos).logits[:, P - 1 : P + T - 1].log_softmax(-1)
+        logp = (
+            t64(full_ids, attention_mask=full_attn, position_ids=pos)
+            .logits[:, P - 1 : P + T - 1]
+            .log_softmax(-1)
+        )
     logq_new = logq.gather(-1, r.response_ids[..., None])[..., 0]
     ratio = torch.exp(logq_new - r.logq_old.double() + r.log_w.double())
     a = adv.double()
@@ -104,7 +155,9 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
     for n, p in s64.named_parameters():
         torch.testing.assert_close(got[n].double(), p.grad, rtol=1e-3, atol=1e-6, msg=n)
     # the same numbers through the policy module, as a cross-check of the conventions used above
-    ref, _ = policy.ppo_policy_loss(logq_new.detach(), r.logq_old.double(), r.log_w.double(), a, r.mask, clip_eps=0.2)
+    ref, _ = policy.ppo_policy_loss(
+        logq_new.detach(), r.logq_old.double(), r.log_w.double(), a, r.mask, clip_eps=0.2
+    )
     torch.testing.assert_close(ref, (pg * r.mask).detach())
 
 
@@ -114,10 +167,24 @@ def test_killed_mid_collection_resumes_exactly(peaked_teacher, tokenizer, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
     def launch(out: Path, resume: bool) -> subprocess.Popen:
-        cfg = minillm_config(student, teacher, data, out, pt_loss="ce+kd", pt_block_length=32, max_steps=12,
-                             save_every=3, eval_every=6, resume=resume)  # 4 steps per collection: kills land mid-way
-        return subprocess.Popen([sys.executable, "-m", "minillm.cli", "distill", *config_lib.to_argv(cfg)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cfg = minillm_config(
+            student,
+            teacher,
+            data,
+            out,
+            pt_loss="ce+kd",
+            pt_block_length=32,
+            max_steps=12,
+            save_every=3,
+            eval_every=6,
+            resume=resume,
+        )  # 4 steps per collection: kills land mid-way
+        return subprocess.Popen(
+            [sys.executable, "-m", "minillm.cli", "distill", *config_lib.to_argv(cfg)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     ref = launch(tmp_path / "ref", False)
     killed = tmp_path / "killed"

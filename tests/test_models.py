@@ -44,7 +44,9 @@ def test_derive_student_keeps_chosen_layers(family, tokenizer, tmp_path):
     prefix, t_layers = models._layer_list(teacher, 6)
     _, s_layers = models._layer_list(student, 3)
     for new, old in enumerate([0, 2, 5]):
-        for (n1, p1), (n2, p2) in zip(s_layers[new].named_parameters(), t_layers[old].named_parameters(), strict=True):
+        for (n1, p1), (n2, p2) in zip(
+            s_layers[new].named_parameters(), t_layers[old].named_parameters(), strict=True
+        ):
             assert n1 == n2 and torch.equal(p1, p2)
     s_head, t_head = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
     assert torch.equal(s_head, t_head)
@@ -71,7 +73,9 @@ def test_tokenizer_and_vocab_mismatch_raise(tokenizer, tmp_path):
     other = build_tokenizer(vocab_size=400)
     with pytest.raises(ValueError, match="tokenizers differ: student has 384 entries, teacher has 400"):
         models.check_same_tokenizer(tokenizer, other, ("student", "teacher"))
-    models.check_same_tokenizer(tokenizer, build_tokenizer(), ("student", "teacher"))  # same training → same vocab
+    models.check_same_tokenizer(
+        tokenizer, build_tokenizer(), ("student", "teacher")
+    )  # same training → same vocab
     a = models.load_model(str(save_tiny_model(tmp_path / "a", "llama", tokenizer)))
     b = models.load_model(str(save_tiny_model(tmp_path / "b", "llama", other)))
     with pytest.raises(ValueError, match="student vocabulary size 384 != teacher vocabulary size 400"):
@@ -85,8 +89,22 @@ def test_missing_files_are_clear(tmp_path):
 
 def test_derive_student_cli(tokenizer, tmp_path):
     src = save_tiny_model(tmp_path / "t", "gpt2", tokenizer, layers=4)
-    out = subprocess.run([sys.executable, "-m", "minillm.cli", "derive-student", "--teacher", str(src),
-                          "--num-layers", "2", "--output", str(tmp_path / "s")], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minillm.cli",
+            "derive-student",
+            "--teacher",
+            str(src),
+            "--num-layers",
+            "2",
+            "--output",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "kept layers [0, 2] of 4" in out.stdout
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "s").config.n_layer == 2
@@ -96,7 +114,11 @@ def test_derive_student_cli(tokenizer, tmp_path):
 def test_embedded_teacher_knows_paris():
     tok = models.load_tokenizer(models.EMBEDDED_ALIAS)
     model = models.load_model(models.EMBEDDED_ALIAS).eval()
-    assert model.config.num_hidden_layers == 30 and len(tok) == 49152 and tok.pad_token_id == tok.eos_token_id == 2
+    assert (
+        model.config.num_hidden_layers == 30
+        and len(tok) == 49152
+        and tok.pad_token_id == tok.eos_token_id == 2
+    )
     ids = tok(build_prompt("What is the capital of France?"), return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)

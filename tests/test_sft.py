@@ -21,10 +21,24 @@ from minillm.train.sft import ce_loss_sum, train_sft
 
 
 def sft_config(model: Path, out: Path, **kw) -> SFTConfig:
-    base = dict(model=str(model), output_dir=str(out), train_data="dolly_valid", valid_data="dolly_test",
-                max_train_examples=64, max_valid_examples=16, batch_size=4, grad_accum=2, max_steps=12,
-                lr=3e-3, warmup_steps=2, eval_every=6, save_every=0, max_prompt_length=192, max_length=256,
-                chunk_size=50)
+    base = dict(
+        model=str(model),
+        output_dir=str(out),
+        train_data="dolly_valid",
+        valid_data="dolly_test",
+        max_train_examples=64,
+        max_valid_examples=16,
+        batch_size=4,
+        grad_accum=2,
+        max_steps=12,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=6,
+        save_every=0,
+        max_prompt_length=192,
+        max_length=256,
+        chunk_size=50,
+    )
     base.update(kw)
     return SFTConfig(**base)
 
@@ -63,8 +77,12 @@ def test_ce_loss_counts_response_tokens_only(tiny_llama, tokenizer):
 
 
 def _launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "minillm.cli", "sft", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "minillm.cli", "sft", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_killed_run_resumes_exactly(tiny_llama, tmp_path):
