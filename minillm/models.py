@@ -184,20 +184,22 @@ def derive_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedMod
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden state after the final norm, [B, L, H]: logits are `hidden @ head.T`.
 
-    Goes through the (possibly DDP-wrapped) model's own forward so gradient sync works, and asks the head
-    for one position only (`logits_to_keep=1`): the full-vocabulary maths runs in token chunks elsewhere.
+    A wrapped (DDP) model goes through its own forward, so gradient sync works, asking its head for one
+    position only (`logits_to_keep=1`) and taking the last of its hidden states. A plain model runs just
+    its base model, whose output is what the head reads, so the other layers' hidden states are not kept.
+    The full-vocabulary maths runs in token chunks elsewhere.
     """
     from minillm.data.tokenize import position_ids
 
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    return out.hidden_states[-1]
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids(attention_mask),
+        "use_cache": False,
+    }
+    if hasattr(model, "module"):
+        return model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    return model.base_model(**kwargs).last_hidden_state
 
 
 def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -80,6 +80,43 @@ def test_chunked_equals_unchunked_float64(chunk_size):
     assert calls[-1][2] == N
 
 
+@pytest.mark.parametrize("chunk_size", [1, 7, N, 100])
+def test_closed_form_equals_autograd_path(chunk_size):
+    """closed_form=True: a weighted CE whose logit gradient is written by hand, in the shared buffer,
+    gives the plain unchunked autograd loss and gradients (hidden, weight, bias; short last chunk)."""
+    data = _problem(seed=4)
+    targets, row_weight = data["targets"], data["row_weight"]
+    buffers = set()
+
+    def closed(logits, start, end):
+        buffers.add(logits.untyped_storage().data_ptr())
+        w = row_weight[start:end, None]  # [C, 1]
+        loss = (w[:, 0] * F.cross_entropy(logits, targets[start:end], reduction="none")).sum()
+        grad = logits.softmax(-1).mul_(w)  # d/ds of w·CE = w·(softmax − onehot)
+        grad.scatter_add_(-1, targets[start:end, None], -w)
+        logits.fill_(float("nan"))  # the buffer is token_fn's to overwrite
+        return loss, grad
+
+    def plain(logits, start, end):
+        ce = F.cross_entropy(logits, targets[start:end], reduction="none")
+        return (row_weight[start:end] * ce).sum()
+
+    results = []
+    for fn, chunk, closed_form in ((closed, chunk_size, True), (plain, None, False)):
+        leaves = [data[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+        if chunk is None:
+            loss = fn(F.linear(*leaves), 0, N)
+        else:
+            loss = chunked_head_loss(
+                leaves[0], leaves[1], fn, chunk_size=chunk, bias=leaves[2], closed_form=closed_form
+            )
+        (3.0 * loss).backward()
+        results.append([loss.detach(), *(x.grad for x in leaves)])
+    for got, want in zip(*results, strict=True):
+        assert_close_verbose(got, want, torch.float64)
+    assert len(buffers) == 1  # one logits buffer served every chunk
+
+
 def test_tied_weight_accumulates_head_and_embedding_gradients():
     data = _problem(seed=1)
     g = torch.Generator().manual_seed(1)

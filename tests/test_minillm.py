@@ -20,7 +20,7 @@ from minillm import models
 from minillm.config import MiniLLMConfig, SFTConfig
 from minillm.objectives import policy
 from minillm.rollout import sample_rollout
-from minillm.train.minillm import minibatch_loss, teacher_pass, train_minillm
+from minillm.train.minillm import length_groups, minibatch_loss, response_rows, teacher_pass, train_minillm
 from minillm.train.sft import train_sft
 
 
@@ -99,6 +99,36 @@ def test_reverse_kl_to_peaked_teacher_halves(peaked_teacher, tokenizer, tmp_path
     lines = read_metrics(out)
     start, end = lines[0]["valid/reverse_kl"], lines[-1]["valid/reverse_kl"]
     assert end < 0.5 * start, (start, end)
+
+
+def test_length_groups_hand_sized():
+    # sorted: 10 (i=2), 10 (i=0), 11 (i=3), 20 (i=1): 10, 10, 11 pad 2 of 33 (6 %); adding 20 would pad 29 of 80
+    assert length_groups([10, 20, 10, 11], max_padding=0.1) == [[0, 2, 3], [1]]
+    assert length_groups([10, 20, 10, 11], max_padding=0.0) == [[0, 2], [3], [1]]
+    assert length_groups([10, 20, 10, 11], max_padding=1.0) == [[0, 2, 3, 1]]
+    assert length_groups([]) == []
+
+
+def test_response_rows_equal_padded_forward(tokenizer, tmp_path):
+    """Unpadded, grouped rows equal the rows of one left-padded batch forward (float64)."""
+    model = models.load_model(str(save_tiny_model(tmp_path / "m", "llama", tokenizer, layers=2, seed=5)))
+    model = model.double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, len(tokenizer), (4, 9), generator=g)
+    attn = torch.ones_like(ids)
+    attn[0, :7] = 0  # prompt lengths 2, 9, 6, 9: several groups
+    attn[2, :3] = 0
+    r = sample_rollout(
+        model, model, ids, attn, alpha=0.0, max_new_tokens=6, eos_token_id=5, pad_token_id=0, generator=g
+    )
+    lengths = (r.prompt_mask.sum(-1) + r.mask.sum(-1) - 1).tolist()
+    assert len(length_groups(lengths)) > 1  # several groups, one of them shorter than the batch width
+    full_ids, full_attn = r.full_inputs()
+    P, T = r.prompt_ids.shape[1], r.response_ids.shape[1]
+    with torch.no_grad():
+        want = models.final_hidden(model, full_ids, full_attn)[:, P - 1 : P + T - 1][r.mask]
+        got = response_rows(model, r)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_path):

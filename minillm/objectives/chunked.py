@@ -6,6 +6,12 @@ logits, loss and gradients w.r.t. hidden, weight and bias are computed inside fo
 graph is dropped at once (Liger-Kernel's fused-linear approach); backward only scales the stored
 gradients by grad_output, so the head matmul is never recomputed. Peak extra memory is O(C·V) for
 one chunk, plus the [N, H], [V, H] and [V] gradient buffers autograd would hold anyway.
+
+A loss whose gradient w.r.t. the logits has a closed form can skip autograd altogether
+(`closed_form=True`): token_fn then gets one [C, V] logits buffer, reused for every chunk, overwrites it
+in place and returns the gradient in it (or in its own buffer). On a CPU this halves the full-vocabulary
+passes and keeps the allocator from mapping and faulting in fresh [C, V] pages every chunk; no library
+offers such a fused CPU kernel (Liger-Kernel's fused linear losses are Triton, GPU only).
 """
 
 from collections.abc import Callable
@@ -15,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-# token_fn(logits [C, V], start, end) -> scalar: summed, already weighted loss of rows start:end.
-TokenFn = Callable[[Tensor, int, int], Tensor]
+# token_fn(logits [C, V], start, end) -> scalar: summed, already weighted loss of rows start:end;
+# with closed_form=True it returns (that scalar, its gradient w.r.t. logits [C, V]).
+TokenFn = Callable[[Tensor, int, int], Tensor | tuple[Tensor, Tensor]]
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -29,6 +36,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         token_fn: TokenFn,
         chunk_size: int,
         grad_enabled: bool,
+        closed_form: bool,
     ) -> Tensor:
         N, H = hidden.shape
         # forward always runs under no_grad; the caller's grad mode says whether grads are wanted at all.
@@ -42,16 +50,32 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         w = weight.detach()
         b = bias.detach() if bias is not None else None
         total = None
+        if closed_form:
+            # One dtype for the shared buffer: autocast's if on (out= variants are not autocast), else the
+            # inputs'. token_fn upcasts what it reads, as in the autograd path.
+            dev = hidden.device.type
+            cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+            w, b = w.to(cd), None if b is None else b.to(cd)
+            buf = torch.empty(min(chunk_size, N), weight.shape[0], dtype=cd, device=hidden.device)  # [C, V]
         for start in range(0, N, chunk_size):
             end = min(start + chunk_size, N)
             h = hidden[start:end].detach()  # [C, H]
-            with torch.enable_grad():
-                # A fresh leaf: token_fn's graph starts at the logits and is freed after autograd.grad.
-                logits = F.linear(h, w, b).requires_grad_(need_any)  # [C, V], in the input dtype
-                loss = token_fn(logits, start, end)
+            grad_logits = None
+            if closed_form:
+                logits = buf[: end - start]
+                hc = h.to(w.dtype)
+                torch.mm(hc, w.T, out=logits) if b is None else torch.addmm(b, hc, w.T, out=logits)
+                loss, grad_logits = token_fn(logits, start, end)
+                grad_logits = grad_logits.to(w.dtype)
+            else:
+                with torch.enable_grad():
+                    # A fresh leaf: token_fn's graph starts at the logits and is freed after autograd.grad.
+                    logits = F.linear(h, w, b).requires_grad_(need_any)  # [C, V], in the input dtype
+                    loss = token_fn(logits, start, end)
+                if need_any and loss.requires_grad:  # a chunk whose loss is a constant has zero gradients
+                    (grad_logits,) = torch.autograd.grad(loss, logits)  # [C, V]
             assert loss.dim() == 0, f"token_fn must return a scalar sum, got shape {tuple(loss.shape)}"
-            if need_any and loss.requires_grad:  # a chunk whose loss is a constant has zero gradients
-                (grad_logits,) = torch.autograd.grad(loss, logits)  # [C, V]
+            if need_any and grad_logits is not None:
                 if need_h:
                     grad_hidden[start:end] = grad_logits @ w  # [C, V] @ [V, H] -> [C, H]
                 if need_w:
@@ -73,7 +97,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def chunked_head_loss(
@@ -83,6 +107,7 @@ def chunked_head_loss(
     *,
     chunk_size: int,
     bias: Tensor | None = None,
+    closed_form: bool = False,
 ) -> Tensor:
     """Σ over row chunks of ``token_fn(hidden[start:end] @ weight.T + bias, start, end)``, memory O(C·V).
 
@@ -97,6 +122,8 @@ def chunked_head_loss(
                 Only hidden, weight and bias receive gradients: other tensors token_fn reads are constants.
     chunk_size: C, rows per chunk (≥ 1); the last chunk may be shorter
     bias:       [V] head bias, or None
+    closed_form: token_fn returns (loss, grad_logits [C, V]) and may overwrite its logits argument, a
+                buffer shared by all chunks; autograd is not used (module docstring)
     returns:    scalar, fp32 at least (the chunk losses' dtype if wider); gradients w.r.t. hidden, weight
                 and bias equal those of the unchunked loss. Not twice differentiable.
     """
@@ -106,4 +133,6 @@ def chunked_head_loss(
     assert bias is None or bias.shape == (V,), f"bias {tuple(bias.shape)} != (V,) = {(V,)}"
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedHeadLoss.apply(hidden, weight, bias, token_fn, chunk_size, torch.is_grad_enabled())
+    return _ChunkedHeadLoss.apply(
+        hidden, weight, bias, token_fn, chunk_size, torch.is_grad_enabled(), closed_form
+    )

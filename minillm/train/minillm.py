@@ -82,18 +82,54 @@ def load_prompts(
     return [ids for ids, _ in kept], [r for _, r in kept]
 
 
-def response_hidden(model: torch.nn.Module, batch: Rollout) -> Tensor:
-    """Final hidden states at the positions that predict each response token: [B, T, H]."""
-    ids, attn = batch.full_inputs()  # [B, P+T]
-    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    return models.final_hidden(model, ids, attn)[:, P - 1 : P + T - 1]  # row t predicts response token t
+# Rows are forwarded in groups of similar length whose padding stays under this fraction of their tokens:
+# left-padding a whole batch to its longest prompt wasted a third of the teacher's forward on Dolly.
+_MAX_PADDING = 0.1
+
+
+def length_groups(lengths: list[int], max_padding: float = _MAX_PADDING) -> list[list[int]]:
+    """Indices grouped by similar length, shortest first; each group's padding to its longest member is
+    at most `max_padding` of its padded tokens (a single long row forms its own group)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        group = [*groups[-1], i] if groups else [i]
+        padded = len(group) * lengths[i]  # i is the group's longest
+        if groups and padded - sum(lengths[j] for j in group) <= max_padding * padded:
+            groups[-1] = group
+        else:
+            groups.append([i])
+    return groups
+
+
+def response_rows(model: torch.nn.Module, batch: Rollout) -> Tensor:
+    """Final hidden states of the positions that predict each valid response token, row-major: [N, H],
+    N = batch.mask.sum(), rows in the order of `x[batch.mask]`.
+
+    Each sequence is its prompt's real tokens and its response up to the last valid token, forwarded
+    unpadded in `length_groups`, right-padded within a group: causality keeps the pads out of every row
+    used, so no attention mask is needed.
+    """
+    prompt_len = batch.prompt_mask.sum(-1).tolist()  # [B]
+    resp_len = batch.mask.sum(-1).tolist()  # [B], ≥ 1: a response always has its first token
+    P = batch.prompt_ids.shape[1]
+    seqs = [
+        torch.cat([batch.prompt_ids[i, P - prompt_len[i] :], batch.response_ids[i, : resp_len[i] - 1]])
+        for i in range(len(batch))
+    ]
+    out: list[Tensor] = [batch.prompt_ids.new_empty(0)] * len(seqs)
+    for group in length_groups([len(x) for x in seqs]):
+        ids = torch.nn.utils.rnn.pad_sequence([seqs[i] for i in group], batch_first=True)  # [G, L]
+        hidden = models.final_hidden(model, ids, torch.ones_like(ids))  # [G, L, H]
+        for k, i in enumerate(group):  # row prompt_len − 1 + t predicts response token t
+            out[i] = hidden[k, prompt_len[i] - 1 : prompt_len[i] - 1 + resp_len[i]]
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def teacher_pass(teacher: torch.nn.Module, batch: Rollout, chunk_size: int) -> tuple[Tensor, Tensor]:
     """One teacher forward over prompt + response: hidden rows of the valid response positions [N, H_t]
     (cached for every inner epoch's single-step term) and log p of the sampled tokens [B, T]."""
-    rows = response_hidden(teacher, batch)[batch.mask]  # [N, H_t]
+    rows = response_rows(teacher, batch)  # [N, H_t]
     logp = torch.zeros(batch.mask.shape, device=rows.device)
     logp[batch.mask] = token_logprobs(
         rows, batch.response_ids[batch.mask], models.output_head(teacher), chunk_size=chunk_size
@@ -151,42 +187,46 @@ def minibatch_loss(
     n_tokens: float,
     cfg: MiniLLMConfig,
 ) -> tuple[Tensor, dict[str, float]]:
-    """(Σ PG loss + Σ single-step KL) / n_tokens for one micro-batch, computed in one chunked head pass."""
+    """(Σ PG loss + Σ single-step KL) / n_tokens for one micro-batch, in one chunked head pass whose
+    gradient w.r.t. the logits is closed-form (`policy.policy_logit_grad`)."""
     inner = getattr(student, "module", student)
     mask = mb.mask
-    rows = response_hidden(student, mb)[mask]  # [N, H]
+    rows = response_rows(student, mb)  # [N, H]
     targets = mb.response_ids[mask]  # [N]
     logq_old, log_w, a = mb.logq_old[mask], mb.log_w[mask], adv[mask]  # [N] each
-    t_head = models.output_head(teacher)
+    t_weight, t_bias = models.output_head(teacher)
+    C, V = min(cfg.chunk_size, len(rows)), t_weight.shape[0]
+    # Buffers shared by every chunk: the teacher's logits and a scratch (the student's are the chunker's)
+    t_buf = t_rows.new_empty(C, V) if cfg.single_step else None
+    work = torch.empty(C, V, dtype=torch.promote_types(rows.dtype, torch.float32), device=rows.device)
     stats = {"pg": 0.0, "single": 0.0, "clipped": 0.0}
 
-    def token_fn(logits: Tensor, start: int, end: int) -> Tensor:
-        logits = logits.float()
-        logq = logits.log_softmax(-1)  # [C, V]
-        logq_new = logq.gather(-1, targets[start:end, None])[:, 0]  # [C]
-        ones = torch.ones(1, end - start, dtype=torch.bool, device=logits.device)
-        pg, clipped = policy.ppo_policy_loss(
-            logq_new[None],
-            logq_old[None, start:end],
-            log_w[None, start:end],
-            a[None, start:end],
-            ones,
+    def token_fn(logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
+        t_logits = None
+        if t_buf is not None:
+            t_logits, h = t_buf[: end - start], t_rows[start:end]
+            if t_bias is None:
+                torch.mm(h, t_weight.T, out=t_logits)
+            else:
+                torch.addmm(t_bias, h, t_weight.T, out=t_logits)
+        pg, single, clipped, grad = policy.policy_logit_grad(
+            logits,
+            t_logits,
+            work[: end - start],
+            targets[start:end],
+            logq_old[start:end],
+            log_w[start:end],
+            a[start:end],
             clip_eps=cfg.clip_eps,
-        )  # [1, C]
-        total = pg.sum()
-        stats["pg"] += float(pg.detach().sum())
+        )
+        stats["pg"] += float(pg.sum())
+        stats["single"] += float(single.sum())
         stats["clipped"] += float(clipped.sum())
-        if cfg.single_step:
-            with torch.no_grad():
-                t_logits = F.linear(t_rows[start:end], *t_head)  # [C, V]
-            single = reverse_kl(logits[None], t_logits[None], ones)  # [1, C]
-            total = total + single.sum()
-            stats["single"] += float(single.detach().sum())
-        return total
+        return pg.sum() + single.sum(), grad
 
-    head = models.output_head(inner)
-    loss = chunked_head_loss(rows, head[0], token_fn, chunk_size=cfg.chunk_size, bias=head[1]) / n_tokens
-    return loss, stats
+    w, b = models.output_head(inner)
+    loss = chunked_head_loss(rows, w, token_fn, chunk_size=cfg.chunk_size, bias=b, closed_form=True)
+    return loss / n_tokens, stats
 
 
 def pt_loss_sum(
@@ -246,7 +286,7 @@ def validate(
         for b, i in enumerate(idx):
             text = tokenizer.decode(r.response_ids[b][r.mask[b]], skip_special_tokens=True)
             scores.append(rouge_l(text, [records[i]["output"]]))
-        s_rows = response_hidden(inner, r)[r.mask]  # [N, H]
+        s_rows = response_rows(inner, r)  # [N, H]
         t_rows, _ = teacher_pass(teacher, r, cfg.chunk_size)  # [N, H_t]
         s_head, t_head = models.output_head(inner), models.output_head(teacher)
         per_token = torch.zeros(r.mask.shape, device=s_rows.device)  # [B, T]
