@@ -1,8 +1,16 @@
-"""Fixtures: a tiny byte-level BPE tokenizer and tiny random models of several families, built offline."""
+"""Fixtures: a tiny byte-level BPE tokenizer and tiny random models of several families, built offline; and
+the helpers the stage tests share (a seconds-long run's config, its metrics, a killed run)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +24,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from minillm import config as config_lib
 from minillm.data.instructions import load_records
 
 torch.set_num_threads(1)  # the suite shares 2 cores; tiny models gain nothing from more threads
@@ -96,3 +105,53 @@ def tiny_llama(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory, tokenizer) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("gpt2"), "gpt2", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory, tokenizer) -> Path:
+    """A teacher unlike the student tiny_llama (wider, deeper, another seed)."""
+    return save_tiny_model(
+        tmp_path_factory.mktemp("teacher"), "llama", tokenizer, layers=3, hidden=48, seed=1
+    )
+
+
+def stage_config(cls: type, model: Path, out: Path, **kw: Any) -> Any:
+    """A `cls` config for a seconds-long CPU run on Dolly: the settings all stage tests share, then kw."""
+    base = dict(
+        model=str(model),
+        output_dir=str(out),
+        train_data="dolly_valid",
+        valid_data="dolly_test",
+        save_every=0,
+        max_prompt_length=192,
+        max_length=256,
+        chunk_size=50,
+    )
+    return cls(**(base | kw))
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def launch(stage: str, cfg: Any) -> subprocess.Popen:
+    """`minillm <stage>` with cfg as flags, in a subprocess on one CPU thread."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "minillm.cli", stage, *config_lib.to_argv(cfg)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def kill_after_checkpoint(run: subprocess.Popen, out: Path, step: int) -> None:
+    """kill -9 `run` once `out` holds a checkpoint of step >= `step` (or after 120 s)."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        latest = out / "latest.json"
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= step:
+            break
+        assert run.poll() is None, run.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()

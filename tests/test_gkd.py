@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model
+from conftest import kill_after_checkpoint, launch, read_metrics, stage_config
 
-from minillm import config as config_lib
 from minillm.config import GKDConfig
 from minillm.train import engine, gkd
 from minillm.train.gkd import on_policy_coin, train_gkd
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, tokenizer) -> Path:
-    """A teacher unlike the student (wider, deeper, another seed)."""
-    return save_tiny_model(
-        tmp_path_factory.mktemp("gkd_teacher"), "llama", tokenizer, layers=3, hidden=48, seed=1
-    )
-
-
 def gkd_config(model: Path, teacher: Path, out: Path, **kw) -> GKDConfig:
     base = dict(
-        model=str(model),
         teacher=str(teacher),
-        output_dir=str(out),
-        train_data="dolly_valid",
-        valid_data="dolly_test",
         max_train_examples=32,
         max_valid_examples=4,
         batch_size=2,
@@ -42,19 +23,10 @@ def gkd_config(model: Path, teacher: Path, out: Path, **kw) -> GKDConfig:
         max_steps=4,
         lr=1e-3,
         eval_every=0,
-        save_every=0,
-        max_prompt_length=192,
-        max_length=256,
-        chunk_size=50,
         max_new_tokens=6,
         valid_forward_kl=False,
     )
-    base.update(kw)
-    return GKDConfig(**base)
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return stage_config(GKDConfig, model, out, **(base | kw))
 
 
 def test_coin_is_seeded_with_probability_lmbda():
@@ -86,19 +58,9 @@ def test_lmbda_zero_never_samples_and_one_always_does(tiny_llama, teacher, tmp_p
     assert all(m["time/sample"] > 0 for m in on)
 
 
-def _launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "minillm.cli", "gkd", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 def test_killed_run_resumes_exactly(tiny_llama, teacher, tmp_path):
     """Kill -9 a GKD run after a checkpoint, resume it, and get the uninterrupted run's coins, losses and
     validation values bit for bit (the coin and the samples follow from the step alone)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
     def cfg(out: Path, resume: bool) -> GKDConfig:
         return gkd_config(
@@ -114,17 +76,8 @@ def test_killed_run_resumes_exactly(tiny_llama, teacher, tmp_path):
         )
 
     killed_dir = tmp_path / "killed"
-    run = _launch(config_lib.to_argv(cfg(killed_dir, False)), env)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        latest = killed_dir / "latest.json"
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= 4:
-            break
-        assert run.poll() is None, run.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    resumed = _launch(config_lib.to_argv(cfg(killed_dir, True)), env)
+    kill_after_checkpoint(launch("gkd", cfg(killed_dir, False)), killed_dir, 4)
+    resumed = launch("gkd", cfg(killed_dir, True))
     train_gkd(cfg(tmp_path / "ref", False))  # the uninterrupted run, here (1 thread, as the subprocesses)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
     want, got = read_metrics(tmp_path / "ref"), read_metrics(killed_dir)

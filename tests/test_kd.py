@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model
+from conftest import read_metrics, save_tiny_model, stage_config
 from reference import divergence_slow, softmax_slow
 from tolerances import assert_close_verbose
 
@@ -22,11 +21,7 @@ from minillm.train.sft import train_sft
 
 def kd_config(model: Path, teacher: Path, out: Path, **kw) -> KDConfig:
     base = dict(
-        model=str(model),
         teacher=str(teacher),
-        output_dir=str(out),
-        train_data="dolly_valid",
-        valid_data="dolly_test",
         max_train_examples=64,
         max_valid_examples=16,
         batch_size=4,
@@ -34,17 +29,8 @@ def kd_config(model: Path, teacher: Path, out: Path, **kw) -> KDConfig:
         max_steps=10,
         lr=3e-3,
         eval_every=5,
-        save_every=0,
-        max_prompt_length=192,
-        max_length=256,
-        chunk_size=50,
     )
-    base.update(kw)
-    return KDConfig(**base)
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return stage_config(KDConfig, model, out, **(base | kw))
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +39,10 @@ def sft_teacher(tmp_path_factory, tokenizer) -> Path:
     distributions, unlike a random model's near-uniform ones)."""
     root = tmp_path_factory.mktemp("kd_teacher")
     init = save_tiny_model(root / "init", "llama", tokenizer, layers=2, hidden=48, seed=1)
-    cfg = SFTConfig(
-        model=str(init),
-        output_dir=str(root / "sft"),
-        train_data="dolly_valid",
-        valid_data="dolly_test",
+    cfg = stage_config(
+        SFTConfig,
+        init,
+        root / "sft",
         max_train_examples=64,
         max_valid_examples=8,
         batch_size=8,
@@ -65,9 +50,6 @@ def sft_teacher(tmp_path_factory, tokenizer) -> Path:
         lr=5e-3,
         warmup_steps=0,
         eval_every=0,
-        save_every=0,
-        max_prompt_length=192,
-        max_length=256,
         chunk_size=64,
     )
     return train_sft(cfg)

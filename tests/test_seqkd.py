@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import save_tiny_model
+from conftest import read_metrics, stage_config
 
 from minillm import models
 from minillm.config import SeqKDConfig
@@ -17,22 +17,10 @@ from minillm.train import seqkd
 from minillm.train.seqkd import cache_settings, read_cache, teacher_data, train_seqkd
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, tokenizer) -> Path:
-    """A teacher unlike the student (wider, deeper, another seed)."""
-    return save_tiny_model(
-        tmp_path_factory.mktemp("seqkd_teacher"), "llama", tokenizer, layers=3, hidden=48, seed=1
-    )
-
-
 def seqkd_config(model: Path, teacher: Path, tmp: Path, out: str, **kw) -> SeqKDConfig:
     base = dict(
-        model=str(model),
         teacher=str(teacher),
-        output_dir=str(tmp / out),
         teacher_data_cache=str(tmp / "cache"),
-        train_data="dolly_valid",
-        valid_data="dolly_test",
         max_train_examples=24,
         max_valid_examples=4,
         batch_size=4,
@@ -40,20 +28,11 @@ def seqkd_config(model: Path, teacher: Path, tmp: Path, out: str, **kw) -> SeqKD
         max_steps=2,
         lr=1e-3,
         eval_every=0,
-        save_every=0,
-        max_prompt_length=192,
-        max_length=256,
-        chunk_size=50,
         max_new_tokens=8,
         sample_batch_size=5,
         valid_forward_kl=False,
     )
-    base.update(kw)
-    return SeqKDConfig(**base)
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return stage_config(SeqKDConfig, model, tmp / out, **(base | kw))
 
 
 def no_generation(*args, **kwargs):

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_after_checkpoint, launch, read_metrics, stage_config
 
-from minillm import config as config_lib
 from minillm import models
 from minillm.config import SFTConfig
 from minillm.data.tokenize import Example, collate
@@ -22,10 +17,6 @@ from minillm.train.sft import ce_loss_sum, train_sft
 
 def sft_config(model: Path, out: Path, **kw) -> SFTConfig:
     base = dict(
-        model=str(model),
-        output_dir=str(out),
-        train_data="dolly_valid",
-        valid_data="dolly_test",
         max_train_examples=64,
         max_valid_examples=16,
         batch_size=4,
@@ -34,17 +25,8 @@ def sft_config(model: Path, out: Path, **kw) -> SFTConfig:
         lr=3e-3,
         warmup_steps=2,
         eval_every=6,
-        save_every=0,
-        max_prompt_length=192,
-        max_length=256,
-        chunk_size=50,
     )
-    base.update(kw)
-    return SFTConfig(**base)
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return stage_config(SFTConfig, model, out, **(base | kw))
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
@@ -76,36 +58,16 @@ def test_ce_loss_counts_response_tokens_only(tiny_llama, tokenizer):
     assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
-def _launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "minillm.cli", "sft", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 def test_killed_run_resumes_exactly(tiny_llama, tmp_path):
     """Kill -9 a run after a checkpoint, resume it, and get the uninterrupted run's losses bit for bit."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
-    def argv(out: Path, resume: bool) -> list[str]:
-        cfg = sft_config(tiny_llama, out, save_every=2, eval_every=5, max_steps=10, resume=resume)
-        return config_lib.to_argv(cfg)
+    def cfg(out: Path, resume: bool) -> SFTConfig:
+        return sft_config(tiny_llama, out, save_every=2, eval_every=5, max_steps=10, resume=resume)
 
-    ref = _launch(argv(tmp_path / "ref", False), env)
+    ref = launch("sft", cfg(tmp_path / "ref", False))
     killed_dir = tmp_path / "killed"
-    run = _launch(argv(killed_dir, False), env)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        latest = killed_dir / "latest.json"
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= 4:
-            break
-        assert run.poll() is None, run.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    resumed = _launch(argv(killed_dir, True), env)
+    kill_after_checkpoint(launch("sft", cfg(killed_dir, False)), killed_dir, 4)
+    resumed = launch("sft", cfg(killed_dir, True))
     for p in (ref, resumed):
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
     want, got = read_metrics(tmp_path / "ref"), read_metrics(killed_dir)

@@ -15,7 +15,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,46 @@ def clip_and_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
+
+
+# loss(model, batch) -> (loss summed over the batch's target tokens, its named parts as sums)
+LossFn = Callable[[torch.nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
+
+
+def supervised_step(
+    acc: Accelerator,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    step: int,
+    micro: list[dict[str, Tensor]],
+    loss: LossFn,
+) -> dict[str, float]:
+    """Optimizer step `step` on this rank's collated micro-batches (SFT, KD, SeqKD, GKD).
+
+    The micro-batches' loss sums and parts are divided by the step's global target-token count (STYLE 7);
+    gradients sync on the last micro-batch only. Returns "loss", the parts (per token), "lr", "grad_norm"
+    and "tokens".
+    """
+    n_tokens = global_count(acc, sum(int(b["target_mask"].sum()) for b in micro))
+    seed_step(cfg.seed, step, acc.process_index)
+    sums: dict[str, float] = {"loss": 0.0}
+    for k, batch in enumerate(micro):
+        batch = {key: v.to(acc.device) for key, v in batch.items()}
+        with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
+            micro_sum, parts = loss(model, batch)
+        acc.backward(micro_sum / n_tokens)
+        for key, value in {"loss": float(micro_sum.detach()), **parts}.items():
+            sums[key] = sums.get(key, 0.0) + value / n_tokens
+    lr = scheduler.get_last_lr()[0]
+    grad_norm = clip_and_step(acc, model, optimizer, scheduler, cfg)
+    return {
+        **{key: global_count(acc, v) for key, v in sums.items()},
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": n_tokens,
+    }
 
 
 # ------------------------------------------------------------------------------------------------

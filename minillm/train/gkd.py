@@ -28,18 +28,16 @@ Where this matches and departs from the references:
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from minillm import models
 from minillm.config import GKDConfig
 from minillm.data.tokenize import Example, collate
 from minillm.train import engine
 from minillm.train.kd import kd_loss, load_teacher, make_divergence, validation_metrics
 from minillm.train.seqkd import sample_responses
-from minillm.train.sft import load_examples
+from minillm.train.sft import load_examples, load_student
 
 # Streams of engine.generator(seed, step, rank, stream): the coin (rank 0 on every rank) and the samples.
 COIN_STREAM, SAMPLE_STREAM = 1, 2
@@ -53,12 +51,7 @@ def on_policy_coin(cfg: GKDConfig, step: int) -> bool:
 
 def train_gkd(cfg: GKDConfig) -> Path:
     """Run on-policy distillation; returns the folder of the best checkpoint (lowest validation loss by default)."""
-    acc = engine.make_accelerator(cfg)
-    acc.print(f"config: {cfg}")
-    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = models.load_model(
-        cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
-    )
+    acc, tokenizer, model = load_student(cfg)
     teacher = load_teacher(cfg, tokenizer, model, acc)
     divergence = make_divergence(cfg)
     train, valid = load_examples(cfg, tokenizer, acc)
@@ -91,26 +84,20 @@ def train_gkd(cfg: GKDConfig) -> Path:
                 ]
         t_sample = time.perf_counter() - t0
         micro = [collate(mb, pad) for mb in examples]
-        n_tokens = engine.global_count(acc, sum(int(b["target_mask"].sum()) for b in micro))
-        engine.seed_step(cfg.seed, state.step, acc.process_index)
-        sums: dict[str, float] = {"loss": 0.0}
-        for k, batch in enumerate(micro):
-            batch = {key: v.to(acc.device) for key, v in batch.items()}
-            with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
-                micro_sum, parts = kd_loss(model, teacher, batch, divergence, cfg)
-            acc.backward(micro_sum / n_tokens)
-            for key, value in {"loss": float(micro_sum.detach()), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value / n_tokens
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)
+        metrics = engine.supervised_step(
+            acc,
+            cfg,
+            model,
+            optimizer,
+            scheduler,
+            state.step,
+            micro,
+            lambda m, batch: kd_loss(m, teacher, batch, divergence, cfg),
+        )
         state.step += 1
         dt = time.perf_counter() - t0
-        metrics = {
-            **{key: engine.global_count(acc, v) for key, v in sums.items()},
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": n_tokens,
-            "tokens/s": n_tokens / dt,
+        metrics |= {
+            "tokens/s": metrics["tokens"] / dt,
             "on_policy": float(on_policy),
             "time/sample": t_sample,
             "time/update": dt - t_sample,

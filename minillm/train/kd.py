@@ -20,9 +20,7 @@ minillm/scripts/gpt2/kd/kd_base.sh: --type kd --kd-ratio 0.5):
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ from minillm.data.tokenize import Example, collate
 from minillm.objectives.divergences import get_divergence
 from minillm.objectives.lm import ce_sum, divergence_sum, target_rows
 from minillm.train import engine
-from minillm.train.sft import load_examples, validation_loss
+from minillm.train.sft import fit, load_examples, load_student, validation_loss
 
 
 def make_divergence(cfg: KDConfig) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -136,13 +134,14 @@ def validation_forward_kl(
 
 def validation_metrics(
     model: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     examples: list[Example],
     pad_id: int,
     cfg: KDConfig,
     acc: Accelerator,
 ) -> dict[str, float]:
-    """valid/loss (gold CE) and, if cfg.valid_forward_kl, valid/forward_kl on the validation examples."""
+    """valid/loss (gold CE) and, if cfg.valid_forward_kl, valid/forward_kl on the validation examples
+    (`teacher` may be None without it)."""
     out = {"valid/loss": validation_loss(model, examples, pad_id, cfg, acc)}
     if cfg.valid_forward_kl:
         out["valid/forward_kl"] = validation_forward_kl(model, teacher, examples, pad_id, cfg, acc)
@@ -151,58 +150,16 @@ def validation_metrics(
 
 def train_kd(cfg: KDConfig) -> Path:
     """Run word-level KD; returns the folder of the best checkpoint (lowest validation loss by default)."""
-    acc = engine.make_accelerator(cfg)
-    acc.print(f"config: {cfg}")
-    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = models.load_model(
-        cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
-    )
+    acc, tokenizer, model = load_student(cfg)
     teacher = load_teacher(cfg, tokenizer, model, acc)
     divergence = make_divergence(cfg)
     train, valid = load_examples(cfg, tokenizer, acc)
     pad = tokenizer.pad_token_id
-    optimizer = engine.make_optimizer(model, cfg)
-    total = engine.total_steps(len(train), cfg, acc.num_processes)
-    scheduler = engine.make_scheduler(optimizer, cfg, total)
-    model, optimizer = acc.prepare(model, optimizer)
-    state, _ = engine.resume(acc, cfg, model, optimizer, scheduler)
-    log = engine.MetricsLog(acc, cfg, total, state.step)
-    if state.step == 0:
-        log.log(0, validation_metrics(model, teacher, valid, pad, cfg, acc))
-    per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
-    model.train()
-    while state.step < total:
-        t0 = time.perf_counter()
-        indices = engine.step_indices(len(train), per_step, cfg.seed, state.step)
-        micro = [collate([train[i] for i in mb], pad) for mb in engine.rank_micro_batches(indices, acc, cfg)]
-        n_tokens = engine.global_count(acc, sum(int(b["target_mask"].sum()) for b in micro))
-        engine.seed_step(cfg.seed, state.step, acc.process_index)
-        sums: dict[str, float] = {"loss": 0.0}
-        for k, batch in enumerate(micro):
-            batch = {key: v.to(acc.device) for key, v in batch.items()}
-            with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
-                micro_sum, parts = kd_loss(model, teacher, batch, divergence, cfg)
-            acc.backward(micro_sum / n_tokens)
-            for key, value in {"loss": float(micro_sum.detach()), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value / n_tokens
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)
-        state.step += 1
-        dt = time.perf_counter() - t0
-        metrics = {
-            **{key: engine.global_count(acc, v) for key, v in sums.items()},
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": n_tokens,
-            "tokens/s": n_tokens / dt,
-            "time/update": dt,
-        }
-        evaluate = engine.is_eval_step(cfg, state.step, total)
-        if evaluate:
-            metrics.update(validation_metrics(model, teacher, valid, pad, cfg, acc))
-        if state.step % cfg.log_every == 0 or evaluate:
-            log.log(state.step, metrics)
-        log.advance()
-        engine.checkpoint_if_due(acc, cfg, state, metrics, evaluate, model, tokenizer, optimizer, scheduler)
-    log.close()
-    return Path(cfg.output_dir) / "best"
+
+    def loss(m: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        return kd_loss(m, teacher, batch, divergence, cfg)
+
+    def validate(m: nn.Module) -> dict[str, float]:
+        return validation_metrics(m, teacher, valid, pad, cfg, acc)
+
+    return fit(acc, cfg, tokenizer, model, train, loss, validate)

@@ -2,10 +2,11 @@
 
 First the teacher answers every training prompt once (sampling, defaults as the official
 minillm/scripts/gpt2/tools/generate_data_seqkd.sh: temperature 1, top_k 0, top_p 1, 256 new tokens,
-seed 10); the responses are cached on disk. Then the student is trained on (prompt, teacher response):
-with plain cross-entropy, as the MiniLLM paper describes SeqKD (`seqkd_loss: ce`, default), or with the
-word-level KD loss of `kd.py` on those responses, as the official scripts run it
-(scripts/gpt2/seqkd/seqkd_base.sh: --type kd --kd-ratio 0.5 on the pseudo data; `seqkd_loss: kd`).
+seed 10); the responses are cached on disk. Then the student is trained on (prompt, teacher response),
+in SFT's loop (`sft.fit`): with plain cross-entropy, as the MiniLLM paper describes SeqKD
+(`seqkd_loss: ce`, default), or with the word-level KD loss of `kd.py` on those responses, as the official
+scripts run it (scripts/gpt2/seqkd/seqkd_base.sh: --type kd --kd-ratio 0.5 on the pseudo data;
+`seqkd_loss: kd`).
 Validation is on the gold validation responses (valid/loss, valid/forward_kl), comparable across stages.
 
 The cache. `teacher_data_cache/<key>/` holds settings.json (what the key hashes: the teacher's weights,
@@ -33,23 +34,21 @@ import hashlib
 import json
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch import nn
+from torch import Tensor, nn
 
-from minillm import models
 from minillm.config import SeqKDConfig
 from minillm.data.instructions import load_records
-from minillm.data.tokenize import Example, collate, collate_prompts, encode_prompt, encode_records
+from minillm.data.tokenize import Example, collate_prompts, encode_prompt
 from minillm.rollout import sample_rollout
 from minillm.train import engine
 from minillm.train.kd import kd_loss, load_teacher, make_divergence, validation_metrics
-from minillm.train.sft import ce_loss_sum
+from minillm.train.sft import ce_loss_sum, fit, load_split, load_student
 
 CACHE_FORMAT = 2  # 2: lines record their batch
 
@@ -246,80 +245,22 @@ def teacher_data(
 
 def train_seqkd(cfg: SeqKDConfig) -> Path:
     """Generate (or reuse) the teacher's responses, then fine-tune on them; returns the best checkpoint."""
-    acc = engine.make_accelerator(cfg)
-    acc.print(f"config: {cfg}")
-    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = models.load_model(
-        cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
-    )
+    acc, tokenizer, model = load_student(cfg)
     teacher = load_teacher(cfg, tokenizer, model, acc)
     train, generation = teacher_data(cfg, teacher, tokenizer, acc)
-    valid_records = load_records(
-        cfg.valid_data,
-        field_instruction=cfg.field_instruction,
-        field_input=cfg.field_input,
-        field_output=cfg.field_output,
-        limit=cfg.max_valid_examples,
-    )
-    valid, _ = encode_records(
-        valid_records,
-        tokenizer,
-        template=cfg.template,
-        max_prompt_length=cfg.max_prompt_length,
-        max_length=cfg.max_length,
-    )
-    if not valid:
-        raise ValueError(f"{cfg.valid_data}: no example left after the length rule")
+    valid = load_split(cfg.valid_data, cfg.max_valid_examples, cfg, tokenizer, acc)
     if cfg.seqkd_loss == "ce" and not cfg.valid_forward_kl:
         del teacher  # not needed any more: free its memory for training
         teacher = None
     divergence = make_divergence(cfg)
     pad = tokenizer.pad_token_id
-    optimizer = engine.make_optimizer(model, cfg)
-    total = engine.total_steps(len(train), cfg, acc.num_processes)
-    scheduler = engine.make_scheduler(optimizer, cfg, total)
-    model, optimizer = acc.prepare(model, optimizer)
-    state, _ = engine.resume(acc, cfg, model, optimizer, scheduler)
-    log = engine.MetricsLog(acc, cfg, total, state.step)
-    if state.step == 0:
-        log.log(0, {**generation, **validation_metrics(model, teacher, valid, pad, cfg, acc)})
-    per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
-    model.train()
-    while state.step < total:
-        t0 = time.perf_counter()
-        indices = engine.step_indices(len(train), per_step, cfg.seed, state.step)
-        micro = [collate([train[i] for i in mb], pad) for mb in engine.rank_micro_batches(indices, acc, cfg)]
-        n_tokens = engine.global_count(acc, sum(int(b["target_mask"].sum()) for b in micro))
-        engine.seed_step(cfg.seed, state.step, acc.process_index)
-        sums: dict[str, float] = {"loss": 0.0}
-        for k, batch in enumerate(micro):
-            batch = {key: v.to(acc.device) for key, v in batch.items()}
-            with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
-                if cfg.seqkd_loss == "kd":
-                    micro_sum, parts = kd_loss(model, teacher, batch, divergence, cfg)
-                else:
-                    micro_sum, parts = ce_loss_sum(model, batch, cfg.chunk_size), {}
-            acc.backward(micro_sum / n_tokens)
-            for key, value in {"loss": float(micro_sum.detach()), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value / n_tokens
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)
-        state.step += 1
-        dt = time.perf_counter() - t0
-        metrics = {
-            **{key: engine.global_count(acc, v) for key, v in sums.items()},
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": n_tokens,
-            "tokens/s": n_tokens / dt,
-            "time/update": dt,
-        }
-        evaluate = engine.is_eval_step(cfg, state.step, total)
-        if evaluate:
-            metrics.update(validation_metrics(model, teacher, valid, pad, cfg, acc))
-        if state.step % cfg.log_every == 0 or evaluate:
-            log.log(state.step, metrics)
-        log.advance()
-        engine.checkpoint_if_due(acc, cfg, state, metrics, evaluate, model, tokenizer, optimizer, scheduler)
-    log.close()
-    return Path(cfg.output_dir) / "best"
+
+    def loss(m: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        if cfg.seqkd_loss == "kd":
+            return kd_loss(m, teacher, batch, divergence, cfg)
+        return ce_loss_sum(m, batch, cfg.chunk_size), {}
+
+    def validate(m: nn.Module) -> dict[str, float]:
+        return validation_metrics(m, teacher, valid, pad, cfg, acc)
+
+    return fit(acc, cfg, tokenizer, model, train, loss, validate, start_metrics=generation)

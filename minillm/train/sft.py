@@ -2,13 +2,14 @@
 
 Used for the teacher's fine-tune on Dolly and for the student's initialisation before distillation
 (paper section 3.1: the student starts from the SFT checkpoint with the lowest validation loss, which is
-this stage's `best/` folder with the default best_metric valid/loss).
+this stage's `best/` folder with the default best_metric valid/loss). The loop, `fit`, is KD's and SeqKD's
+too: they change only the loss and the validation metrics.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +24,49 @@ from minillm.objectives.lm import ce_sum, target_rows
 from minillm.train import engine
 
 
+def load_student(cfg: TrainConfig) -> tuple[Accelerator, Any, torch.nn.Module]:
+    """The run's accelerator (the resolved config printed), the student's tokenizer and the student."""
+    acc = engine.make_accelerator(cfg)
+    acc.print(f"config: {cfg}")
+    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = models.load_model(
+        cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
+    )
+    return acc, tokenizer, model
+
+
+def load_split(
+    spec: str, limit: int | None, cfg: TrainConfig, tokenizer: Any, acc: Accelerator
+) -> list[Example]:
+    """Tokenised examples of one data spec, with the official length rule applied and reported."""
+    records = load_records(
+        spec,
+        field_instruction=cfg.field_instruction,
+        field_input=cfg.field_input,
+        field_output=cfg.field_output,
+        limit=limit,
+    )
+    examples, dropped = encode_records(
+        records,
+        tokenizer,
+        template=cfg.template,
+        max_prompt_length=cfg.max_prompt_length,
+        max_length=cfg.max_length,
+    )
+    acc.print(
+        f"{spec}: {len(examples)} examples, {dropped} dropped (prompt > {cfg.max_prompt_length} tokens)"
+    )
+    if not examples:
+        raise ValueError(f"{spec}: no example left after the length rule")
+    return examples
+
+
 def load_examples(cfg: TrainConfig, tokenizer: Any, acc: Accelerator) -> tuple[list[Example], list[Example]]:
-    """Tokenised train and validation examples, with the official length rule applied and reported."""
-    out = []
-    for spec, limit in ((cfg.train_data, cfg.max_train_examples), (cfg.valid_data, cfg.max_valid_examples)):
-        records = load_records(
-            spec,
-            field_instruction=cfg.field_instruction,
-            field_input=cfg.field_input,
-            field_output=cfg.field_output,
-            limit=limit,
-        )
-        examples, dropped = encode_records(
-            records,
-            tokenizer,
-            template=cfg.template,
-            max_prompt_length=cfg.max_prompt_length,
-            max_length=cfg.max_length,
-        )
-        acc.print(
-            f"{spec}: {len(examples)} examples, {dropped} dropped (prompt > {cfg.max_prompt_length} tokens)"
-        )
-        if not examples:
-            raise ValueError(f"{spec}: no example left after the length rule")
-        out.append(examples)
-    return out[0], out[1]
+    """Tokenised train and validation examples."""
+    return (
+        load_split(cfg.train_data, cfg.max_train_examples, cfg, tokenizer, acc),
+        load_split(cfg.valid_data, cfg.max_valid_examples, cfg, tokenizer, acc),
+    )
 
 
 def ce_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
@@ -76,15 +95,19 @@ def validation_loss(
     return engine.global_count(acc, total) / max(1.0, engine.global_count(acc, count))
 
 
-def train_sft(cfg: SFTConfig) -> Path:
-    """Run SFT; returns the folder of the best checkpoint (lowest validation loss by default)."""
-    acc = engine.make_accelerator(cfg)
-    acc.print(f"config: {cfg}")
-    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = models.load_model(
-        cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
-    )
-    train, valid = load_examples(cfg, tokenizer, acc)
+def fit(
+    acc: Accelerator,
+    cfg: TrainConfig,
+    tokenizer: Any,
+    model: torch.nn.Module,
+    train: list[Example],
+    loss: engine.LossFn,
+    validate: Callable[[torch.nn.Module], dict[str, float]],
+    start_metrics: dict[str, float] | None = None,
+) -> Path:
+    """The training loop of SFT, KD and SeqKD: fixed (prompt, response) examples, `loss` as in
+    `engine.supervised_step`, `validate(model)` at step 0 (with `start_metrics`) and at each evaluation.
+    Returns the folder of the best checkpoint."""
     pad = tokenizer.pad_token_id
     optimizer = engine.make_optimizer(model, cfg)
     total = engine.total_steps(len(train), cfg, acc.num_processes)
@@ -93,40 +116,38 @@ def train_sft(cfg: SFTConfig) -> Path:
     state, _ = engine.resume(acc, cfg, model, optimizer, scheduler)
     log = engine.MetricsLog(acc, cfg, total, state.step)
     if state.step == 0:
-        log.log(0, {"valid/loss": validation_loss(model, valid, pad, cfg, acc)})
+        log.log(0, {**(start_metrics or {}), **validate(model)})
     per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
     model.train()
     while state.step < total:
         t0 = time.perf_counter()
         indices = engine.step_indices(len(train), per_step, cfg.seed, state.step)
         micro = [collate([train[i] for i in mb], pad) for mb in engine.rank_micro_batches(indices, acc, cfg)]
-        n_tokens = engine.global_count(acc, sum(int(b["target_mask"].sum()) for b in micro))
-        engine.seed_step(cfg.seed, state.step, acc.process_index)
-        loss = 0.0
-        for k, batch in enumerate(micro):
-            batch = {key: v.to(acc.device) for key, v in batch.items()}
-            with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
-                micro_loss = ce_loss_sum(model, batch, cfg.chunk_size) / n_tokens
-            acc.backward(micro_loss)
-            loss += float(micro_loss.detach())
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = engine.clip_and_step(acc, model, optimizer, scheduler, cfg)
+        metrics = engine.supervised_step(acc, cfg, model, optimizer, scheduler, state.step, micro, loss)
         state.step += 1
         dt = time.perf_counter() - t0
-        metrics = {
-            "loss": engine.global_count(acc, loss),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": n_tokens,
-            "tokens/s": n_tokens / dt,
-            "time/update": dt,
-        }
+        metrics |= {"tokens/s": metrics["tokens"] / dt, "time/update": dt}
         evaluate = engine.is_eval_step(cfg, state.step, total)
         if evaluate:
-            metrics["valid/loss"] = validation_loss(model, valid, pad, cfg, acc)
+            metrics.update(validate(model))
         if state.step % cfg.log_every == 0 or evaluate:
             log.log(state.step, metrics)
         log.advance()
         engine.checkpoint_if_due(acc, cfg, state, metrics, evaluate, model, tokenizer, optimizer, scheduler)
     log.close()
     return Path(cfg.output_dir) / "best"
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Run SFT; returns the folder of the best checkpoint (lowest validation loss by default)."""
+    acc, tokenizer, model = load_student(cfg)
+    train, valid = load_examples(cfg, tokenizer, acc)
+    pad = tokenizer.pad_token_id
+
+    def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return ce_loss_sum(m, batch, cfg.chunk_size), {}
+
+    def validate(m: torch.nn.Module) -> dict[str, float]:
+        return {"valid/loss": validation_loss(m, valid, pad, cfg, acc)}
+
+    return fit(acc, cfg, tokenizer, model, train, loss, validate)
