@@ -42,7 +42,8 @@ def ce_sum(
     assert targets.shape == (N,) and weight.shape[1] == H
 
     def token_fn(logits: Tensor, start: int, end: int) -> Tensor:
-        ce = F.cross_entropy(logits.float(), targets[start:end], reduction="none")  # [C]
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64
+        ce = F.cross_entropy(x, targets[start:end], reduction="none")  # [C]
         return (ce * token_weights[start:end]).sum() if token_weights is not None else ce.sum()
 
     return chunked_head_loss(rows, weight, token_fn, chunk_size=chunk_size, bias=bias)
@@ -89,13 +90,20 @@ def token_logprobs(
 ) -> Tensor:
     """log softmax(rows @ W.T + b)[targets] without grad, chunked over rows.
 
-    rows: [N, H]; targets: [N] long; returns [N] fp32.
+    rows: [N, H]; targets: [N] long; returns [N] fp32. One [C, V] buffer serves every chunk and the
+    log-sum-exp runs in place in it (no [C, V] temporaries to allocate and fault in per chunk).
     """
     N, H = rows.shape
     assert targets.shape == (N,)
+    weight, bias = head
     out = torch.empty(N, dtype=torch.float32, device=rows.device)
+    buf = torch.empty(min(chunk_size, N), weight.shape[0], dtype=rows.dtype, device=rows.device)  # [C, V]
     for start in range(0, N, chunk_size):
-        logits = F.linear(rows[start : start + chunk_size], *head).float()  # [C, V]
-        picked = logits.gather(-1, targets[start : start + chunk_size, None])[:, 0]
-        out[start : start + chunk_size] = picked - logits.logsumexp(-1)
+        h = rows[start : start + chunk_size]
+        logits = buf[: len(h)]
+        torch.mm(h, weight.T, out=logits) if bias is None else torch.addmm(bias, h, weight.T, out=logits)
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the buffer itself unless bf16
+        picked = x.gather(-1, targets[start : start + chunk_size, None])[:, 0]  # [C]
+        top = x.amax(-1, keepdim=True)  # [C, 1]
+        out[start : start + chunk_size] = picked - top[:, 0] - x.sub_(top).exp_().sum(-1).log()
     return out
