@@ -18,7 +18,14 @@ from tolerances import assert_close_verbose
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from minillm.rollout import Rollout, _warp_fast, _warp_reference, sample_rollout, score_teacher
+from minillm.rollout import (
+    Rollout,
+    _packed_linears,
+    _warp_fast,
+    _warp_reference,
+    sample_rollout,
+    score_teacher,
+)
 
 V = 96
 EOS = 0
@@ -448,3 +455,20 @@ def test_bad_inputs_raise() -> None:
         sample_rollout(student, _llama(1, 16, 0, vocab=V + 1), ids, mask, **kw)
     with pytest.raises(ValueError, match="alpha"):
         sample_rollout(student, teacher, ids, mask, **(kw | dict(alpha=1.5)))
+
+
+def test_packed_linears_same_outputs_and_restored() -> None:
+    """Inside `_packed_linears` every plain Linear of an fp32 CPU model runs a packed weight: outputs equal
+    the plain model's to fp32 rounding, and leaving restores the class forward."""
+    student, _ = pair("llama")
+    ids, mask = prompts()
+    linears = [m for m in student.modules() if type(m) is nn.Linear]
+    with torch.no_grad():
+        want = student(input_ids=ids, attention_mask=mask.long()).logits
+        with _packed_linears(student, len(ids), True):
+            assert all("forward" in m.__dict__ for m in linears)
+            got = student(input_ids=ids, attention_mask=mask.long()).logits
+        assert not any("forward" in m.__dict__ for m in linears)
+        with _packed_linears(student, len(ids), False):
+            assert not any("forward" in m.__dict__ for m in linears)
+    assert_close_verbose(got, want, torch.float32)
