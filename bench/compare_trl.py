@@ -112,6 +112,7 @@ def ours_argv(args: argparse.Namespace, pair: str, records: Path, out_dir: Path)
         "weight_decay": 0.0,
         "warmup_steps": 0,
         "max_grad_norm": 1.0,
+        "gradient_checkpointing": args.gradient_checkpointing == "on",
         "seed": args.seed,
         "output_dir": out_dir,
         "eval_every": 0,
@@ -155,7 +156,7 @@ def run_trl(args: argparse.Namespace, impl: str, pair: str, records: Path, log_p
         *("--batch", str(args.batch), "--prompt-tokens", str(args.prompt_tokens)),
         *("--new-tokens", str(args.new_tokens), "--steps", str(steps_of(args, impl))),
         *("--gamma", str(args.gamma)),
-        *("--gradient-checkpointing", args.trl_gradient_checkpointing, "--seed", str(args.seed)),
+        *("--gradient-checkpointing", args.gradient_checkpointing, "--seed", str(args.seed)),
     ]
     env = {**os.environ, **thread_env(args), "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONUNBUFFERED": "1"}
     code, rss, wall = run_process(cmd, log_path, env)
@@ -277,7 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--seed", type=int, default=10)
     p.add_argument(
-        "--trl-gradient-checkpointing", choices=["on", "off"], default="on", help="TRL's default: on."
+        "--gradient-checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="Activation recomputation on both sides (TRL's default: on).",
     )
     p.add_argument(
         "--ours-extra", default="", help="Extra `minillm distill` flags: --ours-extra='--chunk_size 512'."

@@ -76,9 +76,12 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     mixed_precision: str = _f("auto", "no, bf16 or auto (bf16 on a GPU that supports it, no on CPU).")
     chunk_size: int = _f(
-        1024,
+        256,
         "Tokens per chunk of every full-vocabulary loss: peak loss memory is "
         "chunk_size x vocab, never batch x length x vocab.",
+    )
+    gradient_checkpointing: bool = _f(
+        False, "Recompute the student's layer activations in backward: less memory for one more forward."
     )
     # --- bookkeeping ---
     output_dir: str = _f("runs/out", "Run folder: checkpoints, metrics.jsonl, TensorBoard logs.")

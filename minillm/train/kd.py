@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from minillm import models
-from minillm.config import KDConfig
+from minillm.config import KDConfig, MiniLLMConfig
 from minillm.data.tokenize import Example, collate
 from minillm.objectives.divergences import get_divergence
 from minillm.objectives.lm import ce_sum, divergence_sum, target_rows
@@ -47,7 +47,9 @@ def make_divergence(cfg: KDConfig) -> Callable[[Tensor, Tensor, Tensor], Tensor]
     return get_divergence(cfg.divergence, **params)
 
 
-def load_teacher(cfg: KDConfig, tokenizer: Any, student: nn.Module, acc: Accelerator) -> nn.Module:
+def load_teacher(
+    cfg: KDConfig | MiniLLMConfig, tokenizer: Any, student: nn.Module, acc: Accelerator
+) -> nn.Module:
     """The frozen teacher on the run's device, after checking it shares the student's tokenizer and vocabulary."""
     kw = dict(trust_remote_code=cfg.trust_remote_code)
     teacher_tokenizer = models.load_tokenizer(cfg.teacher, **kw)

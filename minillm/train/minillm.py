@@ -48,6 +48,8 @@ from minillm.objectives.divergences import forward_kl, reverse_kl
 from minillm.objectives.lm import ce_sum, divergence_sum, token_logprobs
 from minillm.rollout import Rollout, sample_rollout
 from minillm.train import engine
+from minillm.train.kd import load_teacher
+from minillm.train.sft import load_student
 
 ROLLOUT_FIELDS = (
     "prompt_ids",
@@ -316,19 +318,8 @@ def validate(
 
 def train_minillm(cfg: MiniLLMConfig) -> Path:
     """Run MiniLLM; returns the folder of the best checkpoint (highest validation Rouge-L by default)."""
-    acc = engine.make_accelerator(cfg)
-    acc.print(f"config: {cfg}")
-    dtype = models.torch_dtype(cfg.dtype, acc.device)
-    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    models.check_same_tokenizer(
-        tokenizer,
-        models.load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code),
-        ("student", "teacher"),
-    )
-    student = models.load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    teacher = models.load_model(cfg.teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    models.check_same_vocab(student, teacher)
-    teacher.requires_grad_(False).eval().to(acc.device)
+    acc, tokenizer, student = load_student(cfg)
+    teacher = load_teacher(cfg, tokenizer, student, acc)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts, _ = load_prompts(cfg.train_data, cfg.max_train_examples, tokenizer, cfg, acc)
     valid_prompts, valid_records = load_prompts(cfg.valid_data, cfg.max_valid_examples, tokenizer, cfg, acc)
@@ -366,6 +357,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         collection, k = divmod(state.step, steps_per_collection)
         epoch, b = divmod(k, per_rank // mini)
         if k == 0 or store is None:
+            engine.release_freed_memory()
             t0 = time.perf_counter()
             idx = engine.step_indices(len(prompts), cfg.num_rollouts, cfg.seed, collection)
             mine = [prompts[i] for i in idx[acc.process_index :: acc.num_processes]]
