@@ -236,3 +236,39 @@ def test_killed_mid_collection_resumes_exactly(peaked_teacher, tokenizer, tmp_pa
     keys = ("loss", "loss/pg", "loss/single", "loss/pt", "reward", "valid/rougeL", "valid/reverse_kl")
     for a, b in zip(got, want, strict=True):
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}, (a["step"], a, b)
+
+
+def test_minibatch_loss_under_bf16_autocast_tracks_fp32(peaked_teacher, tokenizer, tmp_path):
+    """The closed-form chunk pass under autocast (the GPU path: bf16 logits buffers, fp32 maths) gives the
+    fp32 loss and gradients to bf16 accuracy."""
+    teacher_dir, _ = peaked_teacher
+    student = models.load_model(str(save_tiny_model(tmp_path / "s", "llama", tokenizer, layers=1, seed=3)))
+    teacher = models.load_model(str(teacher_dir)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, len(tokenizer), (3, 5), generator=g)
+    r = sample_rollout(
+        student,
+        teacher,
+        ids,
+        torch.ones_like(ids),
+        alpha=0.0,
+        max_new_tokens=7,
+        eos_token_id=0,
+        pad_token_id=0,
+        generator=g,
+    )
+    t_rows, r.logp = teacher_pass(teacher, r, chunk_size=4)
+    adv = torch.randn(r.mask.shape, generator=g)
+    cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=4)
+    results = []
+    for autocast in (False, True):
+        student.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = minibatch_loss(student, teacher, r, t_rows, adv, 11.0, cfg)
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in student.parameters()])
+        results.append((float(loss), grad))
+    (l32, g32), (l16, g16) = results
+    assert l16 != l32  # bf16 really ran
+    assert l16 == pytest.approx(l32, rel=5e-2, abs=1e-2)
+    assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.98
