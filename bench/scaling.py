@@ -64,10 +64,9 @@ from minillm import models
 from minillm.config import MiniLLMConfig
 from minillm.data.instructions import load_records
 from minillm.data.tokenize import encode_prompt
-from minillm.objectives import policy
 from minillm.rollout import sample_rollout
 from minillm.train import engine
-from minillm.train.minillm import minibatch_loss, teacher_pass
+from minillm.train.minillm import minibatch_loss, rewards_and_advantages, teacher_pass
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS_DIR = ROOT / "runs" / "bench" / "pairs"
@@ -114,17 +113,7 @@ def train_step(
     t1 = time.perf_counter()
     t_rows, r.logp = teacher_pass(teacher, r, cfg.chunk_size)  # alpha 0: the trainer keeps this log p
     t2 = time.perf_counter()
-    rewards = policy.token_rewards(r.logp, r.logq_old, r.mask)
-    adv = policy.advantages(
-        rewards,
-        r.mask,
-        gamma=cfg.gamma,
-        inclusive=cfg.return_inclusive,
-        length_norm=cfg.length_norm,
-        reward_scale=cfg.reward_scale,
-        reward_clip=cfg.reward_clip,
-        whiten=cfg.whiten,
-    )
+    _, adv = rewards_and_advantages(r, cfg)
     n_tokens = float(r.mask.sum())
     with acc.autocast():
         loss, _ = minibatch_loss(student, teacher, r, t_rows, adv, n_tokens, cfg)

@@ -180,6 +180,25 @@ def collect(
     return Rollout.cat(parts), torch.cat(rows)
 
 
+def rewards_and_advantages(
+    mb: Rollout, cfg: MiniLLMConfig, all_reduce: policy.AllReduce | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-token rewards r = log p − log q_old and the advantages the config asks for, each [B, T]."""
+    rewards = policy.token_rewards(mb.logp, mb.logq_old, mb.mask)
+    adv = policy.advantages(
+        rewards,
+        mb.mask,
+        gamma=cfg.gamma,
+        inclusive=cfg.return_inclusive,
+        length_norm=cfg.length_norm,
+        reward_scale=cfg.reward_scale,
+        reward_clip=cfg.reward_clip,
+        whiten=cfg.whiten,
+        all_reduce=all_reduce,
+    )
+    return rewards, adv
+
+
 def minibatch_loss(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -379,18 +398,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         mb = store[mb_idx]
         # teacher rows of the mini-batch: each store row's valid positions, located by a cumulative count
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), store.mask.sum(-1).cumsum(0)]).tolist()
-        rewards = policy.token_rewards(mb.logp, mb.logq_old, mb.mask)
-        adv = policy.advantages(
-            rewards,
-            mb.mask,
-            gamma=cfg.gamma,
-            inclusive=cfg.return_inclusive,
-            length_norm=cfg.length_norm,
-            reward_scale=cfg.reward_scale,
-            reward_clip=cfg.reward_clip,
-            whiten=cfg.whiten,
-            all_reduce=all_reduce,
-        )
+        rewards, adv = rewards_and_advantages(mb, cfg, all_reduce)
         n_tokens = engine.global_count(acc, int(mb.mask.sum()))
         engine.seed_step(cfg.seed, state.step, acc.process_index)
         sums = {"pg": 0.0, "single": 0.0, "clipped": 0.0, "pt": 0.0}
