@@ -113,6 +113,7 @@ def main() -> None:
             generator=torch.Generator().manual_seed(0),
             fast=fast,
             compile=compile,
+            score=False,  # sampling only: at α = 0 the trainer scores with its own teacher pass
             **common,
         )
 

@@ -40,7 +40,7 @@ Two implementations behind `sample_rollout(fast=...)`, giving identical tokens u
   for warping at the defaults and a 256-candidate top-p that sorts only rows with a wider nucleus.
 - On CPU in fp32 the fast path runs every `nn.Linear` of the sampled models on a weight reordered once
   per call for oneDNN (`_packed_linears`, what inductor's freezing does): MKL's sgemm reads weights at
-  ~4 GB/s for an 8-row input here, the packed kernel ~25 % faster (bench/RESULTS.md). Same maths in
+  ~4 GB/s for an 8-row input here, the packed kernel ~6 GB/s; sampling 9–26 % faster (bench/RESULTS.md). Same maths in
   fp32, another summation order: tokens can differ from the eager path where a draw falls within
   rounding of a CDF boundary.
 - `compile=True` (fast path, opt-in) runs that step function through `torch.compile`. Measured on the

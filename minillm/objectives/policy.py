@@ -256,7 +256,7 @@ def log_importance_weight(logq_old: Tensor, logp: Tensor, alpha: float) -> Tenso
     return (logq_old.detach() - mixture_log_prob(logq_old.detach(), logp.detach(), alpha)).detach()
 
 
-def _log_softmax_(x: Tensor, work: Tensor) -> Tensor:
+def log_softmax_inplace(x: Tensor, work: Tensor) -> Tensor:
     """x [C, V] becomes log softmax(x) in place; returns softmax(x), written into `work` [C, V]."""
     top = x.amax(-1, keepdim=True)  # [C, 1]
     torch.sub(x, top, out=work).exp_()
@@ -302,9 +302,9 @@ def policy_logit_grad(
     logp = None
     if teacher_logits is not None:
         logp = teacher_logits.to(dt)  # [C, V], log p after the next line (its softmax is scratch)
-        _log_softmax_(logp, work)
+        log_softmax_inplace(logp, work)
     logq = logits.to(dt)  # [C, V], log q after the next line
-    q = _log_softmax_(logq, work)  # [C, V]
+    q = log_softmax_inplace(logq, work)  # [C, V]
     pick = targets[:, None]
     logq_new = logq.gather(-1, pick)[:, 0].requires_grad_()  # [C]
     ones = torch.ones(1, C, dtype=torch.bool, device=logits.device)

@@ -112,10 +112,12 @@ def response_rows(model: torch.nn.Module, batch: Rollout) -> Tensor:
     used, so no attention mask is needed.
     """
     prompt_len = batch.prompt_mask.sum(-1).tolist()  # [B]
-    resp_len = batch.mask.sum(-1).tolist()  # [B], ≥ 1: a response always has its first token
+    resp_len = batch.mask.sum(-1).tolist()  # [B]
     P = batch.prompt_ids.shape[1]
     seqs = [
-        torch.cat([batch.prompt_ids[i, P - prompt_len[i] :], batch.response_ids[i, : resp_len[i] - 1]])
+        torch.cat(
+            [batch.prompt_ids[i, P - prompt_len[i] :], batch.response_ids[i, : max(resp_len[i] - 1, 0)]]
+        )
         for i in range(len(batch))
     ]
     out: list[Tensor] = [batch.prompt_ids.new_empty(0)] * len(seqs)
