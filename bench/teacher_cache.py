@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from minillm import models
 from minillm.data.instructions import load_records
 from minillm.data.tokenize import collate_prompts, encode_prompt
+from minillm.objectives.chunked import head_logits_into
 from minillm.objectives.policy import log_softmax_inplace
 from minillm.rollout import sample_rollout
 from minillm.train.minillm import response_rows
@@ -127,7 +128,7 @@ def main() -> None:
     def recompute() -> None:
         for i in range(0, N, C):
             x = buf[: len(t_rows[i : i + C])]
-            torch.mm(t_rows[i : i + C], tw.T, out=x)
+            head_logits_into(x, t_rows[i : i + C], tw, tb)
             log_softmax_inplace(x, work[: len(x)])
 
     def read(cache: torch.Tensor) -> None:
@@ -139,7 +140,7 @@ def main() -> None:
         cache = torch.empty(N, V, dtype=dtype)
         for i in range(0, N, C):
             x = buf[: len(t_rows[i : i + C])]
-            torch.mm(t_rows[i : i + C], tw.T, out=x)
+            head_logits_into(x, t_rows[i : i + C], tw, tb)
             log_softmax_inplace(x, work[: len(x)])
             cache[i : i + C] = x
         return cache

@@ -30,8 +30,8 @@ What is recorded, and where we depart from the official code:
   (`score_teacher`). With α > 0 it comes from the sampling loop and equals that forward to fp tolerance.
 - Masks come from lengths, never from ids (pad may equal EOS): True up to and including the first EOS.
 
-Two implementations behind `sample_rollout(fast=...)`, giving identical tokens under one generator
-(both stop once every row has ended):
+Two implementations behind `sample_rollout(fast=...)`, giving the same tokens under one generator up to
+rounding (packed weights, below); both stop once every row has ended:
 - eager reference: HF DynamicCache, 2D attention masks grown by `cat` (HF rebuilds the 4D mask every
   step), full-vocabulary sort for top-p, lists of per-step columns;
 - fast path: static KV cache (HF `StaticCache`; DynamicCache for families without
@@ -40,8 +40,8 @@ Two implementations behind `sample_rollout(fast=...)`, giving identical tokens u
   for warping at the defaults and a 256-candidate top-p that sorts only rows with a wider nucleus.
 - On CPU in fp32 the fast path runs every `nn.Linear` of the sampled models on a weight reordered once
   per call for oneDNN (`_packed_linears`, what inductor's freezing does): MKL's sgemm reads weights at
-  ~4 GB/s for an 8-row input here, the packed kernel ~6 GB/s; sampling 9–26 % faster (bench/RESULTS.md). Same maths in
-  fp32, another summation order: tokens can differ from the eager path where a draw falls within
+  ~4 GB/s for an 8-row input here, the packed kernel ~6 GB/s; sampling 9–26 % faster (bench/RESULTS.md).
+  Same maths in fp32, another summation order: tokens can differ from the eager path where a draw falls within
   rounding of a CDF boundary.
 - `compile=True` (fast path, opt-in) runs that step function through `torch.compile`. Measured on the
   2 shared CPU cores, B = 8, V = 49152: the step at the defaults 30 → 10 ms (the models take 100-200 ms a
@@ -194,6 +194,7 @@ def sample_rollout(
     generator:      the only randomness (one uniform per row per step); seed it from (seed, step, rank)
     temperature, top_k, top_p: applied to each model's distribution before mixing (module docstring)
     fast:           the static-cache fast path (default) or the eager reference; same tokens either way
+                    up to rounding at CDF boundaries (module docstring)
     compile:        opt-in `torch.compile` of the fused sampling step of the fast path (module docstring)
     score:          with alpha == 0, fill `logp` by one teacher forward; False leaves it 0 for a caller that
                     runs its own teacher pass over the responses anyway (the MiniLLM trainer)
@@ -634,7 +635,7 @@ def _sample_fast(
     generator: torch.Generator,
     compile: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fast loop; same outputs (and same tokens under one generator) as `_sample_eager`."""
+    """Fast loop; the outputs of `_sample_eager` (the same tokens under one generator, up to rounding)."""
     B, N = input_ids.shape[0], max_new_tokens
     device = input_ids.device
     run_teacher = s.alpha > 0.0

@@ -47,18 +47,8 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 def model_config(family: str, vocab_size: int, layers: int = 2, hidden: int = 32):
     common = dict(vocab_size=vocab_size, eos_token_id=0, bos_token_id=0, pad_token_id=0)
-    if family == "llama":
-        return LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            **common,
-        )
-    if family == "qwen2":
-        return Qwen2Config(
+    if family in ("llama", "qwen2"):  # the same decoder shape; Qwen2 adds attention biases
+        return (LlamaConfig if family == "llama" else Qwen2Config)(
             hidden_size=hidden,
             intermediate_size=2 * hidden,
             num_hidden_layers=layers,

@@ -26,6 +26,13 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 TokenFn = Callable[[Tensor, int, int], Tensor | tuple[Tensor, Tensor]]
 
 
+def head_logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """hidden [C, H] @ weight.T [H, V] (+ bias [V]) written into the preallocated `out` [C, V]."""
+    if bias is None:
+        return torch.mm(hidden, weight.T, out=out)
+    return torch.addmm(bias, hidden, weight.T, out=out)
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -62,9 +69,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             h = hidden[start:end].detach()  # [C, H]
             grad_logits = None
             if closed_form:
-                logits = buf[: end - start]
-                hc = h.to(w.dtype)
-                torch.mm(hc, w.T, out=logits) if b is None else torch.addmm(b, hc, w.T, out=logits)
+                logits = head_logits_into(buf[: end - start], h.to(w.dtype), w, b)
                 loss, grad_logits = token_fn(logits, start, end)
                 grad_logits = grad_logits.to(w.dtype)
             else:

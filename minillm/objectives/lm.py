@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minillm.objectives.chunked import chunked_head_loss
+from minillm.objectives.chunked import chunked_head_loss, head_logits_into
 
 
 def target_rows(hidden: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,8 +100,7 @@ def token_logprobs(
     buf = torch.empty(min(chunk_size, N), weight.shape[0], dtype=rows.dtype, device=rows.device)  # [C, V]
     for start in range(0, N, chunk_size):
         h = rows[start : start + chunk_size]
-        logits = buf[: len(h)]
-        torch.mm(h, weight.T, out=logits) if bias is None else torch.addmm(bias, h, weight.T, out=logits)
+        logits = head_logits_into(buf[: len(h)], h, weight, bias)
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the buffer itself unless bf16
         picked = x.gather(-1, targets[start : start + chunk_size, None])[:, 0]  # [C]
         top = x.amax(-1, keepdim=True)  # [C, 1]

@@ -43,7 +43,7 @@ from minillm.data.pretrain import load_pt_blocks
 from minillm.data.tokenize import collate_prompts, encode_prompt
 from minillm.evaluate.metrics import rouge_l
 from minillm.objectives import policy
-from minillm.objectives.chunked import chunked_head_loss
+from minillm.objectives.chunked import chunked_head_loss, head_logits_into
 from minillm.objectives.divergences import forward_kl, reverse_kl
 from minillm.objectives.lm import ce_sum, divergence_sum, token_logprobs
 from minillm.rollout import Rollout, sample_rollout
@@ -227,11 +227,7 @@ def minibatch_loss(
     def token_fn(logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
         t_logits = None
         if t_buf is not None:
-            t_logits, h = t_buf[: end - start], t_rows[start:end]
-            if t_bias is None:
-                torch.mm(h, t_weight.T, out=t_logits)
-            else:
-                torch.addmm(t_bias, h, t_weight.T, out=t_logits)
+            t_logits = head_logits_into(t_buf[: end - start], t_rows[start:end], t_weight, t_bias)
         pg, single, clipped, grad = policy.policy_logit_grad(
             logits,
             t_logits,
@@ -310,7 +306,7 @@ def validate(
             text = tokenizer.decode(r.response_ids[b][r.mask[b]], skip_special_tokens=True)
             scores.append(rouge_l(text, [records[i]["output"]]))
         s_rows = response_rows(inner, r)  # [N, H]
-        t_rows, _ = teacher_pass(teacher, r, cfg.chunk_size)  # [N, H_t]
+        t_rows = response_rows(teacher, r)  # [N, H_t]; log p of the samples is not needed here
         s_head, t_head = models.output_head(inner), models.output_head(teacher)
         per_token = torch.zeros(r.mask.shape, device=s_rows.device)  # [B, T]
         per_token[r.mask] = torch.cat(
