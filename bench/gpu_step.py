@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from minillm.config import MiniLLMConfig
 from minillm.objectives import policy
 from minillm.rollout import Rollout, sample_rollout
-from minillm.train.minillm import minibatch_loss, teacher_pass
+from minillm.train.minillm import TeacherStore, minibatch_loss, teacher_cache, teacher_pass
 
 
 def build(
@@ -111,9 +111,11 @@ def main() -> None:
     rows.append((f"teacher-mixed sampling, fast (alpha {args.alpha})", t, m))
     t, m, _ = timed(lambda: sample(False), args.device, max(1, args.reps - 2))
     rows.append(("teacher-mixed sampling, eager", t, m))
-    t, m, (t_rows, _) = timed(lambda: teacher_pass(teacher, r, 4096), args.device, args.reps)
+    cfg = MiniLLMConfig(chunk_size=4096, max_new_tokens=T)
+    cache = teacher_cache(teacher, B, cfg, torch.device(args.device))  # the trainer's choice (None here)
+    t, m, (t_rows, _) = timed(lambda: teacher_pass(teacher, r, 4096, cache), args.device, args.reps)
     rows.append(("teacher scoring forward (hidden rows + log p)", t, m))
-    cfg = MiniLLMConfig(chunk_size=4096)
+    t_store = TeacherStore(t_rows, None if cache is None else cache[: len(t_rows)])
     student.train()
     adv = policy.advantages(
         policy.token_rewards(r.logp, r.logq_old, r.mask),
@@ -128,7 +130,7 @@ def main() -> None:
 
     def update() -> None:
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-            loss, _ = minibatch_loss(student, teacher, r, t_rows, adv, float(r.mask.sum()), cfg)
+            loss, _ = minibatch_loss(student, teacher, r, t_store, adv, float(r.mask.sum()), cfg)
         loss.backward()
         student.zero_grad(set_to_none=True)
 

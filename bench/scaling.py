@@ -52,6 +52,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,13 @@ from minillm.data.instructions import load_records
 from minillm.data.tokenize import encode_prompt
 from minillm.rollout import sample_rollout
 from minillm.train import engine
-from minillm.train.minillm import minibatch_loss, rewards_and_advantages, teacher_pass
+from minillm.train.minillm import (
+    TeacherStore,
+    minibatch_loss,
+    rewards_and_advantages,
+    teacher_cache,
+    teacher_pass,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS_DIR = ROOT / "runs" / "bench" / "pairs"
@@ -111,12 +118,16 @@ def train_step(
         score=False,
     )
     t1 = time.perf_counter()
-    t_rows, r.logp = teacher_pass(teacher, r, cfg.chunk_size)  # alpha 0: the trainer keeps this log p
+    cache = teacher_cache(
+        teacher, len(r), replace(cfg, max_new_tokens=tokens), r.mask.device
+    )  # as the trainer
+    t_rows, r.logp = teacher_pass(teacher, r, cfg.chunk_size, cache)  # alpha 0: the trainer keeps this log p
+    t_store = TeacherStore(t_rows, None if cache is None else cache[: len(t_rows)])
     t2 = time.perf_counter()
     _, adv = rewards_and_advantages(r, cfg)
     n_tokens = float(r.mask.sum())
     with acc.autocast():
-        loss, _ = minibatch_loss(student, teacher, r, t_rows, adv, n_tokens, cfg)
+        loss, _ = minibatch_loss(student, teacher, r, t_store, adv, n_tokens, cfg)
     acc.backward(loss)
     engine.clip_and_step(acc, student, optimizer, scheduler, cfg)
     t3 = time.perf_counter()

@@ -182,6 +182,11 @@ class MiniLLMConfig(TrainConfig):
     top_k: int = _f(0, "Top-k of sampling (official: 0 = off).")
     top_p: float = _f(1.0, "Top-p of sampling (official: 1 = off).")
     fast_rollout: bool = _f(True, "Use the static-cache decode loop (same samples as the eager loop).")
+    teacher_cache_mib: float = _f(
+        256.0,
+        "Keep a collection's teacher log-probs (fp32, exact) when rollouts x max_new_tokens x vocab x 4 B "
+        "fits this many MiB; else each inner epoch recomputes them from cached hidden states (0 = always).",
+    )
     valid_max_new_tokens: int = _f(256, "New tokens per validation answer.")
     best_metric: str = _f(
         "valid/rougeL", "Metric that picks the best checkpoint (official: validation Rouge-L)."
@@ -196,6 +201,8 @@ class MiniLLMConfig(TrainConfig):
             raise ConfigError(f"teacher_mix_alpha must be in [0, 1], got {self.teacher_mix_alpha}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma must be in [0, 1], got {self.gamma}")
+        if self.teacher_cache_mib < 0:
+            raise ConfigError(f"teacher_cache_mib must be >= 0, got {self.teacher_cache_mib}")
         if not 0.0 <= self.kd_ratio <= 1.0:
             raise ConfigError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
         _choice(self, "whiten", ("masked", "official", "off"))

@@ -20,7 +20,14 @@ from minillm import models
 from minillm.config import MiniLLMConfig, SFTConfig
 from minillm.objectives import policy
 from minillm.rollout import sample_rollout
-from minillm.train.minillm import length_groups, minibatch_loss, response_rows, teacher_pass, train_minillm
+from minillm.train.minillm import (
+    TeacherStore,
+    length_groups,
+    minibatch_loss,
+    response_rows,
+    teacher_pass,
+    train_minillm,
+)
 from minillm.train.sft import train_sft
 
 
@@ -88,7 +95,11 @@ def minillm_config(student: Path, teacher: Path, data: Path, out: Path, **kw) ->
 
 @pytest.mark.parametrize(
     "variant",
-    [dict(max_steps=24, lr=2e-2), dict(single_step=False, teacher_mix_alpha=0.0, max_steps=64, lr=3e-2)],
+    # "full" recomputes the teacher's log-probs every inner epoch; the resume test below reads them cached
+    [
+        dict(max_steps=24, lr=2e-2, teacher_cache_mib=0),
+        dict(single_step=False, teacher_mix_alpha=0.0, max_steps=64, lr=3e-2),
+    ],
     ids=["full", "pg-only"],
 )
 def test_reverse_kl_to_peaked_teacher_halves(peaked_teacher, tokenizer, tmp_path, variant):
@@ -131,8 +142,11 @@ def test_response_rows_equal_padded_forward(tokenizer, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_path):
-    """PG + single-step from the chunked pass equal a direct full-logit float64 computation, value and grads."""
+@pytest.mark.parametrize("store", ["rows", "cache", "cache, permuted"])
+def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_path, store):
+    """PG + single-step from the chunked pass equal a direct full-logit float64 computation, value and grads,
+    whether the teacher's log-probs are recomputed from its hidden rows or read from the collection's
+    cache, in order or through a mini-batch's index."""
     teacher_dir, _ = peaked_teacher
     student = models.load_model(str(save_tiny_model(tmp_path / "s", "llama", tokenizer, layers=1, seed=3)))
     teacher = models.load_model(str(teacher_dir)).eval()
@@ -152,11 +166,18 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
         generator=g,
         fast=False,
     )
-    t_rows, _ = teacher_pass(teacher, r, chunk_size=5)
+    N, V = int(r.mask.sum()), len(tokenizer)
+    cache = torch.full((N + 3, V), float("nan"))  # rows past N must stay unread
+    t_rows, logp = teacher_pass(teacher, r, chunk_size=5, logp_out=None if store == "rows" else cache)
+    torch.testing.assert_close(logp, teacher_pass(teacher, r, chunk_size=5)[1], rtol=1e-5, atol=1e-6)
+    t_store = TeacherStore(t_rows, None if store == "rows" else cache[:N])
+    if store == "cache, permuted":  # a collection in another order; the mini-batch picks its positions
+        perm = torch.randperm(N, generator=g)
+        t_store = TeacherStore(t_rows[perm], cache[:N][perm]).select(perm.argsort())
     adv = torch.randn(r.mask.shape, generator=g)
     cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=5, clip_eps=0.2)
     student.train(False)
-    loss, _ = minibatch_loss(student, teacher, r, t_rows, adv, 11.0, cfg)
+    loss, _ = minibatch_loss(student, teacher, r, t_store, adv, 11.0, cfg)
     loss.backward()
     got = {n: p.grad.clone() for n, p in student.named_parameters()}
 
@@ -258,13 +279,14 @@ def test_minibatch_loss_under_bf16_autocast_tracks_fp32(peaked_teacher, tokenize
         generator=g,
     )
     t_rows, r.logp = teacher_pass(teacher, r, chunk_size=4)
+    t_store = TeacherStore(t_rows)
     adv = torch.randn(r.mask.shape, generator=g)
     cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=4)
     results = []
     for autocast in (False, True):
         student.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss, _ = minibatch_loss(student, teacher, r, t_rows, adv, 11.0, cfg)
+            loss, _ = minibatch_loss(student, teacher, r, t_store, adv, 11.0, cfg)
         loss.backward()
         grad = torch.cat([p.grad.flatten() for p in student.parameters()])
         results.append((float(loss), grad))

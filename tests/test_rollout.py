@@ -20,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from minillm.rollout import (
     Rollout,
+    _inverse_cdf,
     _packed_linears,
     _warp_fast,
     _warp_reference,
@@ -360,6 +361,32 @@ def test_first_token_frequencies_match_the_mixture(kw: dict) -> None:
     assert bool((pi > 0.01).sum() >= 3), f"degenerate fixture {pi}"
     assert bool(((freq - pi).abs() <= 4.5 * se).all()), f"freq {freq}\nexpected {pi}"
     assert bool((freq[pi == 0] == 0).all())
+
+
+@pytest.mark.parametrize("V", [1024, 3000, 700])
+def test_inverse_cdf_equals_one_cumsum(V: int) -> None:
+    """The two-level search picks what a float64 cumsum over the whole row picks (the `_draw` rule), for
+    V a multiple of the block, not, and under one block. For u on a block's last CDF value (within
+    rounding of a boundary, where the two may differ) it still picks a token of nonzero probability
+    whose CDF interval holds u·total to rounding."""
+    g = torch.Generator().manual_seed(V)
+    B = 400
+    probs = torch.rand(B, V, generator=g) ** 4 * (torch.rand(B, V, generator=g) > 0.3)  # a third zeros
+    probs[:, 1000:1030] = 0.0  # a zero run across the first block boundary
+    cdf = probs.double().cumsum(-1)  # [B, V]
+    u = torch.rand(B, 1, generator=g, dtype=torch.float64)
+    u[:3] = torch.tensor([[0.0], [1 - 2**-53], [1e-12]], dtype=torch.float64)
+    got, total = _inverse_cdf(probs, u)
+    assert torch.equal(got, torch.searchsorted(cdf, u * cdf[:, -1:], right=True))
+    torch.testing.assert_close(total, cdf[:, -1:], rtol=1e-12, atol=0)
+
+    end = min(V, 1024) - 2  # the CDF at the end of the first block, or of the row's second-to-last token
+    u = cdf[:, end : end + 1] / cdf[:, -1:]
+    got, total = _inverse_cdf(probs, u)
+    assert bool((probs.gather(-1, got) > 0).all())
+    hi, lo = cdf.gather(-1, got), (cdf - probs.double()).gather(-1, got)
+    target, eps = u * total, 1e-12 * total
+    assert bool(((lo - eps <= target) & (target <= hi + eps)).all())
 
 
 @pytest.mark.parametrize(

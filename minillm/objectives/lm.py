@@ -25,6 +25,41 @@ def target_rows(hidden: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple
     return hidden[:, :-1][keep], input_ids[:, 1:][keep]
 
 
+def log_softmax_inplace(x: Tensor, work: Tensor) -> Tensor:
+    """x [C, V] becomes log softmax(x) in place; returns softmax(x), written into `work` [C, V]."""
+    top = x.amax(-1, keepdim=True)  # [C, 1]
+    torch.sub(x, top, out=work).exp_()
+    z = work.sum(-1, keepdim=True)  # [C, 1]
+    x.sub_(top + z.log())
+    return work.div_(z)
+
+
+def head_log_probs_into(
+    out: Tensor, rows: Tensor, head: tuple[Tensor, Tensor | None], work: Tensor
+) -> Tensor:
+    """out [C, V] = log softmax(rows @ W.T + b) in out's dtype (fp32 or wider); rows [C, H]; work [C, V]
+    scratch in out's dtype (left holding the softmax). No allocation when rows and head share out's dtype."""
+    weight, bias = head
+    if rows.dtype == weight.dtype == out.dtype:
+        head_logits_into(out, rows, weight, bias)
+    else:  # e.g. a bf16 head: the matmul in its dtype, the softmax in out's
+        out.copy_(F.linear(rows, weight, bias))
+    log_softmax_inplace(out, work)
+    return out
+
+
+def fill_log_probs(
+    out: Tensor, rows: Tensor, head: tuple[Tensor, Tensor | None], *, chunk_size: int
+) -> Tensor:
+    """out [N, V] = log softmax(rows @ W.T + b) for rows [N, H], C rows at a time (scratch [C, V])."""
+    N = len(rows)
+    work = out.new_empty(min(chunk_size, N), out.shape[1])
+    for start in range(0, N, chunk_size):
+        end = min(start + chunk_size, N)
+        head_log_probs_into(out[start:end], rows[start:end], head, work[: end - start])
+    return out
+
+
 def ce_sum(
     rows: Tensor,
     targets: Tensor,

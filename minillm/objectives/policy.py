@@ -40,6 +40,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from minillm.objectives.lm import log_softmax_inplace
+
 WHITEN_MODES = ("masked", "official", "off")
 AllReduce = Callable[[Tensor], Tensor]
 
@@ -256,19 +258,10 @@ def log_importance_weight(logq_old: Tensor, logp: Tensor, alpha: float) -> Tenso
     return (logq_old.detach() - mixture_log_prob(logq_old.detach(), logp.detach(), alpha)).detach()
 
 
-def log_softmax_inplace(x: Tensor, work: Tensor) -> Tensor:
-    """x [C, V] becomes log softmax(x) in place; returns softmax(x), written into `work` [C, V]."""
-    top = x.amax(-1, keepdim=True)  # [C, 1]
-    torch.sub(x, top, out=work).exp_()
-    z = work.sum(-1, keepdim=True)  # [C, 1]
-    x.sub_(top + z.log())
-    return work.div_(z)
-
-
 @torch.no_grad()
 def policy_logit_grad(
     logits: Tensor,
-    teacher_logits: Tensor | None,
+    teacher_logp: Tensor | None,
     work: Tensor,
     targets: Tensor,
     logq_old: Tensor,
@@ -285,24 +278,21 @@ def policy_logit_grad(
         ∂pg_n/∂s_v     = c_n · (1[v = y_n] − q_v)
         ∂KL_n/∂s_v     = q_v · (log q_v − log p_v − KL_n)
     Written by hand because autograd through log_softmax / KL keeps several [C, V] temporaries and twice
-    the passes over them; here everything happens in the three given buffers.
+    the passes over them; here everything happens in the logits and work buffers.
 
     logits:         [C, V] student logits; overwritten in place when already in the compute dtype (fp32,
                     or fp64 for references), else upcast into a new tensor
-    teacher_logits: [C, V] teacher logits, likewise; None leaves out the single-step term
+    teacher_logp:   [C, V] the teacher's log-probabilities log p (normalised), read only; None leaves out
+                    the single-step term
     work:           [C, V] scratch in the compute dtype
     targets:        [C] long sampled tokens y_n; logq_old, log_w, advantages: [C] as in `ppo_policy_loss`
-    returns:        pg [C], single [C] (zeros when teacher_logits is None), clipped [C] bool, and the
+    returns:        pg [C], single [C] (zeros when teacher_logp is None), clipped [C] bool, and the
                     gradient of Σ_n (pg_n + single_n) w.r.t. the logits, [C, V] (one of the buffers)
     """
     C, V = logits.shape
     dt = _compute_dtype(logits)
     assert work.shape == (C, V) and work.dtype == dt, f"work {tuple(work.shape)} {work.dtype}, want {dt}"
     assert targets.shape == logq_old.shape == log_w.shape == advantages.shape == (C,)
-    logp = None
-    if teacher_logits is not None:
-        logp = teacher_logits.to(dt)  # [C, V], log p after the next line (its softmax is scratch)
-        log_softmax_inplace(logp, work)
     logq = logits.to(dt)  # [C, V], log q after the next line
     q = log_softmax_inplace(logq, work)  # [C, V]
     pick = targets[:, None]
@@ -314,11 +304,11 @@ def policy_logit_grad(
         )
         (coef,) = torch.autograd.grad(pg.sum(), logq_new)  # [C]
     coef = coef.to(dt)[:, None]  # [C, 1]
-    if logp is None:
+    if teacher_logp is None:
         single = logq.new_zeros(C)
         grad = q.mul_(-coef)
     else:
-        grad = torch.sub(logq, logp, out=logp)  # [C, V] log q − log p
+        grad = logq.sub_(teacher_logp)  # [C, V] log q − log p (log q is not needed any more)
         single = torch.bmm(q[:, None, :], grad[:, :, None])[:, 0, 0]  # [C] Σ_v q_v (log q_v − log p_v)
         grad.sub_(single[:, None] + coef).mul_(q)
     grad.scatter_add_(-1, pick, coef)

@@ -7,9 +7,10 @@ in mini-batches; each mini-batch takes
   loss = PPO-clipped policy gradient on the length-normalised, discounted return of r_t = log p − log q_old
        + single-step term: the exact full-vocabulary KL(q(·|y<t) ‖ p(·|y<t)) at every sampled position
        + pt_coef · PT loss on a batch of pre-training blocks (section 2.3).
-Everything full-vocabulary runs in token chunks from hidden states (never a [B, T, V] fp32 tensor); the
-teacher's hidden states of the sampled responses are cached per collection, so each inner epoch recomputes
-only the teacher's head on a chunk instead of its whole forward.
+Everything full-vocabulary runs in token chunks from hidden states (never a [B, T, V] fp32 tensor). The
+teacher runs once per collection: its log-probabilities at every sampled position are kept when they fit
+`teacher_cache_mib` (fp32, exact), else its hidden states are, and each inner epoch recomputes only the
+teacher's head on a chunk (`TeacherStore`).
 
 Departures from the paper / the official code (LMOps minillm/, commits cited in objectives/policy.py),
 each behind a flag:
@@ -28,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +45,15 @@ from minillm.data.pretrain import load_pt_blocks
 from minillm.data.tokenize import collate_prompts, encode_prompt
 from minillm.evaluate.metrics import rouge_l
 from minillm.objectives import policy
-from minillm.objectives.chunked import chunked_head_loss, head_logits_into
+from minillm.objectives.chunked import chunked_head_loss
 from minillm.objectives.divergences import forward_kl, reverse_kl
-from minillm.objectives.lm import ce_sum, divergence_sum, token_logprobs
+from minillm.objectives.lm import (
+    ce_sum,
+    divergence_sum,
+    fill_log_probs,
+    head_log_probs_into,
+    token_logprobs,
+)
 from minillm.rollout import Rollout, sample_rollout
 from minillm.train import engine
 from minillm.train.kd import load_teacher
@@ -129,16 +137,81 @@ def response_rows(model: torch.nn.Module, batch: Rollout) -> Tensor:
     return torch.cat(out)
 
 
+@dataclass
+class TeacherStore:
+    """The teacher's side of a collection at its valid response positions, row-major (`x[store.mask]`):
+    final hidden rows [N, H_t] (small; what mid-collection checkpoints keep) and, when the collection fits
+    `teacher_cache_mib`, the fp32 log-probabilities [N, V] the teacher pass computed anyway, which spares
+    every inner epoch the teacher's head (~1.3 s per 1024 positions at V = 49k on one CPU core,
+    bench/teacher_cache.py). `index` picks a mini-batch's positions (None: all, in order)."""
+
+    rows: Tensor
+    logp: Tensor | None = None
+    index: Tensor | None = None
+
+    def select(self, index: Tensor) -> TeacherStore:
+        """The positions `index` [M] of this view (a view of the same storage)."""
+        return TeacherStore(self.rows, self.logp, index if self.index is None else self.index[index])
+
+    def log_probs_into(
+        self, out: Tensor, start: int, end: int, head: tuple[Tensor, Tensor | None], work: Tensor
+    ) -> Tensor:
+        """log p at this view's positions start:end [C, V] (fp32 or wider), read only; written into `out`
+        [C, V] unless the cache holds them contiguously. work: [C, V] scratch."""
+        at = slice(start, end) if self.index is None else self.index[start:end]
+        if self.logp is None:
+            return head_log_probs_into(out, self.rows[at], head, work)
+        if self.index is None:
+            return self.logp[at]
+        return torch.index_select(self.logp, 0, at, out=out)
+
+
+def teacher_cache(
+    teacher: torch.nn.Module, rollouts: int, cfg: MiniLLMConfig, device: torch.device
+) -> Tensor | None:
+    """An empty [rollouts x max_new_tokens, V] fp32 store for a collection's teacher log-probs, or None
+    when that bound exceeds `teacher_cache_mib` or the single-step term is off. On a CPU `torch.empty`
+    touches no page: only the rows a collection writes take memory."""
+    V = models.output_head(teacher)[0].shape[0]
+    n = rollouts * cfg.max_new_tokens
+    if not cfg.single_step or n * V * 4 > cfg.teacher_cache_mib * 2**20:
+        return None
+    return torch.empty(n, V, device=device)
+
+
 @torch.no_grad()
-def teacher_pass(teacher: torch.nn.Module, batch: Rollout, chunk_size: int) -> tuple[Tensor, Tensor]:
+def teacher_pass(
+    teacher: torch.nn.Module, batch: Rollout, chunk_size: int, logp_out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One teacher forward over prompt + response: hidden rows of the valid response positions [N, H_t]
-    (cached for every inner epoch's single-step term) and log p of the sampled tokens [B, T]."""
+    and log p of the sampled tokens [B, T]. With `logp_out` ([≥ N, V] fp32) its first N rows receive
+    the full log-probabilities at those positions (the same head pass)."""
     rows = response_rows(teacher, batch)  # [N, H_t]
+    head = models.output_head(teacher)
+    targets = batch.response_ids[batch.mask]  # [N]
     logp = torch.zeros(batch.mask.shape, device=rows.device)
-    logp[batch.mask] = token_logprobs(
-        rows, batch.response_ids[batch.mask], models.output_head(teacher), chunk_size=chunk_size
-    )
+    if logp_out is None:
+        logp[batch.mask] = token_logprobs(rows, targets, head, chunk_size=chunk_size)
+    else:
+        full = fill_log_probs(logp_out[: len(rows)], rows, head, chunk_size=chunk_size)
+        logp[batch.mask] = full.gather(-1, targets[:, None])[:, 0]
     return rows, logp
+
+
+def refill_teacher_cache(
+    teacher: torch.nn.Module, store: Rollout, rows: Tensor, cache: Tensor, cfg: MiniLLMConfig
+) -> TeacherStore:
+    """The TeacherStore of a collection restored from a checkpoint: its log-probs recomputed from the
+    saved rows batch by batch, in `collect`'s chunks, so they are the very values the killed run used."""
+    counts = store.mask.sum(-1).tolist()
+    start = 0
+    for i in range(0, len(store), cfg.batch_size):
+        end = start + sum(counts[i : i + cfg.batch_size])
+        head = models.output_head(teacher)
+        with torch.no_grad():  # a fresh tensor per batch, as teacher_pass sees it
+            fill_log_probs(cache[start:end], rows[start:end].clone(), head, chunk_size=cfg.chunk_size)
+        start = end
+    return TeacherStore(rows, cache[:start])
 
 
 def collect(
@@ -150,10 +223,12 @@ def collect(
     cfg: MiniLLMConfig,
     acc: Accelerator,
     g: torch.Generator,
-) -> tuple[Rollout, Tensor]:
-    """Sample this rank's rollouts in batches; returns the store and the cached teacher rows [N, H_t]."""
+    cache: Tensor | None = None,
+) -> tuple[Rollout, TeacherStore]:
+    """Sample this rank's rollouts in batches; returns the store and the teacher's side of it (its
+    log-probs in `cache`, from `teacher_cache`, when given)."""
     inner = acc.unwrap_model(student)
-    parts, rows = [], []
+    parts, rows, filled = [], [], 0
     for batch_prompts in engine.chunks(prompts, cfg.batch_size):
         enc = collate_prompts(batch_prompts, pad)
         r = sample_rollout(
@@ -172,14 +247,15 @@ def collect(
             fast=cfg.fast_rollout,
             score=False,  # the teacher pass below gives log p and the hidden rows in one forward
         )
-        t_rows, logp = teacher_pass(teacher, r, cfg.chunk_size)
+        t_rows, logp = teacher_pass(teacher, r, cfg.chunk_size, None if cache is None else cache[filled:])
+        filled += len(t_rows)
         if cfg.teacher_mix_alpha == 0.0:
             r.logp = logp
         parts.append(r)
         rows.append(t_rows)
     # Rollout.cat right-pads responses, so each row keeps its valid positions in place and the parts'
     # row-major teacher rows concatenate into the store's row-major order
-    return Rollout.cat(parts), torch.cat(rows)
+    return Rollout.cat(parts), TeacherStore(torch.cat(rows), None if cache is None else cache[:filled])
 
 
 def rewards_and_advantages(
@@ -205,33 +281,35 @@ def minibatch_loss(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
     mb: Rollout,
-    t_rows: Tensor,
+    t_store: TeacherStore,
     adv: Tensor,
     n_tokens: float,
     cfg: MiniLLMConfig,
 ) -> tuple[Tensor, dict[str, float]]:
     """(Σ PG loss + Σ single-step KL) / n_tokens for one micro-batch, in one chunked head pass whose
-    gradient w.r.t. the logits is closed-form (`policy.policy_logit_grad`)."""
+    gradient w.r.t. the logits is closed-form (`policy.policy_logit_grad`). t_store: the teacher's side of
+    mb's valid positions, in mb's row-major order."""
     inner = getattr(student, "module", student)
     mask = mb.mask
     rows = response_rows(student, mb)  # [N, H]
     targets = mb.response_ids[mask]  # [N]
     logq_old, log_w, a = mb.logq_old[mask], mb.log_w[mask], adv[mask]  # [N] each
-    t_weight, t_bias = models.output_head(teacher)
-    C, V = min(cfg.chunk_size, len(rows)), t_weight.shape[0]
-    # Buffers shared by every chunk: the teacher's logits and a scratch (the student's are the chunker's)
-    t_buf = t_rows.new_empty(C, V) if cfg.single_step else None
+    t_head = models.output_head(teacher)
+    C, V = min(cfg.chunk_size, len(rows)), t_head[0].shape[0]
+    # Buffers shared by every chunk: the teacher's log-probs and a scratch (the student's are the chunker's)
     work = torch.empty(C, V, dtype=torch.promote_types(rows.dtype, torch.float32), device=rows.device)
+    t_buf = torch.empty_like(work) if cfg.single_step else None
     stats = {"pg": 0.0, "single": 0.0, "clipped": 0.0}
 
     def token_fn(logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
-        t_logits = None
+        n = end - start
+        t_logp = None
         if t_buf is not None:
-            t_logits = head_logits_into(t_buf[: end - start], t_rows[start:end], t_weight, t_bias)
+            t_logp = t_store.log_probs_into(t_buf[:n], start, end, t_head, work[:n])
         pg, single, clipped, grad = policy.policy_logit_grad(
             logits,
-            t_logits,
-            work[: end - start],
+            t_logp,
+            work[:n],
             targets[start:end],
             logq_old[start:end],
             log_w[start:end],
@@ -358,12 +436,15 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
     scheduler = engine.make_scheduler(optimizer, cfg, total)
     student, optimizer = acc.prepare(student, optimizer)
     state, ckpt = engine.resume(acc, cfg, student, optimizer, scheduler)
+    cache = teacher_cache(teacher, per_rank, cfg, acc.device)
     store: Rollout | None = None
-    t_rows_store: Tensor | None = None
+    t_store: TeacherStore | None = None
     extra = engine.load_extra(ckpt) if ckpt is not None else {}
     if extra:  # resumed mid-collection: the very rollouts the killed run was training on
         store = Rollout(**{f: extra[f].to(acc.device) for f in ROLLOUT_FIELDS}, pad_token_id=pad)
-        t_rows_store = extra["teacher_rows"].to(acc.device)
+        t_store = TeacherStore(extra["teacher_rows"].to(acc.device))
+        if cache is not None:
+            t_store = refill_teacher_cache(teacher, store, t_store.rows, cache, cfg)
     log = engine.MetricsLog(acc, cfg, total, state.step)
     if state.step == 0:
         log.log(0, validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
@@ -378,7 +459,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             t0 = time.perf_counter()
             idx = engine.step_indices(len(prompts), cfg.num_rollouts, cfg.seed, collection)
             mine = [prompts[i] for i in idx[acc.process_index :: acc.num_processes]]
-            store, t_rows_store = collect(
+            store, t_store = collect(
                 student,
                 teacher,
                 mine,
@@ -387,6 +468,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 cfg,
                 acc,
                 engine.generator(cfg.seed, collection, acc.process_index),
+                cache,
             )
             time_sample = time.perf_counter() - t0
         # --- one optimizer step on mini-batch b of inner epoch `epoch` ---
@@ -394,7 +476,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         order = torch.randperm(per_rank, generator=engine.generator(cfg.seed, collection, epoch, 1))
         mb_idx = order[b * mini : (b + 1) * mini]
         mb = store[mb_idx]
-        # teacher rows of the mini-batch: each store row's valid positions, located by a cumulative count
+        # each store row's valid positions in the teacher store, located by a cumulative count
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), store.mask.sum(-1).cumsum(0)]).tolist()
         rewards, adv = rewards_and_advantages(mb, cfg, all_reduce)
         n_tokens = engine.global_count(acc, int(mb.mask.sum()))
@@ -403,10 +485,11 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         for j in range(cfg.grad_accum):
             sel = list(range(j * cfg.batch_size, (j + 1) * cfg.batch_size))
             micro = mb[sel]
-            rows = torch.cat([t_rows_store[offsets[i] : offsets[i + 1]] for i in mb_idx[sel].tolist()])
+            at = [torch.arange(offsets[i], offsets[i + 1]) for i in mb_idx[sel].tolist()]
+            t_micro = t_store.select(torch.cat(at).to(store.mask.device))
             last = j == cfg.grad_accum - 1
             with acc.no_sync(student) if not last else nullcontext(), acc.autocast():
-                loss, stats = minibatch_loss(student, teacher, micro, rows, adv[sel], n_tokens, cfg)
+                loss, stats = minibatch_loss(student, teacher, micro, t_micro, adv[sel], n_tokens, cfg)
                 if pt_blocks is not None:
                     pick = torch.randint(
                         len(pt_blocks),
@@ -458,7 +541,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         log.advance()
         mid = state.step % steps_per_collection != 0  # a checkpoint taken now must carry the rollouts
         extra = (
-            {**{f: getattr(store, f) for f in ROLLOUT_FIELDS}, "teacher_rows": t_rows_store} if mid else None
+            {**{f: getattr(store, f) for f in ROLLOUT_FIELDS}, "teacher_rows": t_store.rows} if mid else None
         )
         engine.checkpoint_if_due(
             acc, cfg, state, metrics, evaluate, student, tokenizer, optimizer, scheduler, extra
