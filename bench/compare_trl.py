@@ -187,6 +187,7 @@ def run_ours(args: argparse.Namespace, pair: str, records: Path, log_path: Path)
         "warmup_s": times[:1],
         "step_s": times[1:],
         "sample_s": [m["time/sample"] for m in steps[1:]],
+        "teacher_s": [m.get("time/teacher", 0.0) for m in steps[1:]],  # inside sample_s
         "update_s": [m["time/update"] for m in steps[1:]],
         "tokens": [int(m["tokens"]) for m in steps[1:]],
         "peak_rss_kb": rss,

@@ -224,11 +224,11 @@ def collect(
     acc: Accelerator,
     g: torch.Generator,
     cache: Tensor | None = None,
-) -> tuple[Rollout, TeacherStore]:
-    """Sample this rank's rollouts in batches; returns the store and the teacher's side of it (its
-    log-probs in `cache`, from `teacher_cache`, when given)."""
+) -> tuple[Rollout, TeacherStore, float]:
+    """Sample this rank's rollouts in batches; returns the store, the teacher's side of it (its
+    log-probs in `cache`, from `teacher_cache`, when given) and the seconds spent in teacher passes."""
     inner = acc.unwrap_model(student)
-    parts, rows, filled = [], [], 0
+    parts, rows, filled, teacher_s = [], [], 0, 0.0
     for batch_prompts in engine.chunks(prompts, cfg.batch_size):
         enc = collate_prompts(batch_prompts, pad)
         r = sample_rollout(
@@ -247,7 +247,9 @@ def collect(
             fast=cfg.fast_rollout,
             score=False,  # the teacher pass below gives log p and the hidden rows in one forward
         )
+        t0 = time.perf_counter()
         t_rows, logp = teacher_pass(teacher, r, cfg.chunk_size, None if cache is None else cache[filled:])
+        teacher_s += time.perf_counter() - t0
         filled += len(t_rows)
         if cfg.teacher_mix_alpha == 0.0:
             r.logp = logp
@@ -255,7 +257,8 @@ def collect(
         rows.append(t_rows)
     # Rollout.cat right-pads responses, so each row keeps its valid positions in place and the parts'
     # row-major teacher rows concatenate into the store's row-major order
-    return Rollout.cat(parts), TeacherStore(torch.cat(rows), None if cache is None else cache[:filled])
+    t_store = TeacherStore(torch.cat(rows), None if cache is None else cache[:filled])
+    return Rollout.cat(parts), t_store, teacher_s
 
 
 def rewards_and_advantages(
@@ -450,7 +453,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         log.log(0, validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
     all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
     student.train()
-    time_sample = 0.0
+    time_sample = time_teacher = 0.0
     while state.step < total:
         collection, k = divmod(state.step, steps_per_collection)
         epoch, b = divmod(k, per_rank // mini)
@@ -459,7 +462,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             t0 = time.perf_counter()
             idx = engine.step_indices(len(prompts), cfg.num_rollouts, cfg.seed, collection)
             mine = [prompts[i] for i in idx[acc.process_index :: acc.num_processes]]
-            store, t_store = collect(
+            store, t_store, time_teacher = collect(
                 student,
                 teacher,
                 mine,
@@ -524,7 +527,8 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             "importance_weight": float(mb.log_w[valid].exp().mean()),
             "length": float(valid.sum(-1).float().mean()),
             "truncated": float(mb.truncated.float().mean()),
-            "time/sample": time_sample if k == 0 else 0.0,
+            "time/sample": time_sample if k == 0 else 0.0,  # sampling and teacher passes
+            "time/teacher": time_teacher if k == 0 else 0.0,
             "time/update": time_update,
             "tokens/s": n_tokens / time_update,
         }
