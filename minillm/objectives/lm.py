@@ -84,6 +84,58 @@ def ce_sum(
     return chunked_head_loss(rows, weight, token_fn, chunk_size=chunk_size, bias=bias)
 
 
+def ce_kd_sum(
+    rows: Tensor,
+    targets: Tensor,
+    head: tuple[Tensor, Tensor | None],
+    *,
+    chunk_size: int,
+    teacher: tuple[Tensor, tuple[Tensor, Tensor | None]] | None = None,
+    kd_ratio: float = 0.0,
+) -> Tensor:
+    """Σ_n (1 − r)·CE(q_n, y_n) + r·KL(p_n ‖ q_n) with r = kd_ratio: MiniLLM's PT loss, in one chunked pass
+    whose logit gradient is closed-form, q − (1 − r)·onehot(y) − r·p (no autograd through log-softmax,
+    one student head pass for both terms).
+
+    rows:    [N, H] student hidden states; targets: [N] long
+    head:    (weight [V, H], bias [V] | None) of the student
+    teacher: (teacher_rows [N, H_t], (weight [V, H_t], bias | None)) giving p, or None for CE alone (r = 0)
+    returns: scalar, fp32 at least
+    """
+    N = len(rows)
+    r = kd_ratio
+    use_teacher = teacher is not None and r > 0.0
+    if teacher is None and r != 0.0:
+        raise ValueError(f"kd_ratio {r} needs the teacher's rows and head")
+    if use_teacher and teacher[1][0].shape[0] != head[0].shape[0]:
+        raise ValueError(
+            f"student vocabulary {head[0].shape[0]} != teacher vocabulary {teacher[1][0].shape[0]}"
+        )
+    dt = torch.promote_types(rows.dtype, torch.float32)
+    work = torch.empty(min(chunk_size, N), head[0].shape[0], dtype=dt, device=rows.device)  # [C, V]
+    t_buf = torch.empty_like(work) if use_teacher else None
+
+    def token_fn(logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
+        n = end - start
+        logp = None
+        if t_buf is not None:  # first, while `work` is free scratch
+            logp = head_log_probs_into(t_buf[:n], teacher[0][start:end], teacher[1], work[:n])
+        logq = logits.to(dt)
+        q = log_softmax_inplace(logq, work[:n])  # [n, V]
+        pick = targets[start:end, None]
+        loss = (1 - r) * -logq.gather(-1, pick).sum()
+        grad = q
+        if logp is not None:
+            diff = logq.sub_(logp).neg_()  # [n, V] log p − log q
+            p = logp.exp_()
+            loss = loss + r * torch.bmm(p[:, None, :], diff[:, :, None]).sum()
+            grad = q.sub_(p, alpha=r)
+        grad.scatter_add_(-1, pick, grad.new_full((n, 1), r - 1))
+        return loss, grad
+
+    return chunked_head_loss(rows, head[0], token_fn, chunk_size=chunk_size, bias=head[1], closed_form=True)
+
+
 def divergence_sum(
     rows: Tensor,
     teacher_rows: Tensor,

@@ -46,14 +46,8 @@ from minillm.data.tokenize import collate_prompts, encode_prompt
 from minillm.evaluate.metrics import rouge_l
 from minillm.objectives import policy
 from minillm.objectives.chunked import chunked_head_loss
-from minillm.objectives.divergences import forward_kl, reverse_kl
-from minillm.objectives.lm import (
-    ce_sum,
-    divergence_sum,
-    fill_log_probs,
-    head_log_probs_into,
-    token_logprobs,
-)
+from minillm.objectives.divergences import reverse_kl
+from minillm.objectives.lm import ce_kd_sum, fill_log_probs, head_log_probs_into, token_logprobs
 from minillm.rollout import Rollout, sample_rollout
 from minillm.train import engine
 from minillm.train.kd import load_teacher
@@ -339,14 +333,13 @@ def pt_loss_sum(
     targets = blocks[:, 1:].reshape(-1)  # [N]
     head = models.output_head(inner)
     if cfg.pt_loss == "ce":
-        return ce_sum(rows, targets, *head, chunk_size=cfg.chunk_size)
+        return ce_kd_sum(rows, targets, head, chunk_size=cfg.chunk_size)
     with torch.no_grad():
         t_rows = models.final_hidden(teacher, blocks, attn)[:, :-1].reshape(rows.shape[0], -1)  # [N, H_t]
-    ce = ce_sum(rows, targets, *head, chunk_size=cfg.chunk_size)
-    kd = divergence_sum(
-        rows, t_rows, head, models.output_head(teacher), forward_kl, chunk_size=cfg.chunk_size
+    teacher_side = (t_rows, models.output_head(teacher))
+    return ce_kd_sum(
+        rows, targets, head, chunk_size=cfg.chunk_size, teacher=teacher_side, kd_ratio=cfg.kd_ratio
     )
-    return (1 - cfg.kd_ratio) * ce + cfg.kd_ratio * kd
 
 
 @torch.no_grad()
