@@ -198,10 +198,10 @@ def refill_teacher_cache(
     """The TeacherStore of a collection restored from a checkpoint: its log-probs recomputed from the
     saved rows batch by batch, in `collect`'s chunks, so they are the very values the killed run used."""
     counts = store.mask.sum(-1).tolist()
+    head = models.output_head(teacher)
     start = 0
     for i in range(0, len(store), cfg.batch_size):
         end = start + sum(counts[i : i + cfg.batch_size])
-        head = models.output_head(teacher)
         with torch.no_grad():  # a fresh tensor per batch, as teacher_pass sees it
             fill_log_probs(cache[start:end], rows[start:end].clone(), head, chunk_size=cfg.chunk_size)
         start = end
