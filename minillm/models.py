@@ -138,6 +138,15 @@ def check_same_vocab(student: PreTrainedModel, teacher: PreTrainedModel) -> None
         raise ValueError(f"student vocabulary size {vs} != teacher vocabulary size {vt}")
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether train mode would draw dropout: an `nn.Dropout` with p > 0, or a config dropout rate > 0
+    (HF attention applies `attention_dropout` functionally, with no module to find)."""
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    rates = [v for k, v in vars(model.config).items() if "dropout" in k or "pdrop" in k]
+    return any(isinstance(v, float | int) and not isinstance(v, bool) and v > 0 for v in rates)
+
+
 def spread_layers(total: int, keep: int) -> list[int]:
     """`keep` layer indices spread evenly from 0, e.g. 30 → 6 gives 0, 5, 10, 15, 20, 25."""
     if not 0 < keep <= total:

@@ -186,6 +186,7 @@ def sample_rollout(
     fast: bool = True,
     compile: bool = False,
     score: bool = True,
+    logits_out: Tensor | None = None,
 ) -> Rollout:
     """Sample one response per prompt from p̃ = α·p + (1 − α)·q and record log-probs and weights.
 
@@ -201,6 +202,9 @@ def sample_rollout(
     compile:        opt-in `torch.compile` of the fused sampling step of the fast path (module docstring)
     score:          with alpha == 0, fill `logp` by one teacher forward; False leaves it 0 for a caller that
                     runs its own teacher pass over the responses anyway (the MiniLLM trainer)
+    logits_out:     optional [B, max_new_tokens, V] buffer: step t's raw student logits (the distribution
+                    the policy-gradient update reads while the weights are unchanged) go to
+                    logits_out[:, t]; positions after a row's end hold logits of pad inputs
     returns:        a `Rollout` on the models' device, T = steps taken (≤ max_new_tokens; all rows end early)
     """
     B, P = input_ids.shape
@@ -220,6 +224,10 @@ def sample_rollout(
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be all True")
     check_same_vocab(student, teacher)
+    if logits_out is not None:
+        V = student.get_output_embeddings().weight.shape[0]
+        if logits_out.shape != (B, max_new_tokens, V):
+            raise ValueError(f"logits_out shape {tuple(logits_out.shape)} != {(B, max_new_tokens, V)}")
     if compile and not fast:
         raise ValueError("compile=True applies to the fast path only; pass fast=True")
 
@@ -232,7 +240,17 @@ def sample_rollout(
     try:
         with torch.inference_mode():
             run = _sample_fast if fast else _sample_eager
-            cols = run(student, teacher, input_ids, prompt_mask, max_new_tokens, sampling, generator, compile)
+            cols = run(
+                student,
+                teacher,
+                input_ids,
+                prompt_mask,
+                max_new_tokens,
+                sampling,
+                generator,
+                compile,
+                logits_out,
+            )
             response_ids, mask, logq, logp, logmix = cols
             rollout = Rollout(
                 prompt_ids=input_ids,
@@ -441,6 +459,7 @@ def _sample_eager(
     s: _Sampling,
     generator: torch.Generator,
     compile: bool,
+    logits_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Reference loop; returns response_ids, mask, logq, logp, log p̃, each [B, T]."""
     del compile  # fast path only
@@ -456,6 +475,8 @@ def _sample_eager(
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     ids, masks, logqs, logps, logmixes = [], [], [], [], []
     for t in range(max_new_tokens):
+        if logits_out is not None:
+            logits_out[:, t] = s_logits
         logq = s_logits.log_softmax(-1)  # [B, V] raw student
         logq_s = _warp_reference(s_logits, s.temperature, s.top_k, s.top_p)
         logp = t_logits.log_softmax(-1) if run_teacher else None
@@ -680,6 +701,7 @@ def _sample_fast(
     s: _Sampling,
     generator: torch.Generator,
     compile: bool,
+    logits_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fast loop; the outputs of `_sample_eager` (the same tokens under one generator, up to rounding)."""
     B, N = input_ids.shape[0], max_new_tokens
@@ -706,6 +728,8 @@ def _sample_fast(
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         T = N
         for t in range(N):
+            if logits_out is not None:
+                logits_out[:, t] = s_logits
             u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=device)  # as `_draw`
             nxt, lq, lp, lmix, done = step(s_logits, t_logits, u, finished, s)
             buf.ids[:, t] = nxt

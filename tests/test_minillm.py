@@ -21,6 +21,7 @@ from minillm.config import MiniLLMConfig, SFTConfig
 from minillm.objectives import policy
 from minillm.rollout import sample_rollout
 from minillm.train.minillm import (
+    SampledLogits,
     TeacherStore,
     length_groups,
     minibatch_loss,
@@ -142,11 +143,12 @@ def test_response_rows_equal_padded_forward(tokenizer, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("store", ["rows", "cache", "cache, permuted"])
+@pytest.mark.parametrize("store", ["rows", "cache", "cache, permuted", "cache, sampled logits"])
 def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_path, store):
     """PG + single-step from the chunked pass equal a direct full-logit float64 computation, value and grads,
     whether the teacher's log-probs are recomputed from its hidden rows or read from the collection's
-    cache, in order or through a mini-batch's index."""
+    cache, in order or through a mini-batch's index, and whether the student's logits come from its head
+    or from the sampler."""
     teacher_dir, _ = peaked_teacher
     student = models.load_model(str(save_tiny_model(tmp_path / "s", "llama", tokenizer, layers=1, seed=3)))
     teacher = models.load_model(str(teacher_dir)).eval()
@@ -154,6 +156,8 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
     ids = torch.randint(1, len(tokenizer), (3, 5), generator=g)
     attn = torch.ones_like(ids)
     attn[0, :2] = 0  # left padding
+    V = len(tokenizer)
+    sampled = torch.full((3, 7, V), float("nan"))  # positions after an end must stay unread
     r = sample_rollout(
         student,
         teacher,
@@ -165,8 +169,10 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
         pad_token_id=0,
         generator=g,
         fast=False,
+        logits_out=sampled,
     )
-    N, V = int(r.mask.sum()), len(tokenizer)
+    N = int(r.mask.sum())
+    assert N < r.mask.numel(), "an early EOS should leave stale positions"
     cache = torch.full((N + 3, V), float("nan"))  # rows past N must stay unread
     t_rows, logp = teacher_pass(teacher, r, chunk_size=5, logp_out=None if store == "rows" else cache)
     torch.testing.assert_close(logp, teacher_pass(teacher, r, chunk_size=5)[1], rtol=1e-5, atol=1e-6)
@@ -176,8 +182,12 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
         t_store = TeacherStore(t_rows[perm], cache[:N][perm]).select(perm.argsort())
     adv = torch.randn(r.mask.shape, generator=g)
     cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=5, clip_eps=0.2)
+    s_logits = None
+    if store == "cache, sampled logits":
+        grid = torch.arange(3 * 7).view(3, 7)[:, : r.mask.shape[1]]
+        s_logits = SampledLogits(sampled.view(-1, V), grid[r.mask])
     student.train(False)
-    loss, _ = minibatch_loss(student, teacher, r, t_store, adv, 11.0, cfg)
+    loss, _ = minibatch_loss(student, teacher, r, t_store, adv, 11.0, cfg, s_logits)
     loss.backward()
     got = {n: p.grad.clone() for n, p in student.named_parameters()}
 
@@ -210,6 +220,25 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
         logq_new.detach(), r.logq_old.double(), r.log_w.double(), a, r.mask, clip_eps=0.2
     )
     torch.testing.assert_close(ref, (pg * r.mask).detach())
+
+
+def test_sampling_logits_only_for_the_first_step(peaked_teacher, tokenizer, tmp_path):
+    """Reading the sampler's logits changes no figure at any step: 4 steps per collection, so a trainer
+    that kept them past the first step (stale weights) would log other losses from the second on."""
+    teacher, data = peaked_teacher
+    student = save_tiny_model(tmp_path / "student", "llama", tokenizer, layers=1, hidden=32, seed=2)
+    runs = []
+    for mib in (0.0, 256.0):
+        out = tmp_path / f"run-{mib}"
+        train_minillm(
+            minillm_config(student, teacher, data, out, max_steps=8, eval_every=0, logits_cache_mib=mib)
+        )
+        runs.append(read_metrics(out))
+    plain, cached = runs
+    assert [m["step"] for m in cached] == [m["step"] for m in plain] == list(range(9))
+    for a, b in zip(cached[1:], plain[1:], strict=True):
+        for key in ("loss/pg", "loss/single", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
 def test_killed_mid_collection_resumes_exactly(peaked_teacher, tokenizer, tmp_path):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_tokenizer, save_tiny_model
+from conftest import build_tokenizer, model_config, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from minillm import models
@@ -123,3 +123,18 @@ def test_embedded_teacher_knows_paris():
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+def test_has_dropout_sees_modules_and_config_rates(tokenizer):
+    llama = AutoModelForCausalLM.from_config(model_config("llama", len(tokenizer), 1, 32))
+    assert not models.has_dropout(llama)  # attention_dropout 0, no Dropout modules
+    llama.config.attention_dropout = 0.1  # applied functionally inside attention: only the config says so
+    assert models.has_dropout(llama)
+    gpt2 = AutoModelForCausalLM.from_config(model_config("gpt2", len(tokenizer), 1, 32))
+    assert models.has_dropout(gpt2)  # resid / embd / attn pdrop 0.1 by default
+    for m in gpt2.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"):
+        setattr(gpt2.config, key, 0.0)
+    assert not models.has_dropout(gpt2)

@@ -7,6 +7,7 @@ others are truncated) and scaled so the next-token distributions are far from un
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -499,3 +500,24 @@ def test_packed_linears_same_outputs_and_restored() -> None:
         with _packed_linears(student, len(ids), False):
             assert not any("forward" in m.__dict__ for m in linears)
     assert_close_verbose(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_logits_out_holds_the_student_logits_of_each_step(family: str, fast: bool) -> None:
+    """logits_out[:, t] is the raw student's next-token logits at response step t (one uncached forward
+    over prompt + response in float64 as the reference), and the samples do not change."""
+    student, _ = pair(family)
+    ids, mask = prompts()
+    buf = torch.full((len(ids), N, V), float("nan"))
+    r = run(family, 0, fast=fast, logits_out=buf)
+    assert torch.equal(r.response_ids, run(family, 0, fast=fast).response_ids)
+    full_ids, full_attn = r.full_inputs()
+    P, T = ids.shape[1], r.response_ids.shape[1]
+    pos = (full_attn.long().cumsum(-1) - 1).clamp(min=0)
+    s64 = copy.deepcopy(student).double()
+    with torch.no_grad():
+        want = s64(full_ids, attention_mask=full_attn.long(), position_ids=pos).logits[:, P - 1 : P + T - 1]
+    assert_close_verbose(buf[:, :T][r.mask].double(), want[r.mask], torch.float32)
+    with pytest.raises(ValueError, match="logits_out shape"):
+        run(family, 0, fast=fast, logits_out=buf[:, :-1])

@@ -24,6 +24,8 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 # token_fn(logits [C, V], start, end) -> scalar: summed, already weighted loss of rows start:end;
 # with closed_form=True it returns (that scalar, its gradient w.r.t. logits [C, V]).
 TokenFn = Callable[[Tensor, int, int], Tensor | tuple[Tensor, Tensor]]
+# logits_into(out [C, V], start, end) -> the logits of rows start:end, written into out (closed form only).
+LogitsFn = Callable[[Tensor, int, int], Tensor]
 
 
 def head_logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -44,6 +46,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         chunk_size: int,
         grad_enabled: bool,
         closed_form: bool,
+        logits_into: LogitsFn | None,
     ) -> Tensor:
         N, H = hidden.shape
         # forward always runs under no_grad; the caller's grad mode says whether grads are wanted at all.
@@ -69,7 +72,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             h = hidden[start:end].detach()  # [C, H]
             grad_logits = None
             if closed_form:
-                logits = head_logits_into(buf[: end - start], h.to(w.dtype), w, b)
+                if logits_into is not None:
+                    logits = logits_into(buf[: end - start], start, end)
+                else:
+                    logits = head_logits_into(buf[: end - start], h.to(w.dtype), w, b)
                 loss, grad_logits = token_fn(logits, start, end)
                 grad_logits = grad_logits.to(w.dtype)
             else:
@@ -102,7 +108,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def chunked_head_loss(
@@ -113,6 +119,7 @@ def chunked_head_loss(
     chunk_size: int,
     bias: Tensor | None = None,
     closed_form: bool = False,
+    logits_into: LogitsFn | None = None,
 ) -> Tensor:
     """Σ over row chunks of ``token_fn(hidden[start:end] @ weight.T + bias, start, end)``, memory O(C·V).
 
@@ -129,6 +136,8 @@ def chunked_head_loss(
     bias:       [V] head bias, or None
     closed_form: token_fn returns (loss, grad_logits [C, V]) and may overwrite its logits argument, a
                 buffer shared by all chunks; autograd is not used (module docstring)
+    logits_into: closed form only: ``(out [C, V], start, end) -> logits`` supplies rows start:end's
+                logits (e.g. kept from sampling with the same weights) instead of the head matmul
     returns:    scalar, fp32 at least (the chunk losses' dtype if wider); gradients w.r.t. hidden, weight
                 and bias equal those of the unchunked loss. Not twice differentiable.
     """
@@ -138,6 +147,8 @@ def chunked_head_loss(
     assert bias is None or bias.shape == (V,), f"bias {tuple(bias.shape)} != (V,) = {(V,)}"
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if logits_into is not None and not closed_form:
+        raise ValueError("logits_into needs closed_form=True")
     return _ChunkedHeadLoss.apply(
-        hidden, weight, bias, token_fn, chunk_size, torch.is_grad_enabled(), closed_form
+        hidden, weight, bias, token_fn, chunk_size, torch.is_grad_enabled(), closed_form, logits_into
     )

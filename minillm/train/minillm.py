@@ -173,6 +173,41 @@ def teacher_cache(
     return torch.empty(n, V, device=device)
 
 
+@dataclass
+class SampledLogits:
+    """The student's raw logits as the sampler computed them: `logits` [R x N, V] (rollout r's step t at
+    r·N + t, N = max_new_tokens) and `index` [M], the flat place of each valid position of a view, in its
+    row-major `x[mask]` order. They equal the update's own head forward (up to kernel rounding) only while
+    the weights are the sampling weights: the first optimizer step of a collection."""
+
+    logits: Tensor
+    index: Tensor
+
+    def select(self, index: Tensor) -> SampledLogits:
+        """The positions `index` [M] of this view."""
+        return SampledLogits(self.logits, self.index[index])
+
+    def into(self, out: Tensor, start: int, end: int) -> Tensor:
+        """This view's positions start:end [C, V], written into `out` [C, V] (cast to its dtype)."""
+        at = self.index[start:end]
+        if out.dtype == self.logits.dtype:
+            return torch.index_select(self.logits, 0, at, out=out)
+        return out.copy_(self.logits[at])
+
+
+def logits_cache(
+    student: torch.nn.Module, rollouts: int, cfg: MiniLLMConfig, device: torch.device
+) -> Tensor | None:
+    """An empty [rollouts x max_new_tokens, V] fp32 store for the sampler's student logits, or None when it
+    exceeds `logits_cache_mib` or the student has dropout (sampling runs in eval mode, the update in train
+    mode: their distributions would differ). Untouched pages of a CPU `torch.empty` take no memory."""
+    V = models.output_head(student)[0].shape[0]
+    n = rollouts * cfg.max_new_tokens
+    if models.has_dropout(student) or n * V * 4 > cfg.logits_cache_mib * 2**20:
+        return None
+    return torch.empty(n, V, device=device)
+
+
 @torch.no_grad()
 def teacher_pass(
     teacher: torch.nn.Module, batch: Rollout, chunk_size: int, logp_out: Tensor | None = None
@@ -218,20 +253,25 @@ def collect(
     acc: Accelerator,
     g: torch.Generator,
     cache: Tensor | None = None,
-) -> tuple[Rollout, TeacherStore, float]:
+    s_cache: Tensor | None = None,
+) -> tuple[Rollout, TeacherStore, SampledLogits | None, float]:
     """Sample this rank's rollouts in batches; returns the store, the teacher's side of it (its
-    log-probs in `cache`, from `teacher_cache`, when given) and the seconds spent in teacher passes."""
+    log-probs in `cache`, from `teacher_cache`, when given), the student's sampling logits (in `s_cache`,
+    from `logits_cache`, when given) and the seconds spent in teacher passes."""
     inner = acc.unwrap_model(student)
+    N = cfg.max_new_tokens
+    s_grid = None if s_cache is None else s_cache.view(-1, N, s_cache.shape[-1])  # [R, N, V]
     parts, rows, filled, teacher_s = [], [], 0, 0.0
     for batch_prompts in engine.chunks(prompts, cfg.batch_size):
         enc = collate_prompts(batch_prompts, pad)
+        done = sum(len(r) for r in parts)
         r = sample_rollout(
             inner,
             teacher,
             enc["input_ids"],
             enc["attention_mask"],
             alpha=cfg.teacher_mix_alpha,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=N,
             eos_token_id=eos,
             pad_token_id=pad,
             generator=g,
@@ -240,6 +280,7 @@ def collect(
             top_p=cfg.top_p,
             fast=cfg.fast_rollout,
             score=False,  # the teacher pass below gives log p and the hidden rows in one forward
+            logits_out=None if s_grid is None else s_grid[done : done + len(batch_prompts)],
         )
         t0 = time.perf_counter()
         t_rows, logp = teacher_pass(teacher, r, cfg.chunk_size, None if cache is None else cache[filled:])
@@ -251,8 +292,14 @@ def collect(
         rows.append(t_rows)
     # Rollout.cat right-pads responses, so each row keeps its valid positions in place and the parts'
     # row-major teacher rows concatenate into the store's row-major order
+    store = Rollout.cat(parts)
     t_store = TeacherStore(torch.cat(rows), None if cache is None else cache[:filled])
-    return Rollout.cat(parts), t_store, teacher_s
+    s_store = None
+    if s_cache is not None:
+        R, T = store.mask.shape
+        grid = torch.arange(R * N, device=store.mask.device).view(R, N)[:, :T]  # flat place of (r, t)
+        s_store = SampledLogits(s_cache, grid[store.mask])
+    return store, t_store, s_store, teacher_s
 
 
 def rewards_and_advantages(
@@ -282,10 +329,12 @@ def minibatch_loss(
     adv: Tensor,
     n_tokens: float,
     cfg: MiniLLMConfig,
+    s_logits: SampledLogits | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """(Σ PG loss + Σ single-step KL) / n_tokens for one micro-batch, in one chunked head pass whose
     gradient w.r.t. the logits is closed-form (`policy.policy_logit_grad`). t_store: the teacher's side of
-    mb's valid positions, in mb's row-major order."""
+    mb's valid positions, in mb's row-major order; s_logits: the student's logits there from sampling,
+    read instead of the head forward (only while the weights are the sampling weights)."""
     inner = getattr(student, "module", student)
     mask = mb.mask
     rows = response_rows(student, mb)  # [N, H]
@@ -319,7 +368,15 @@ def minibatch_loss(
         return pg.sum() + single.sum(), grad
 
     w, b = models.output_head(inner)
-    loss = chunked_head_loss(rows, w, token_fn, chunk_size=cfg.chunk_size, bias=b, closed_form=True)
+    loss = chunked_head_loss(
+        rows,
+        w,
+        token_fn,
+        chunk_size=cfg.chunk_size,
+        bias=b,
+        closed_form=True,
+        logits_into=None if s_logits is None else s_logits.into,
+    )
     return loss / n_tokens, stats
 
 
@@ -433,8 +490,10 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
     student, optimizer = acc.prepare(student, optimizer)
     state, ckpt = engine.resume(acc, cfg, student, optimizer, scheduler)
     cache = teacher_cache(teacher, per_rank, cfg, acc.device)
+    s_cache = logits_cache(acc.unwrap_model(student), per_rank, cfg, acc.device)
     store: Rollout | None = None
     t_store: TeacherStore | None = None
+    s_store: SampledLogits | None = None  # set by a collection, dropped by the step that changes the weights
     extra = engine.load_extra(ckpt) if ckpt is not None else {}
     if extra:  # resumed mid-collection: the very rollouts the killed run was training on
         store = Rollout(**{f: extra[f].to(acc.device) for f in ROLLOUT_FIELDS}, pad_token_id=pad)
@@ -455,7 +514,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             t0 = time.perf_counter()
             idx = engine.step_indices(len(prompts), cfg.num_rollouts, cfg.seed, collection)
             mine = [prompts[i] for i in idx[acc.process_index :: acc.num_processes]]
-            store, t_store, time_teacher = collect(
+            store, t_store, s_store, time_teacher = collect(
                 student,
                 teacher,
                 mine,
@@ -465,6 +524,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 acc,
                 engine.generator(cfg.seed, collection, acc.process_index),
                 cache,
+                s_cache,
             )
             time_sample = time.perf_counter() - t0
         # --- one optimizer step on mini-batch b of inner epoch `epoch` ---
@@ -481,11 +541,14 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         for j in range(cfg.grad_accum):
             sel = list(range(j * cfg.batch_size, (j + 1) * cfg.batch_size))
             micro = mb[sel]
-            at = [torch.arange(offsets[i], offsets[i + 1]) for i in mb_idx[sel].tolist()]
-            t_micro = t_store.select(torch.cat(at).to(store.mask.device))
+            at = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in mb_idx[sel].tolist()])
+            t_micro = t_store.select(at.to(store.mask.device))
+            s_micro = None if s_store is None else s_store.select(at.to(store.mask.device))
             last = j == cfg.grad_accum - 1
             with acc.no_sync(student) if not last else nullcontext(), acc.autocast():
-                loss, stats = minibatch_loss(student, teacher, micro, t_micro, adv[sel], n_tokens, cfg)
+                loss, stats = minibatch_loss(
+                    student, teacher, micro, t_micro, adv[sel], n_tokens, cfg, s_micro
+                )
                 if pt_blocks is not None:
                     pick = torch.randint(
                         len(pt_blocks),
@@ -503,6 +566,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 sums[key] += value
         lr = scheduler.get_last_lr()[0]
         grad_norm = engine.clip_and_step(acc, student, optimizer, scheduler, cfg)
+        s_store = None  # the weights moved: the sampling logits are stale
         state.step += 1
         time_update = time.perf_counter() - t0
         valid = mb.mask
