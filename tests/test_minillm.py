@@ -18,12 +18,12 @@ from conftest import save_tiny_model
 from minillm import config as config_lib
 from minillm import models
 from minillm.config import MiniLLMConfig, SFTConfig
+from minillm.data.tokenize import length_groups
 from minillm.objectives import policy
 from minillm.rollout import sample_rollout
 from minillm.train.minillm import (
     SampledLogits,
     TeacherStore,
-    length_groups,
     minibatch_loss,
     response_rows,
     teacher_pass,

@@ -104,9 +104,11 @@ def prompts(lengths: tuple[int, ...] = (7, 4, 1, 6, 3), seed: int = 0) -> tuple[
     return ids.masked_fill(~mask, EOS), mask
 
 
-def run(family: str, seed: int = 0, fast: bool = True, **kw: object) -> Rollout:
+def run(
+    family: str, seed: int = 0, fast: bool = True, lengths: tuple[int, ...] = (7, 4, 1, 6, 3), **kw: object
+) -> Rollout:
     student, teacher = pair(family)
-    ids, mask = prompts()
+    ids, mask = prompts(lengths)
     args = dict(alpha=0.2, max_new_tokens=N, eos_token_id=EOS, pad_token_id=EOS) | kw
     return sample_rollout(
         student, teacher, ids, mask, generator=torch.Generator().manual_seed(seed), fast=fast, **args
@@ -226,11 +228,12 @@ def test_same_seed_same_tokens_other_seed_other_tokens(fast: bool) -> None:
 @pytest.mark.parametrize("setting", ["student-only", "mixed", "warped"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "llama-eager"])
 def test_fast_equals_eager(family: str, setting: str) -> None:
-    """Static cache + 4D decode mask + preallocated buffers + cheap top-p give the eager path's tokens
-    exactly, its log-probs to fp32 rounding, on ragged left-padded prompts."""
+    """Static cache prefilled by length groups + 4D decode mask + preallocated buffers + cheap top-p give
+    the eager path's tokens exactly, its log-probs to fp32 rounding, on ragged left-padded prompts (the
+    second set of lengths puts several rows in one prefill group)."""
     kw = SETTINGS[setting]
-    for seed in (0, 1):
-        eager, fast = run(family, seed, False, **kw), run(family, seed, True, **kw)
+    for seed, lengths in ((0, (7, 4, 1, 6, 3)), (1, (5, 5, 2, 5, 2, 6))):
+        eager, fast = run(family, seed, False, lengths, **kw), run(family, seed, True, lengths, **kw)
         assert torch.equal(fast.response_ids, eager.response_ids)
         assert torch.equal(fast.mask, eager.mask) and torch.equal(fast.truncated, eager.truncated)
         for name in ("logq_old", "logp", "log_w"):

@@ -75,3 +75,23 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, Tensor]:
 def position_ids(attention_mask: Tensor) -> Tensor:
     """Positions that follow the attention mask, so left padding does not shift them: [B, L] long."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# Rows are forwarded in groups of similar length whose padding stays under this fraction of their tokens:
+# left-padding a whole batch to its longest prompt wasted a third of the teacher's forward on Dolly,
+# and two thirds of a sampler's prefill.
+_MAX_PADDING = 0.1
+
+
+def length_groups(lengths: list[int], max_padding: float = _MAX_PADDING) -> list[list[int]]:
+    """Indices grouped by similar length, shortest first; each group's padding to its longest member is
+    at most `max_padding` of its padded tokens (a single long row forms its own group)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        group = [*groups[-1], i] if groups else [i]
+        padded = len(group) * lengths[i]  # i is the group's longest
+        if groups and padded - sum(lengths[j] for j in group) <= max_padding * padded:
+            groups[-1] = group
+        else:
+            groups.append([i])
+    return groups

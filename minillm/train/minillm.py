@@ -42,7 +42,7 @@ from minillm import models
 from minillm.config import MiniLLMConfig
 from minillm.data.instructions import load_records
 from minillm.data.pretrain import load_pt_blocks
-from minillm.data.tokenize import collate_prompts, encode_prompt
+from minillm.data.tokenize import collate_prompts, encode_prompt, length_groups
 from minillm.evaluate.metrics import rouge_l
 from minillm.objectives import policy
 from minillm.objectives.chunked import chunked_head_loss
@@ -84,25 +84,6 @@ def load_prompts(
     if not kept:
         raise ValueError(f"{spec}: no prompt left after the length rule")
     return [ids for ids, _ in kept], [r for _, r in kept]
-
-
-# Rows are forwarded in groups of similar length whose padding stays under this fraction of their tokens:
-# left-padding a whole batch to its longest prompt wasted a third of the teacher's forward on Dolly.
-_MAX_PADDING = 0.1
-
-
-def length_groups(lengths: list[int], max_padding: float = _MAX_PADDING) -> list[list[int]]:
-    """Indices grouped by similar length, shortest first; each group's padding to its longest member is
-    at most `max_padding` of its padded tokens (a single long row forms its own group)."""
-    groups: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        group = [*groups[-1], i] if groups else [i]
-        padded = len(group) * lengths[i]  # i is the group's longest
-        if groups and padded - sum(lengths[j] for j in group) <= max_padding * padded:
-            groups[-1] = group
-        else:
-            groups.append([i])
-    return groups
 
 
 def response_rows(model: torch.nn.Module, batch: Rollout) -> Tensor:
