@@ -52,15 +52,18 @@ def _token_fn(data: dict, calls: list | None = None):
     return token_fn
 
 
-def _loss_and_grads(data: dict, chunk_size: int | None, grad_scale: float = 1.0, calls: list | None = None):
-    """Loss and grads w.r.t. hidden, weight, bias; chunk_size None is the plain unchunked reference."""
+def _loss_and_grads(
+    data: dict, chunk_size: int | None, grad_scale: float = 1.0, calls: list | None = None, scale: float = 1.0
+):
+    """Loss and grads w.r.t. hidden, weight, bias; chunk_size None is the plain unchunked reference (times
+    `scale`, which the chunked call takes as its argument)."""
     leaves = [data[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
     hidden, weight, bias = leaves
     token_fn = _token_fn(data, calls)
     if chunk_size is None:
-        loss = token_fn(F.linear(hidden, weight, bias), 0, N)
+        loss = token_fn(F.linear(hidden, weight, bias), 0, N) * scale
     else:
-        loss = chunked_head_loss(hidden, weight, token_fn, chunk_size=chunk_size, bias=bias)
+        loss = chunked_head_loss(hidden, weight, token_fn, chunk_size=chunk_size, bias=bias, scale=scale)
     (loss * grad_scale).backward()
     return loss.detach(), [x.grad for x in leaves]
 
@@ -78,6 +81,18 @@ def test_chunked_equals_unchunked_float64(chunk_size):
     assert [c[1] for c in calls] == list(range(0, N, chunk_size))
     assert all(shape == (end - start, V) and end - start <= chunk_size for shape, start, end in calls)
     assert calls[-1][2] == N
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 2.5], ids=["backward 1", "backward 2.5"])
+def test_scale_folds_into_value_and_gradients(grad_scale):
+    """scale=s gives s times the loss and every gradient, whether backward then brings 1 (the stored
+    gradients leave as they are) or another factor."""
+    data = _problem(seed=6)
+    loss, grads = _loss_and_grads(data, 7, grad_scale=grad_scale, scale=1 / 3)
+    ref_loss, ref_grads = _loss_and_grads(data, None, grad_scale=grad_scale, scale=1 / 3)
+    assert_close_verbose(loss, ref_loss, torch.float64)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert_close_verbose(grad, ref, torch.float64)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, N, 100])

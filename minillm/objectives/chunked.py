@@ -47,6 +47,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_enabled: bool,
         closed_form: bool,
         logits_into: LogitsFn | None,
+        scale: float,
     ) -> Tensor:
         N, H = hidden.shape
         # forward always runs under no_grad; the caller's grad mode says whether grads are wanted at all.
@@ -88,11 +89,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             assert loss.dim() == 0, f"token_fn must return a scalar sum, got shape {tuple(loss.shape)}"
             if need_any and grad_logits is not None:
                 if need_h:
-                    grad_hidden[start:end] = grad_logits @ w  # [C, V] @ [V, H] -> [C, H]
-                if need_w:
-                    grad_weight.addmm_(grad_logits.T.to(acc), h.to(acc))  # [V, C] @ [C, H] -> [V, H]
+                    grad_hidden[start:end] = (grad_logits @ w).mul_(scale)  # [C, V] @ [V, H] -> [C, H]
+                if need_w:  # [V, C] @ [C, H] -> [V, H]
+                    grad_weight.addmm_(grad_logits.T.to(acc), h.to(acc), alpha=scale)
                 if need_b:
-                    grad_bias += grad_logits.sum(0, dtype=acc)  # [V]
+                    grad_bias.add_(grad_logits.sum(0, dtype=acc), alpha=scale)  # [V]
             loss = loss.detach()
             total = loss.to(torch.promote_types(loss.dtype, torch.float32)) if total is None else total + loss
         if total is None:  # N == 0
@@ -102,13 +103,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             grad_weight.to(weight.dtype) if need_w else None,
             grad_bias.to(bias.dtype) if need_b else None,
         )
-        return total
+        return total * scale
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None, None)
+        rest = (None,) * 6
+        # A caller that normalises through `scale` backpropagates 1: the stored gradients go out as they are,
+        # sparing a fresh [V, H] product (~0.1 s of page faults and 113 MB at V = 49k on a CPU).
+        if grad_output.device.type == "cpu" and float(grad_output) == 1.0:
+            return (*ctx.saved_tensors, *rest)
+        return (*[None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors], *rest)
 
 
 def chunked_head_loss(
@@ -120,6 +125,7 @@ def chunked_head_loss(
     bias: Tensor | None = None,
     closed_form: bool = False,
     logits_into: LogitsFn | None = None,
+    scale: float = 1.0,
 ) -> Tensor:
     """Σ over row chunks of ``token_fn(hidden[start:end] @ weight.T + bias, start, end)``, memory O(C·V).
 
@@ -138,6 +144,8 @@ def chunked_head_loss(
                 buffer shared by all chunks; autograd is not used (module docstring)
     logits_into: closed form only: ``(out [C, V], start, end) -> logits`` supplies rows start:end's
                 logits (e.g. kept from sampling with the same weights) instead of the head matmul
+    scale:      multiplies the returned sum and its gradients (e.g. 1 / token count), folded into the
+                gradient matmuls instead of a pass over [V, H] in backward
     returns:    scalar, fp32 at least (the chunk losses' dtype if wider); gradients w.r.t. hidden, weight
                 and bias equal those of the unchunked loss. Not twice differentiable.
     """
@@ -150,5 +158,5 @@ def chunked_head_loss(
     if logits_into is not None and not closed_form:
         raise ValueError("logits_into needs closed_form=True")
     return _ChunkedHeadLoss.apply(
-        hidden, weight, bias, token_fn, chunk_size, torch.is_grad_enabled(), closed_form, logits_into
+        hidden, weight, bias, token_fn, chunk_size, torch.is_grad_enabled(), closed_form, logits_into, scale
     )

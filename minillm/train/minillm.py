@@ -159,7 +159,8 @@ class SampledLogits:
     """The student's raw logits as the sampler computed them: `logits` [R x N, V] (rollout r's step t at
     r·N + t, N = max_new_tokens) and `index` [M], the flat place of each valid position of a view, in its
     row-major `x[mask]` order. They equal the update's own head forward (up to kernel rounding) only while
-    the weights are the sampling weights: the first optimizer step of a collection."""
+    the weights are the sampling weights: the first optimizer step of a collection, which consumes them
+    (its closed-form pass writes its gradient over the rows it reads)."""
 
     logits: Tensor
     index: Tensor
@@ -169,11 +170,14 @@ class SampledLogits:
         return SampledLogits(self.logits, self.index[index])
 
     def into(self, out: Tensor, start: int, end: int) -> Tensor:
-        """This view's positions start:end [C, V], written into `out` [C, V] (cast to its dtype)."""
+        """This view's positions start:end [C, V]: the stored rows themselves when consecutive, else
+        written into `out` [C, V] (cast to its dtype)."""
         at = self.index[start:end]
-        if out.dtype == self.logits.dtype:
-            return torch.index_select(self.logits, 0, at, out=out)
-        return out.copy_(self.logits[at])
+        if out.dtype != self.logits.dtype:
+            return out.copy_(self.logits[at])
+        if bool((at.diff() == 1).all()):  # e.g. one mini-batch of untruncated rows: no 50 MB copy
+            return self.logits[int(at[0]) : int(at[0]) + len(at)]
+        return torch.index_select(self.logits, 0, at, out=out)
 
 
 def logits_cache(
@@ -357,8 +361,9 @@ def minibatch_loss(
         bias=b,
         closed_form=True,
         logits_into=None if s_logits is None else s_logits.into,
+        scale=1.0 / n_tokens,
     )
-    return loss / n_tokens, stats
+    return loss, stats
 
 
 def pt_loss_sum(
