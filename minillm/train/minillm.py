@@ -476,10 +476,11 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
     student, optimizer = acc.prepare(student, optimizer)
     state, ckpt = engine.resume(acc, cfg, student, optimizer, scheduler)
     cache = teacher_cache(teacher, per_rank, cfg, acc.device)
-    s_cache = logits_cache(acc.unwrap_model(student), per_rank, cfg, acc.device)
     store: Rollout | None = None
     t_store: TeacherStore | None = None
-    s_store: SampledLogits | None = None  # set by a collection, dropped by the step that changes the weights
+    # The sampling logits: allocated per collection and freed once the first step's forwards have read them,
+    # so backward does not hold them (its RSS is the run's peak on a CPU)
+    s_store: SampledLogits | None = None
     extra = engine.load_extra(ckpt) if ckpt is not None else {}
     if extra:  # resumed mid-collection: the very rollouts the killed run was training on
         store = Rollout(**{f: extra[f].to(acc.device) for f in ROLLOUT_FIELDS}, pad_token_id=pad)
@@ -510,7 +511,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 acc,
                 engine.generator(cfg.seed, collection, acc.process_index),
                 cache,
-                s_cache,
+                logits_cache(acc.unwrap_model(student), per_rank, cfg, acc.device),
             )
             time_sample = time.perf_counter() - t0
         # --- one optimizer step on mini-batch b of inner epoch `epoch` ---
@@ -531,10 +532,13 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             t_micro = t_store.select(at.to(store.mask.device))
             s_micro = None if s_store is None else s_store.select(at.to(store.mask.device))
             last = j == cfg.grad_accum - 1
+            if last:
+                s_store = None  # this step's last forward is their last reader: the weights move next
             with acc.no_sync(student) if not last else nullcontext(), acc.autocast():
                 loss, stats = minibatch_loss(
                     student, teacher, micro, t_micro, adv[sel], n_tokens, cfg, s_micro
                 )
+                s_micro = None  # frees the sampling logits before backward
                 if pt_blocks is not None:
                     pick = torch.randint(
                         len(pt_blocks),
@@ -552,7 +556,6 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 sums[key] += value
         lr = scheduler.get_last_lr()[0]
         grad_norm = engine.clip_and_step(acc, student, optimizer, scheduler, cfg)
-        s_store = None  # the weights moved: the sampling logits are stale
         state.step += 1
         time_update = time.perf_counter() - t0
         valid = mb.mask
