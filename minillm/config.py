@@ -187,11 +187,12 @@ class MiniLLMConfig(TrainConfig):
         "Keep a collection's teacher log-probs (fp32, exact) when rollouts x max_new_tokens x vocab x 4 B "
         "fits this many MiB; else each inner epoch recomputes them from cached hidden states (0 = always).",
     )
-    logits_cache_mib: float = _f(
+    sampling_cache_mib: float = _f(
         256.0,
-        "Keep the student's logits from sampling (fp32) when rollouts x max_new_tokens x vocab x 4 B fits "
-        "this many MiB: the first update of each collection, still at the sampling weights, reads them "
-        "instead of running the student's head forward. Never for a student with dropout (0 = off).",
+        "Keep what sampling computed for the first update of each collection (still at the sampling "
+        "weights) when it fits this many MiB: the student's logits (rollouts x max_new_tokens x vocab x 4 B) "
+        "and its decoder layers' outputs, which spare that update the student's head and layer forwards. "
+        "Never for a student with dropout (0 = off).",
     )
     valid_max_new_tokens: int = _f(256, "New tokens per validation answer.")
     best_metric: str = _f(
@@ -207,7 +208,7 @@ class MiniLLMConfig(TrainConfig):
             raise ConfigError(f"teacher_mix_alpha must be in [0, 1], got {self.teacher_mix_alpha}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma must be in [0, 1], got {self.gamma}")
-        for name in ("teacher_cache_mib", "logits_cache_mib"):
+        for name in ("teacher_cache_mib", "sampling_cache_mib"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.kd_ratio <= 1.0:

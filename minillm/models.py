@@ -161,6 +161,11 @@ def _layer_list(model: nn.Module, n: int) -> tuple[str, nn.ModuleList]:
     return found[0]
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of `config.num_hidden_layers` decoder layers."""
+    return _layer_list(model, model.config.num_hidden_layers)[1]
+
+
 def derive_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     """A smaller model of the teacher's family keeping `layers` (in order); embeddings, final norm and head
     are copied, and tied weights stay tied."""

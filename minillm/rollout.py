@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, StaticCache
 
 from minillm.data.tokenize import length_groups, position_ids
-from minillm.models import check_same_vocab
+from minillm.models import check_same_vocab, decoder_layers
 
 # Fast top-p looks for the nucleus among this many most probable tokens first and sorts the whole
 # vocabulary only when the nucleus is larger (flat distributions); 20-40 ms a step saved at V = 49152.
@@ -188,6 +188,7 @@ def sample_rollout(
     compile: bool = False,
     score: bool = True,
     logits_out: Tensor | None = None,
+    layers_out: list[Tensor] | None = None,
 ) -> Rollout:
     """Sample one response per prompt from p̃ = α·p + (1 − α)·q and record log-probs and weights.
 
@@ -206,6 +207,10 @@ def sample_rollout(
     logits_out:     optional [B, max_new_tokens, V] buffer: step t's raw student logits (the distribution
                     the policy-gradient update reads while the weights are unchanged) go to
                     logits_out[:, t]; positions after a row's end hold logits of pad inputs
+    layers_out:     fast path only: per decoder layer of the student, a [B, P + max_new_tokens, H] buffer
+                    (a view will do) receiving that layer's output at every position fed to the student,
+                    at its place in the left-padded layout (response token t at P + t; the last sampled
+                    token is never fed, left-padding slots are not written)
     returns:        a `Rollout` on the models' device, T = steps taken (≤ max_new_tokens; all rows end early)
     """
     B, P = input_ids.shape
@@ -231,6 +236,8 @@ def sample_rollout(
             raise ValueError(f"logits_out shape {tuple(logits_out.shape)} != {(B, max_new_tokens, V)}")
     if compile and not fast:
         raise ValueError("compile=True applies to the fast path only; pass fast=True")
+    if layers_out is not None and not fast:
+        raise ValueError("layers_out is filled by the fast path only; pass fast=True")
 
     device = next(student.parameters()).device
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
@@ -240,18 +247,8 @@ def sample_rollout(
     teacher.eval()
     try:
         with torch.inference_mode():
-            run = _sample_fast if fast else _sample_eager
-            cols = run(
-                student,
-                teacher,
-                input_ids,
-                prompt_mask,
-                max_new_tokens,
-                sampling,
-                generator,
-                compile,
-                logits_out,
-            )
+            args = (student, teacher, input_ids, prompt_mask, max_new_tokens, sampling, generator, compile)
+            cols = _sample_fast(*args, logits_out, layers_out) if fast else _sample_eager(*args, logits_out)
             response_ids, mask, logq, logp, logmix = cols
             rollout = Rollout(
                 prompt_ids=input_ids,
@@ -651,9 +648,24 @@ class _Decoder:
     copy for eager), which skips HF's per-step mask construction; otherwise as the 2D mask.
     """
 
-    def __init__(self, model: nn.Module, prompt_mask: Tensor, max_new_tokens: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        prompt_mask: Tensor,
+        max_new_tokens: int,
+        layers_out: list[Tensor] | None = None,
+    ) -> None:
         B, P = prompt_mask.shape
         self.model, self.P, self.L = model, P, P + max_new_tokens
+        # where the running forward's positions go in layers_out: (rows, slots) of [B, P+N]
+        self.where: tuple[Tensor | slice, slice] = (slice(None), slice(0, P))
+        self.hooks = []
+        if layers_out is not None:
+            layers = decoder_layers(model)
+            if len(layers_out) != len(layers):
+                raise ValueError(f"layers_out has {len(layers_out)} buffers for {len(layers)} decoder layers")
+            for layer, buf in zip(layers, layers_out, strict=True):
+                self.hooks.append(layer.register_forward_hook(functools.partial(self._keep, buf)))
         self.static = bool(getattr(model, "_can_compile_fullgraph", False))
         if self.static:
             self.cache = StaticCache(config=model.config, max_cache_len=self.L)
@@ -671,6 +683,14 @@ class _Decoder:
             self.additive = torch.full((B, 1, 1, self.L), neg, dtype=dtype, device=prompt_mask.device)
             self.additive[:, 0, 0, :P].masked_fill_(prompt_mask, 0.0)
 
+    def _keep(self, buf: Tensor, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+        rows, slots = self.where
+        buf[rows, slots] = output[0] if isinstance(output, tuple) else output
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
     def prefill(self, ids: Tensor) -> Tensor:
         if not self.static:
             return _prefill(self.model, ids, self.attn[:, : self.P].long(), self.cache)
@@ -686,6 +706,7 @@ class _Decoder:
             rows = torch.tensor(group, device=ids.device)
             width = max(lengths[i] for i in group)
             part = DynamicCache(config=self.model.config)
+            self.where = (rows, slice(P - width, P))
             out = _prefill(self.model, ids[rows, P - width :], self.attn[rows, P - width : P].long(), part)
             if logits is None:
                 logits = out.new_empty(B, out.shape[-1])
@@ -706,6 +727,7 @@ class _Decoder:
     def decode(self, tok: Tensor, pos: Tensor, t: int) -> Tensor:
         """Feed response token t ([B, 1] at positions pos [B, 1]) into cache slot P+t; logits [B, V] fp32."""
         slot = self.P + t
+        self.where = (slice(None), slice(slot, slot + 1))
         self.attn[:, slot] = True
         K = self.L if self.static else slot + 1  # key length the attention sees
         if self.mode == "sdpa":
@@ -731,6 +753,7 @@ def _sample_fast(
     generator: torch.Generator,
     compile: bool,
     logits_out: Tensor | None,
+    layers_out: list[Tensor] | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fast loop; the outputs of `_sample_eager` (the same tokens under one generator, up to rounding)."""
     B, N = input_ids.shape[0], max_new_tokens
@@ -745,8 +768,11 @@ def _sample_fast(
         logmix=torch.zeros(B, N, device=device),
     )
     pack = N >= _PACK_MIN_TOKENS
-    with _packed_linears(student, B, pack), _packed_linears(teacher, B, pack and run_teacher):
-        s_dec = _Decoder(student, prompt_mask, N)
+    with (
+        _packed_linears(student, B, pack),
+        _packed_linears(teacher, B, pack and run_teacher),
+        contextlib.closing(_Decoder(student, prompt_mask, N, layers_out)) as s_dec,  # closing drops hooks
+    ):
         s_logits = s_dec.prefill(input_ids)
         t_dec, t_logits = None, None
         if run_teacher:

@@ -22,13 +22,13 @@ from minillm.data.tokenize import length_groups
 from minillm.objectives import policy
 from minillm.rollout import sample_rollout
 from minillm.train.minillm import (
-    SampledLogits,
     TeacherStore,
     minibatch_loss,
     response_rows,
     teacher_pass,
     train_minillm,
 )
+from minillm.train.sampling_cache import SamplingCache
 from minillm.train.sft import train_sft
 
 
@@ -143,12 +143,12 @@ def test_response_rows_equal_padded_forward(tokenizer, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("store", ["rows", "cache", "cache, permuted", "cache, sampled logits"])
+@pytest.mark.parametrize("store", ["rows", "cache", "cache, permuted", "cache, sampling cache"])
 def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_path, store):
     """PG + single-step from the chunked pass equal a direct full-logit float64 computation, value and grads,
     whether the teacher's log-probs are recomputed from its hidden rows or read from the collection's
     cache, in order or through a mini-batch's index, and whether the student's logits come from its head
-    or from the sampler."""
+    or, with its layers' outputs, from the sampler."""
     teacher_dir, _ = peaked_teacher
     student = models.load_model(str(save_tiny_model(tmp_path / "s", "llama", tokenizer, layers=1, seed=3)))
     teacher = models.load_model(str(teacher_dir)).eval()
@@ -156,8 +156,10 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
     ids = torch.randint(1, len(tokenizer), (3, 5), generator=g)
     attn = torch.ones_like(ids)
     attn[0, :2] = 0  # left padding
-    V = len(tokenizer)
-    sampled = torch.full((3, 7, V), float("nan"))  # positions after an end must stay unread
+    V, H = len(tokenizer), student.config.hidden_size
+    reuse = store == "cache, sampling cache"
+    logits = torch.full((3, 7, V), float("nan"))  # positions after an end must stay unread
+    layers = [torch.full((3, 5 + 7, H), float("nan")) for _ in models.decoder_layers(student)]
     r = sample_rollout(
         student,
         teacher,
@@ -168,8 +170,9 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
         eos_token_id=0,
         pad_token_id=0,
         generator=g,
-        fast=False,
-        logits_out=sampled,
+        fast=reuse,
+        logits_out=logits,
+        layers_out=layers if reuse else None,
     )
     N = int(r.mask.sum())
     assert N < r.mask.numel(), "an early EOS should leave stale positions"
@@ -182,12 +185,20 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
         t_store = TeacherStore(t_rows[perm], cache[:N][perm]).select(perm.argsort())
     adv = torch.randn(r.mask.shape, generator=g)
     cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=5, clip_eps=0.2)
-    s_logits = None
-    if store == "cache, sampled logits":
+    sampled = None
+    if reuse:
         grid = torch.arange(3 * 7).view(3, 7)[:, : r.mask.shape[1]]
-        s_logits = SampledLogits(sampled.view(-1, V), grid[r.mask])
-    student.train(False)
-    loss, _ = minibatch_loss(student, teacher, r, t_store, adv, 11.0, cfg, s_logits)
+        sampled = SamplingCache(logits.view(-1, V), grid[r.mask], layers, torch.arange(3), 5)
+    student.train(reuse)  # layers are replayed in train mode only (HF routes them to checkpointing only then)
+    mlp_calls = []
+    hooks = [
+        layer.mlp.register_forward_hook(lambda *a: mlp_calls.append(1))
+        for layer in models.decoder_layers(student)
+    ]
+    loss, _ = minibatch_loss(student, teacher, r, t_store, adv, 11.0, cfg, sampled)
+    assert (len(mlp_calls) == 0) == reuse  # replayed layers do not run forward
+    for h in hooks:
+        h.remove()
     loss.backward()
     got = {n: p.grad.clone() for n, p in student.named_parameters()}
 
@@ -231,7 +242,7 @@ def test_sampling_logits_only_for_the_first_step(peaked_teacher, tokenizer, tmp_
     for mib in (0.0, 256.0):
         out = tmp_path / f"run-{mib}"
         train_minillm(
-            minillm_config(student, teacher, data, out, max_steps=8, eval_every=0, logits_cache_mib=mib)
+            minillm_config(student, teacher, data, out, max_steps=8, eval_every=0, sampling_cache_mib=mib)
         )
         runs.append(read_metrics(out))
     plain, cached = runs

@@ -19,6 +19,7 @@ from tolerances import assert_close_verbose
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from minillm.models import decoder_layers
 from minillm.rollout import (
     Rollout,
     _inverse_cdf,
@@ -524,3 +525,35 @@ def test_logits_out_holds_the_student_logits_of_each_step(family: str, fast: boo
     assert_close_verbose(buf[:, :T][r.mask].double(), want[r.mask], torch.float32)
     with pytest.raises(ValueError, match="logits_out shape"):
         run(family, 0, fast=fast, logits_out=buf[:, :-1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_layers_out_hold_each_layer_output_at_its_slot(family: str) -> None:
+    """layers_out[l][b, c] is decoder layer l's output at column c of prompt + response (one uncached
+    float64 forward as the reference, its layer outputs taken by hooks), for every column fed to the
+    student: real prompt tokens and every response token but the last."""
+    student, _ = pair(family)
+    ids, mask = prompts((5, 5, 2, 5, 2, 6))
+    B, P = ids.shape
+    H = student.config.hidden_size
+    bufs = [torch.full((B, P + N, H), float("nan")) for _ in decoder_layers(student)]
+    r = run(family, 2, lengths=(5, 5, 2, 5, 2, 6), alpha=0.0, layers_out=bufs)
+    full_ids, full_attn = r.full_inputs()
+    s64 = copy.deepcopy(student).double()
+    want = []
+    hooks = [
+        layer.register_forward_hook(lambda m, a, out: want.append(out[0] if isinstance(out, tuple) else out))
+        for layer in decoder_layers(s64)
+    ]
+    pos = (full_attn.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        s64(full_ids, attention_mask=full_attn.long(), position_ids=pos)
+    for h in hooks:
+        h.remove()
+    fed = full_attn.clone()
+    fed[:, -1] = False  # the last sampled token is never fed
+    width = full_ids.shape[1]
+    for got, ref in zip(bufs, want, strict=True):
+        assert_close_verbose(got[:, :width][fed].double(), ref[fed], torch.float32)
+    with pytest.raises(ValueError, match="fast path only"):
+        run(family, 2, fast=False, layers_out=bufs)

@@ -51,6 +51,7 @@ from minillm.objectives.lm import ce_kd_sum, fill_log_probs, head_log_probs_into
 from minillm.rollout import Rollout, sample_rollout
 from minillm.train import engine
 from minillm.train.kd import load_teacher
+from minillm.train.sampling_cache import SamplingCache, sampling_buffers
 from minillm.train.sft import load_student
 
 ROLLOUT_FIELDS = (
@@ -86,13 +87,14 @@ def load_prompts(
     return [ids for ids, _ in kept], [r for _, r in kept]
 
 
-def response_rows(model: torch.nn.Module, batch: Rollout) -> Tensor:
+def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache | None = None) -> Tensor:
     """Final hidden states of the positions that predict each valid response token, row-major: [N, H],
     N = batch.mask.sum(), rows in the order of `x[batch.mask]`.
 
     Each sequence is its prompt's real tokens and its response up to the last valid token, forwarded
     unpadded in `length_groups`, right-padded within a group: causality keeps the pads out of every row
-    used, so no attention mask is needed.
+    used, so no attention mask is needed. With `replay` (batch's rows of a collection sampled at the
+    current weights) the decoder layers' outputs come from sampling (`SamplingCache.replay`).
     """
     prompt_len = batch.prompt_mask.sum(-1).tolist()  # [B]
     resp_len = batch.mask.sum(-1).tolist()  # [B]
@@ -104,9 +106,12 @@ def response_rows(model: torch.nn.Module, batch: Rollout) -> Tensor:
         for i in range(len(batch))
     ]
     out: list[Tensor] = [batch.prompt_ids.new_empty(0)] * len(seqs)
-    for group in length_groups([len(x) for x in seqs]):
+    seq_len = [len(x) for x in seqs]
+    for group in length_groups(seq_len):
         ids = torch.nn.utils.rnn.pad_sequence([seqs[i] for i in group], batch_first=True)  # [G, L]
-        hidden = models.final_hidden(model, ids, torch.ones_like(ids))  # [G, L, H]
+        inner = getattr(model, "module", model)
+        with nullcontext() if replay is None else replay.replay(inner, group, prompt_len, seq_len):
+            hidden = models.final_hidden(model, ids, torch.ones_like(ids))  # [G, L, H]
         for k, i in enumerate(group):  # row prompt_len − 1 + t predicts response token t
             out[i] = hidden[k, prompt_len[i] - 1 : prompt_len[i] - 1 + resp_len[i]]
     return torch.cat(out)
@@ -150,45 +155,6 @@ def teacher_cache(
     V = models.output_head(teacher)[0].shape[0]
     n = rollouts * cfg.max_new_tokens
     if not cfg.single_step or n * V * 4 > cfg.teacher_cache_mib * 2**20:
-        return None
-    return torch.empty(n, V, device=device)
-
-
-@dataclass
-class SampledLogits:
-    """The student's raw logits as the sampler computed them: `logits` [R x N, V] (rollout r's step t at
-    r·N + t, N = max_new_tokens) and `index` [M], the flat place of each valid position of a view, in its
-    row-major `x[mask]` order. They equal the update's own head forward (up to kernel rounding) only while
-    the weights are the sampling weights: the first optimizer step of a collection, which consumes them
-    (its closed-form pass writes its gradient over the rows it reads)."""
-
-    logits: Tensor
-    index: Tensor
-
-    def select(self, index: Tensor) -> SampledLogits:
-        """The positions `index` [M] of this view."""
-        return SampledLogits(self.logits, self.index[index])
-
-    def into(self, out: Tensor, start: int, end: int) -> Tensor:
-        """This view's positions start:end [C, V]: the stored rows themselves when consecutive, else
-        written into `out` [C, V] (cast to its dtype)."""
-        at = self.index[start:end]
-        if out.dtype != self.logits.dtype:
-            return out.copy_(self.logits[at])
-        if bool((at.diff() == 1).all()):  # e.g. one mini-batch of untruncated rows: no 50 MB copy
-            return self.logits[int(at[0]) : int(at[0]) + len(at)]
-        return torch.index_select(self.logits, 0, at, out=out)
-
-
-def logits_cache(
-    student: torch.nn.Module, rollouts: int, cfg: MiniLLMConfig, device: torch.device
-) -> Tensor | None:
-    """An empty [rollouts x max_new_tokens, V] fp32 store for the sampler's student logits, or None when it
-    exceeds `logits_cache_mib` or the student has dropout (sampling runs in eval mode, the update in train
-    mode: their distributions would differ). Untouched pages of a CPU `torch.empty` take no memory."""
-    V = models.output_head(student)[0].shape[0]
-    n = rollouts * cfg.max_new_tokens
-    if models.has_dropout(student) or n * V * 4 > cfg.logits_cache_mib * 2**20:
         return None
     return torch.empty(n, V, device=device)
 
@@ -238,18 +204,20 @@ def collect(
     acc: Accelerator,
     g: torch.Generator,
     cache: Tensor | None = None,
-    s_cache: Tensor | None = None,
-) -> tuple[Rollout, TeacherStore, SampledLogits | None, float]:
+    sampling: tuple[Tensor, list[Tensor] | None] | None = None,
+) -> tuple[Rollout, TeacherStore, SamplingCache | None, float]:
     """Sample this rank's rollouts in batches; returns the store, the teacher's side of it (its
-    log-probs in `cache`, from `teacher_cache`, when given), the student's sampling logits (in `s_cache`,
-    from `logits_cache`, when given) and the seconds spent in teacher passes."""
+    log-probs in `cache`, from `teacher_cache`, when given), what the sampler computed (in `sampling`, from
+    `sampling_buffers`, when given) and the seconds spent in teacher passes."""
     inner = acc.unwrap_model(student)
-    N = cfg.max_new_tokens
-    s_grid = None if s_cache is None else s_cache.view(-1, N, s_cache.shape[-1])  # [R, N, V]
+    N, width = cfg.max_new_tokens, cfg.max_prompt_length
+    logits, layers = sampling if sampling is not None else (None, None)
     parts, rows, filled, teacher_s = [], [], 0, 0.0
     for batch_prompts in engine.chunks(prompts, cfg.batch_size):
         enc = collate_prompts(batch_prompts, pad)
         done = sum(len(r) for r in parts)
+        at = slice(done, done + len(batch_prompts))
+        P = enc["input_ids"].shape[1]  # this batch's prompt width, right-aligned in the cache's
         r = sample_rollout(
             inner,
             teacher,
@@ -265,7 +233,8 @@ def collect(
             top_p=cfg.top_p,
             fast=cfg.fast_rollout,
             score=False,  # the teacher pass below gives log p and the hidden rows in one forward
-            logits_out=None if s_grid is None else s_grid[done : done + len(batch_prompts)],
+            logits_out=None if logits is None else logits.view(-1, N, logits.shape[-1])[at],
+            layers_out=None if layers is None else [x[at, width - P :] for x in layers],
         )
         t0 = time.perf_counter()
         t_rows, logp = teacher_pass(teacher, r, cfg.chunk_size, None if cache is None else cache[filled:])
@@ -279,12 +248,12 @@ def collect(
     # row-major teacher rows concatenate into the store's row-major order
     store = Rollout.cat(parts)
     t_store = TeacherStore(torch.cat(rows), None if cache is None else cache[:filled])
-    s_store = None
-    if s_cache is not None:
+    sampled = None
+    if logits is not None:
         R, T = store.mask.shape
         grid = torch.arange(R * N, device=store.mask.device).view(R, N)[:, :T]  # flat place of (r, t)
-        s_store = SampledLogits(s_cache, grid[store.mask])
-    return store, t_store, s_store, teacher_s
+        sampled = SamplingCache(logits, grid[store.mask], layers, torch.arange(R), width)
+    return store, t_store, sampled, teacher_s
 
 
 def rewards_and_advantages(
@@ -314,15 +283,16 @@ def minibatch_loss(
     adv: Tensor,
     n_tokens: float,
     cfg: MiniLLMConfig,
-    s_logits: SampledLogits | None = None,
+    sampled: SamplingCache | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """(Σ PG loss + Σ single-step KL) / n_tokens for one micro-batch, in one chunked head pass whose
     gradient w.r.t. the logits is closed-form (`policy.policy_logit_grad`). t_store: the teacher's side of
-    mb's valid positions, in mb's row-major order; s_logits: the student's logits there from sampling,
-    read instead of the head forward (only while the weights are the sampling weights)."""
+    mb's valid positions, in mb's row-major order; sampled: what sampling computed for mb, read instead of
+    the student's head (and layer) forwards, only while the weights are the sampling weights."""
     inner = getattr(student, "module", student)
     mask = mb.mask
-    rows = response_rows(student, mb)  # [N, H]
+    replay = sampled if sampled is not None and sampled.layers is not None else None
+    rows = response_rows(student, mb, replay)  # [N, H]
     targets = mb.response_ids[mask]  # [N]
     logq_old, log_w, a = mb.logq_old[mask], mb.log_w[mask], adv[mask]  # [N] each
     t_head = models.output_head(teacher)
@@ -360,7 +330,7 @@ def minibatch_loss(
         chunk_size=cfg.chunk_size,
         bias=b,
         closed_form=True,
-        logits_into=None if s_logits is None else s_logits.into,
+        logits_into=None if sampled is None else sampled.logits_into,
         scale=1.0 / n_tokens,
     )
     return loss, stats
@@ -478,9 +448,10 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
     cache = teacher_cache(teacher, per_rank, cfg, acc.device)
     store: Rollout | None = None
     t_store: TeacherStore | None = None
-    # The sampling logits: allocated per collection and freed once the first step's forwards have read them,
-    # so backward does not hold them (its RSS is the run's peak on a CPU)
-    s_store: SampledLogits | None = None
+    # What sampling computed: allocated per collection and freed once the first step's forwards have read
+    # it, so backward does not hold it (backward's RSS is the run's peak on a CPU)
+    sampled: SamplingCache | None = None
+    keep_layers = acc.num_processes == 1 and acc.mixed_precision == "no"  # see sampling_buffers
     extra = engine.load_extra(ckpt) if ckpt is not None else {}
     if extra:  # resumed mid-collection: the very rollouts the killed run was training on
         store = Rollout(**{f: extra[f].to(acc.device) for f in ROLLOUT_FIELDS}, pad_token_id=pad)
@@ -501,7 +472,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             t0 = time.perf_counter()
             idx = engine.step_indices(len(prompts), cfg.num_rollouts, cfg.seed, collection)
             mine = [prompts[i] for i in idx[acc.process_index :: acc.num_processes]]
-            store, t_store, s_store, time_teacher = collect(
+            store, t_store, sampled, time_teacher = collect(
                 student,
                 teacher,
                 mine,
@@ -511,7 +482,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 acc,
                 engine.generator(cfg.seed, collection, acc.process_index),
                 cache,
-                logits_cache(acc.unwrap_model(student), per_rank, cfg, acc.device),
+                sampling_buffers(acc.unwrap_model(student), per_rank, cfg, layers=keep_layers),
             )
             time_sample = time.perf_counter() - t0
         # --- one optimizer step on mini-batch b of inner epoch `epoch` ---
@@ -530,15 +501,15 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             micro = mb[sel]
             at = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in mb_idx[sel].tolist()])
             t_micro = t_store.select(at.to(store.mask.device))
-            s_micro = None if s_store is None else s_store.select(at.to(store.mask.device))
+            s_micro = None if sampled is None else sampled.select(at.to(store.mask.device), mb_idx[sel])
             last = j == cfg.grad_accum - 1
             if last:
-                s_store = None  # this step's last forward is their last reader: the weights move next
+                sampled = None  # this step's last forward is its last reader: the weights move next
             with acc.no_sync(student) if not last else nullcontext(), acc.autocast():
                 loss, stats = minibatch_loss(
                     student, teacher, micro, t_micro, adv[sel], n_tokens, cfg, s_micro
                 )
-                s_micro = None  # frees the sampling logits before backward
+                s_micro = None  # frees the sampling cache before backward
                 if pt_blocks is not None:
                     pick = torch.randint(
                         len(pt_blocks),

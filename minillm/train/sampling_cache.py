@@ -1,0 +1,156 @@
+"""What sampling computed, reused by the update that runs at the same weights.
+
+With one inner epoch and one mini-batch per collection (TRL's MiniLLMTrainer default, and the first step
+of any collection), the policy-gradient update evaluates the student at exactly the weights it sampled
+with. The sampler has then already computed two things that update recomputes: the student's logits at
+every sampled position (its head forward, ~1 s per 1024 positions at V = 49k on one CPU core) and every
+decoder layer's output at every prompt and response position (its layer forward, ~1.3 s for 8 Dolly
+prompts + 128 tokens on the embedded pair). `SamplingCache` keeps both and the first update reads them:
+
+- logits: the closed-form head pass takes them instead of running the head matmul;
+- layer outputs: the update's forward returns each layer's kept output without computing it, and backward
+  recomputes the layer from its input and backpropagates through it, as gradient checkpointing does: the
+  step costs one layer forward less (`_Replay`).
+
+Both equal the update's own computation up to kernel rounding (the sampler runs other matmul kernels and a
+KV cache). They are valid only while the weights are unchanged and train mode draws nothing sampling did
+not (no dropout), so the trainer drops them once the first step's forwards have read them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from minillm import models
+from minillm.config import MiniLLMConfig
+
+
+@dataclass
+class SamplingCache:
+    """The student's side of a collection as the sampler computed it.
+
+    logits: [R x N, V] raw logits, rollout r's step t at r·N + t (N = max_new_tokens)
+    index:  [M] the flat place in `logits` of each valid position of this view, row-major `x[mask]` order
+    layers: per decoder layer [R, S, H] outputs, row r's position j (prompt then response) at
+            S_p − prompt_len_r + j, S_p = `width`, S = S_p + N; None when not kept
+    rows:   [B'] the rollouts of this view
+    width:  S_p, the prompt width of the `layers` layout
+    """
+
+    logits: Tensor
+    index: Tensor
+    layers: list[Tensor] | None
+    rows: Tensor
+    width: int
+
+    def select(self, index: Tensor, rows: Tensor) -> SamplingCache:
+        """The view of positions `index` [M] and rollouts `rows` [B'] of this view."""
+        return replace(self, index=self.index[index], rows=self.rows[rows])
+
+    def logits_into(self, out: Tensor, start: int, end: int) -> Tensor:
+        """This view's positions start:end [C, V]: the stored rows themselves when consecutive (the caller
+        may overwrite them: they are read once), else written into `out` [C, V] (cast to its dtype)."""
+        at = self.index[start:end]
+        if out.dtype != self.logits.dtype:
+            return out.copy_(self.logits[at])
+        if bool((at.diff() == 1).all()):  # e.g. one mini-batch of untruncated rows: no 50 MB copy
+            return self.logits[int(at[0]) : int(at[0]) + len(at)]
+        return torch.index_select(self.logits, 0, at, out=out)
+
+    @contextlib.contextmanager
+    def replay(
+        self, model: nn.Module, group: list[int], prompt_len: list[int], seq_len: list[int]
+    ) -> Iterator[None]:
+        """While inside, a forward of `model` over the sequences of this view's rows `group` (prompt +
+        response, unpadded and right-padded to the longest, as `response_rows` builds them; prompt_len and
+        seq_len per row of the view) takes every decoder layer's output from the cache (`_Replay`)."""
+        assert self.layers is not None
+        dev = self.layers[0].device
+        length = max(seq_len[i] for i in group)
+        pos = torch.arange(length, device=dev)[None, :]  # [1, L]
+        last = torch.tensor([seq_len[i] - 1 for i in group], device=dev)[:, None]  # [G, 1]
+        start = torch.tensor([self.width - prompt_len[i] for i in group], device=dev)[:, None]  # [G, 1]
+        # right padding reads the row's last position: finite values that causality keeps out of every row used
+        slots = start + torch.minimum(pos, last)  # [G, L]
+        rows = self.rows[group][:, None]  # [G, 1]
+        layers = models.decoder_layers(model)
+        before = [
+            (layer.gradient_checkpointing, layer.__dict__.get("_gradient_checkpointing_func"))
+            for layer in layers
+        ]
+        for layer, kept in zip(layers, self.layers, strict=True):
+            layer.gradient_checkpointing = (
+                True  # HF then routes the layer's forward through the function below
+            )
+            layer._gradient_checkpointing_func = functools.partial(_replay, kept[rows, slots])
+        try:
+            yield
+        finally:
+            for layer, (flag, func) in zip(layers, before, strict=True):
+                layer.gradient_checkpointing = flag
+                if func is None:
+                    del layer._gradient_checkpointing_func
+                else:
+                    layer._gradient_checkpointing_func = func
+
+
+def _replay(kept: Tensor, run: Callable[..., Tensor | tuple], hidden: Tensor, *args: Tensor) -> Tensor:
+    """A `_gradient_checkpointing_func` for HF decoder layers: `run(hidden, *args)` is the layer's forward."""
+    return _Replay.apply(functools.partial(run, *args) if args else run, hidden, kept)
+
+
+class _Replay(torch.autograd.Function):
+    """A layer whose output is known: forward returns it without computing; backward recomputes the layer
+    from its input with grad and backpropagates through it (parameter gradients accumulate directly, as
+    in reentrant gradient checkpointing)."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, run: Callable[[Tensor], Tensor | tuple], hidden: Tensor, kept: Tensor
+    ) -> Tensor:
+        ctx.run = run
+        ctx.save_for_backward(hidden)
+        return kept
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[None, Tensor | None, None]:
+        (hidden,) = ctx.saved_tensors
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_(ctx.needs_input_grad[1])
+            out = ctx.run(h)
+        torch.autograd.backward(out[0] if isinstance(out, tuple) else out, grad_out)
+        return None, h.grad, None
+
+
+def sampling_buffers(
+    student: nn.Module, rollouts: int, cfg: MiniLLMConfig, *, layers: bool
+) -> tuple[Tensor, list[Tensor] | None] | None:
+    """Empty stores for one collection: logits [rollouts x max_new_tokens, V] fp32 and, with `layers`, the
+    decoder layers' outputs [rollouts, max_prompt_length + max_new_tokens, H] each in the model's dtype
+    (on its device; untouched pages of a CPU `torch.empty` take no memory). None when they exceed
+    `sampling_cache_mib` or the student has dropout (sampling runs in eval mode, the update in train mode).
+    `layers` needs the fast sampler, HF checkpointable decoder layers, and no autocast or gradient sync
+    around the update (its backward bypasses both)."""
+    if models.has_dropout(student):
+        return None
+    param = next(student.parameters())
+    V, H = models.output_head(student)[0].shape
+    N, S = cfg.max_new_tokens, cfg.max_prompt_length + cfg.max_new_tokens
+    decoder = models.decoder_layers(student)
+    layers = layers and cfg.fast_rollout and all(isinstance(m, GradientCheckpointingLayer) for m in decoder)
+    size = rollouts * N * V * 4 + (len(decoder) * rollouts * S * H * param.element_size() if layers else 0)
+    if size > cfg.sampling_cache_mib * 2**20:
+        return None
+    logits = torch.empty(rollouts * N, V, device=param.device)
+    if not layers:
+        return logits, None
+    return logits, [torch.empty(rollouts, S, H, dtype=param.dtype, device=param.device) for _ in decoder]
