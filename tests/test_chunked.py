@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tolerances import assert_close_verbose
 
-from minillm.objectives.chunked import chunked_head_loss
+from minillm.objectives.chunked import chunked_head_loss, take_rows
 from minillm.objectives.divergences import reverse_kl
 
 N, V, H, H_TEACHER = 47, 123, 19, 11
@@ -278,3 +278,17 @@ def test_peak_memory_does_not_grow_with_rows_times_vocab():
     assert unchunked_logits_bytes >= 1.5 * 2**30
     # Measured ~210 MiB (chunk temporaries of 16 MiB each, plus warm-up and thread buffers).
     assert extra_peak < 512 * 2**20, f"peak grew by {extra_peak / 2**20:.0f} MiB"
+
+
+def test_take_rows_views_consecutive_rows_and_gathers_the_rest():
+    src = torch.arange(40.0).view(10, 4)
+    out = torch.full((3, 4), float("nan"))
+    got = take_rows(src, torch.tensor([4, 5, 6]), out)
+    assert torch.equal(got, src[4:7]) and got.data_ptr() == src[4].data_ptr()  # a view: no copy
+    assert torch.isnan(out).all()
+    got = take_rows(src, torch.tensor([6, 5, 4]), out)  # consecutive but not in order
+    assert torch.equal(got, src[[6, 5, 4]]) and got.data_ptr() == out.data_ptr()
+    got = take_rows(src, torch.tensor([0, 2, 9]), out)
+    assert torch.equal(got, src[[0, 2, 9]]) and got.data_ptr() == out.data_ptr()
+    out64 = torch.empty(3, 4, dtype=torch.float64)  # another dtype: always gathered and cast
+    assert torch.equal(take_rows(src, torch.tensor([4, 5, 6]), out64), src[4:7].double())

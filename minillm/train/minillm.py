@@ -45,7 +45,7 @@ from minillm.data.pretrain import load_pt_blocks
 from minillm.data.tokenize import collate_prompts, encode_prompt, length_groups
 from minillm.evaluate.metrics import rouge_l
 from minillm.objectives import policy
-from minillm.objectives.chunked import chunked_head_loss
+from minillm.objectives.chunked import chunked_head_loss, take_rows
 from minillm.objectives.divergences import reverse_kl
 from minillm.objectives.lm import ce_kd_sum, fill_log_probs, head_log_probs_into, token_logprobs
 from minillm.rollout import Rollout, sample_rollout
@@ -143,7 +143,7 @@ class TeacherStore:
             return head_log_probs_into(out, self.rows[at], head, work)
         if self.index is None:
             return self.logp[at]
-        return torch.index_select(self.logp, 0, at, out=out)
+        return take_rows(self.logp, at, out)
 
 
 def teacher_cache(

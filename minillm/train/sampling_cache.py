@@ -31,6 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from minillm import models
 from minillm.config import MiniLLMConfig
+from minillm.objectives.chunked import take_rows
 
 
 @dataclass
@@ -56,14 +57,9 @@ class SamplingCache:
         return replace(self, index=self.index[index], rows=self.rows[rows])
 
     def logits_into(self, out: Tensor, start: int, end: int) -> Tensor:
-        """This view's positions start:end [C, V]: the stored rows themselves when consecutive (the caller
-        may overwrite them: they are read once), else written into `out` [C, V] (cast to its dtype)."""
-        at = self.index[start:end]
-        if out.dtype != self.logits.dtype:
-            return out.copy_(self.logits[at])
-        if bool((at.diff() == 1).all()):  # e.g. one mini-batch of untruncated rows: no 50 MB copy
-            return self.logits[int(at[0]) : int(at[0]) + len(at)]
-        return torch.index_select(self.logits, 0, at, out=out)
+        """This view's positions start:end [C, V], read in place when consecutive (the caller may
+        overwrite them: they are read once), else written into `out` [C, V] (`take_rows`)."""
+        return take_rows(self.logits, self.index[start:end], out)
 
     @contextlib.contextmanager
     def replay(
