@@ -3,12 +3,15 @@
     .venv/bin/python bench/scaling.py                                   # embedded pair, both sweeps
     .venv/bin/python bench/scaling.py --pair tiny --prompts 16,32 --tokens 8,16 --reps 1   # a quick check
 
-Runs our implementation in-process, one step per batch, split into the trainer's phases, each timed with
-`perf_counter` around the library's own functions (all called from `train_step`):
-- sample:  `rollout.sample_rollout(..., score=False)` of the student alone (teacher_mix_alpha 0), fast path
-- teacher: `train.minillm.teacher_pass` (one teacher forward: hidden rows of the response + log p)
+Runs our implementation in-process, one step per batch, as the trainer's first step of a collection, split
+into the trainer's phases (all called from `train_step`):
+- sample:  `train.minillm.collect` (the fast sampler, student alone: teacher_mix_alpha 0) minus its teacher
+           passes; it also keeps the student's logits and layer outputs when `sampling_cache_mib` allows
+- teacher: the teacher passes `collect` times (one teacher forward: hidden rows of the response + log p,
+           the full log-probs into the teacher cache when `teacher_cache_mib` allows)
 - update:  `objectives.policy.token_rewards` + `advantages`, `train.minillm.minibatch_loss` (PG + the
-           single-step KL, chunked), `accelerator.backward`, and `train.engine.clip_and_step` (clip + AdamW)
+           single-step KL, chunked; reading the sampling cache when kept), `accelerator.backward`, and
+           `train.engine.clip_and_step` (clip + AdamW)
 The objective, optimizer and dtype are `MiniLLMConfig`'s defaults (fp32 on CPU), except alpha 0 and
 `--chunk-size`. Left out: the PT loss (pt_batch_size blocks of pt_block_length tokens, a cost that does not
 depend on P or T), validation, logging and the store bookkeeping (row gathers). In training, sampling and the
@@ -65,15 +68,9 @@ from minillm import models
 from minillm.config import MiniLLMConfig
 from minillm.data.instructions import load_records
 from minillm.data.tokenize import encode_prompt
-from minillm.rollout import sample_rollout
 from minillm.train import engine
-from minillm.train.minillm import (
-    TeacherStore,
-    minibatch_loss,
-    rewards_and_advantages,
-    teacher_cache,
-    teacher_pass,
-)
+from minillm.train.minillm import collect, minibatch_loss, rewards_and_advantages, teacher_cache
+from minillm.train.sampling_cache import sampling_buffers
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS_DIR = ROOT / "runs" / "bench" / "pairs"
@@ -99,40 +96,40 @@ def train_step(
     cfg: MiniLLMConfig,
     g: torch.Generator,
 ) -> tuple[dict[str, float], dict[str, int]]:
-    """One MiniLLM step on prompts ids [B, P] (no padding): seconds per phase, and the response's shape."""
+    """One MiniLLM step on prompts ids [B, P] (no padding), as the trainer's first step of a collection:
+    seconds per phase, and the response's shape."""
+    cfg = replace(cfg, max_new_tokens=tokens, num_rollouts=len(ids))
+    B = len(ids)
     t0 = time.perf_counter()
-    r = sample_rollout(
-        acc.unwrap_model(student),
+    store, t_store, sampled, teacher_s = collect(  # the trainer's caches, chosen as the trainer does
+        student,
         teacher,
-        ids,
-        torch.ones_like(ids, dtype=torch.bool),
-        alpha=cfg.teacher_mix_alpha,
-        max_new_tokens=tokens,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        generator=g,
-        temperature=cfg.sample_temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        fast=cfg.fast_rollout,
-        score=False,
+        ids.tolist(),
+        pad,
+        eos,
+        cfg,
+        acc,
+        g,
+        teacher_cache(teacher, B, cfg, ids.device),
+        sampling_buffers(acc.unwrap_model(student), B, cfg, layers=True),
     )
-    t1 = time.perf_counter()
-    cache = teacher_cache(
-        teacher, len(r), replace(cfg, max_new_tokens=tokens), r.mask.device
-    )  # as the trainer
-    t_rows, r.logp = teacher_pass(teacher, r, cfg.chunk_size, cache)  # alpha 0: the trainer keeps this log p
-    t_store = TeacherStore(t_rows, None if cache is None else cache[: len(t_rows)])
     t2 = time.perf_counter()
-    _, adv = rewards_and_advantages(r, cfg)
-    n_tokens = float(r.mask.sum())
+    _, adv = rewards_and_advantages(store, cfg)
+    n_tokens = float(store.mask.sum())
+    if sampled is not None:
+        sampled = sampled.select(torch.arange(int(n_tokens)), torch.arange(B))
     with acc.autocast():
-        loss, _ = minibatch_loss(student, teacher, r, t_store, adv, n_tokens, cfg)
+        loss, _ = minibatch_loss(student, teacher, store, t_store, adv, n_tokens, cfg, sampled)
+    sampled = None  # freed before backward, as in the trainer
     acc.backward(loss)
     engine.clip_and_step(acc, student, optimizer, scheduler, cfg)
     t3 = time.perf_counter()
-    times = {"sample": t1 - t0, "teacher": t2 - t1, "update": t3 - t2, "total": t3 - t0}
-    shape = {"steps": r.response_ids.shape[1], "tokens": int(n_tokens), "ended": int((~r.truncated).sum())}
+    times = {"sample": t2 - t0 - teacher_s, "teacher": teacher_s, "update": t3 - t2, "total": t3 - t0}
+    shape = {
+        "steps": store.response_ids.shape[1],
+        "tokens": int(n_tokens),
+        "ended": int((~store.truncated).sum()),
+    }
     return times, shape
 
 
