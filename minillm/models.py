@@ -139,12 +139,16 @@ def check_same_vocab(student: PreTrainedModel, teacher: PreTrainedModel) -> None
 
 
 def has_dropout(model: nn.Module) -> bool:
-    """Whether train mode would draw dropout: an `nn.Dropout` with p > 0, or a config dropout rate > 0
-    (HF attention applies `attention_dropout` functionally, with no module to find)."""
-    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
-        return True
-    rates = [v for k, v in vars(model.config).items() if "dropout" in k or "pdrop" in k]
-    return any(isinstance(v, float | int) and not isinstance(v, bool) and v > 0 for v in rates)
+    """Whether train mode would draw dropout: an `nn.Dropout` with p > 0, a module's float dropout rate
+    > 0 (HF layers keep `config.dropout` / `attention_dropout` as attributes for functional dropout), or
+    such a rate in the config."""
+
+    def rates(obj: object) -> list[object]:
+        return [v for k, v in vars(obj).items() if "dropout" in k or "pdrop" in k]
+
+    found = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    found += [v for m in model.modules() for v in rates(m)] + rates(model.config)
+    return any(isinstance(v, float | int) and not isinstance(v, bool) and v > 0 for v in found)
 
 
 def spread_layers(total: int, keep: int) -> list[int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from minillm import config as config_lib
 from minillm import models
@@ -334,3 +335,43 @@ def test_minibatch_loss_under_bf16_autocast_tracks_fp32(peaked_teacher, tokenize
     assert l16 != l32  # bf16 really ran
     assert l16 == pytest.approx(l32, rel=5e-2, abs=1e-2)
     assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.98
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "opt"])
+def test_sampling_cache_matches_recompute_in_other_families(tokenizer, tmp_path, family):
+    """The logits and replayed layer outputs give the loss and gradients of the plain pass in families
+    other than Llama (dropout set to 0: a student with dropout never gets the cache)."""
+    path = save_tiny_model(tmp_path / "s", family, tokenizer, layers=2, seed=4)
+    config = AutoConfig.from_pretrained(path)
+    for key, value in list(vars(config).items()):
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    student = AutoModelForCausalLM.from_pretrained(path, config=config)
+    assert not models.has_dropout(student)
+    teacher = models.load_model(
+        str(save_tiny_model(tmp_path / "t", family, tokenizer, layers=1, seed=5))
+    ).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, len(tokenizer), (3, 5), generator=g)
+    attn = torch.ones_like(ids)
+    attn[0, :2] = 0
+    V, H = len(tokenizer), student.config.hidden_size
+    logits = torch.empty(3, 6, V)
+    layers = [torch.empty(3, 5 + 6, H) for _ in models.decoder_layers(student)]
+    kw = dict(alpha=0.0, max_new_tokens=6, eos_token_id=0, pad_token_id=0, generator=g)
+    r = sample_rollout(student, teacher, ids, attn, **kw, logits_out=logits, layers_out=layers)
+    t_rows, r.logp = teacher_pass(teacher, r, chunk_size=4)
+    adv = torch.randn(r.mask.shape, generator=g)
+    cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=4)
+    grid = torch.arange(3 * 6).view(3, 6)[:, : r.mask.shape[1]]
+    results = []
+    student.train()
+    for sampled in (None, SamplingCache(logits.view(-1, V), grid[r.mask], layers, torch.arange(3), 5)):
+        student.zero_grad()
+        loss, _ = minibatch_loss(student, teacher, r, TeacherStore(t_rows), adv, 7.0, cfg, sampled)
+        loss.backward()
+        results.append((float(loss), {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (plain, g_plain), (cached, g_cached) = results
+    assert cached == pytest.approx(plain, rel=1e-5)
+    for n, grad in g_plain.items():
+        torch.testing.assert_close(g_cached[n], grad, rtol=1e-4, atol=1e-6, msg=n)

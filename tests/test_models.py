@@ -128,8 +128,14 @@ def test_embedded_teacher_knows_paris():
 def test_has_dropout_sees_modules_and_config_rates(tokenizer):
     llama = AutoModelForCausalLM.from_config(model_config("llama", len(tokenizer), 1, 32))
     assert not models.has_dropout(llama)  # attention_dropout 0, no Dropout modules
-    llama.config.attention_dropout = 0.1  # applied functionally inside attention: only the config says so
+    llama.config.attention_dropout = 0.1  # applied functionally inside attention
     assert models.has_dropout(llama)
+    llama.config.attention_dropout = 0.0
+    for layer in models.decoder_layers(llama):
+        layer.self_attn.attention_dropout = 0.1  # a model built with a rate, its config edited afterwards
+    assert models.has_dropout(llama)
+    for layer in models.decoder_layers(llama):
+        layer.self_attn.attention_dropout = 0.0
     gpt2 = AutoModelForCausalLM.from_config(model_config("gpt2", len(tokenizer), 1, 32))
     assert models.has_dropout(gpt2)  # resid / embd / attn pdrop 0.1 by default
     for m in gpt2.modules():

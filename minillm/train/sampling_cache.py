@@ -100,7 +100,7 @@ class SamplingCache:
 
 def _replay(kept: Tensor, run: Callable[..., Tensor | tuple], hidden: Tensor, *args: Tensor) -> Tensor:
     """A `_gradient_checkpointing_func` for HF decoder layers: `run(hidden, *args)` is the layer's forward."""
-    return _Replay.apply(functools.partial(run, *args) if args else run, hidden, kept)
+    return _Replay.apply(lambda h: run(h, *args), hidden, kept)  # GPT-2 passes mask etc. positionally
 
 
 class _Replay(torch.autograd.Function):
