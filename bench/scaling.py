@@ -116,8 +116,6 @@ def train_step(
     t2 = time.perf_counter()
     _, adv = rewards_and_advantages(store, cfg)
     n_tokens = float(store.mask.sum())
-    if sampled is not None:
-        sampled = sampled.select(torch.arange(int(n_tokens)), torch.arange(B))
     with acc.autocast():
         loss, _ = minibatch_loss(student, teacher, store, t_store, adv, n_tokens, cfg, sampled)
     sampled = None  # freed before backward, as in the trainer

@@ -36,8 +36,8 @@ rounding (packed weights, below); both stop once every row has ended:
   step), full-vocabulary sort for top-p, lists of per-step columns;
 - fast path: static KV cache (HF `StaticCache`; DynamicCache for families without
   `_can_compile_fullgraph`) prefilled in groups of similar prompt length instead of all prompts padded to
-  the longest (65 % of a Dolly batch's prefill was padding), one preallocated decode mask given to attention as a ready 4D view, output
-  buffers allocated once, warping / mixing / draw / EOS bookkeeping in one function per step, no work
+  the longest (65 % of a Dolly batch's prefill was padding), one preallocated decode mask given to
+  attention as a ready 4D view, output buffers allocated once, warping / mixing / draw / EOS bookkeeping in one function per step, no work
   for warping at the defaults and a 256-candidate top-p that sorts only rows with a wider nucleus.
 - On CPU in fp32 the fast path runs every `nn.Linear` of the sampled models on a weight reordered once
   per call for oneDNN (`_packed_linears`, what inductor's freezing does): MKL's sgemm reads weights at
@@ -712,9 +712,7 @@ class _Decoder:
                 logits = out.new_empty(B, out.shape[-1])
             logits[rows] = out
             for layer, src in zip(self.cache.layers, part.layers, strict=True):
-                if (
-                    not layer.is_initialized
-                ):  # allocates [B, heads, L, head_dim]; only shapes and dtype are read
+                if not layer.is_initialized:  # allocates [B, heads, L, head_dim] from src's shape and dtype
                     layer.lazy_initialization(
                         src.keys[:1].expand(B, -1, -1, -1), src.values[:1].expand(B, -1, -1, -1)
                     )

@@ -38,11 +38,11 @@ def head_logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor |
 def take_rows(src: Tensor, at: Tensor, out: Tensor) -> Tensor:
     """src[at] for row indices at [C]: a view of src when they are consecutive (a cached chunk read in
     order: no [C, V] copy), else gathered into `out` [C, ...] (cast to its dtype)."""
-    if out.dtype == src.dtype and bool((at.diff() == 1).all()):
+    if out.dtype != src.dtype:
+        return out.copy_(src[at])
+    if bool((at.diff() == 1).all()):
         return src[int(at[0]) : int(at[0]) + len(at)]
-    if out.dtype == src.dtype:
-        return torch.index_select(src, 0, at, out=out)
-    return out.copy_(src[at])
+    return torch.index_select(src, 0, at, out=out)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

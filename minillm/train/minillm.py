@@ -107,9 +107,9 @@ def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache 
     ]
     out: list[Tensor] = [batch.prompt_ids.new_empty(0)] * len(seqs)
     seq_len = [len(x) for x in seqs]
+    inner = getattr(model, "module", model)
     for group in length_groups(seq_len):
         ids = torch.nn.utils.rnn.pad_sequence([seqs[i] for i in group], batch_first=True)  # [G, L]
-        inner = getattr(model, "module", model)
         with nullcontext() if replay is None else replay.replay(inner, group, prompt_len, seq_len):
             hidden = models.final_hidden(model, ids, torch.ones_like(ids))  # [G, L, H]
         for k, i in enumerate(group):  # row prompt_len − 1 + t predicts response token t

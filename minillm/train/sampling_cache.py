@@ -83,9 +83,8 @@ class SamplingCache:
             for layer in layers
         ]
         for layer, kept in zip(layers, self.layers, strict=True):
-            layer.gradient_checkpointing = (
-                True  # HF then routes the layer's forward through the function below
-            )
+            # with the flag on, HF routes the layer's forward through `_gradient_checkpointing_func`
+            layer.gradient_checkpointing = True
             layer._gradient_checkpointing_func = functools.partial(_replay, kept[rows, slots])
         try:
             yield
@@ -142,11 +141,11 @@ def sampling_buffers(
     V, H = models.output_head(student)[0].shape
     N, S = cfg.max_new_tokens, cfg.max_prompt_length + cfg.max_new_tokens
     decoder = models.decoder_layers(student)
-    layers = layers and cfg.fast_rollout and all(isinstance(m, GradientCheckpointingLayer) for m in decoder)
-    size = rollouts * N * V * 4 + (len(decoder) * rollouts * S * H * param.element_size() if layers else 0)
+    keep = layers and cfg.fast_rollout and all(isinstance(m, GradientCheckpointingLayer) for m in decoder)
+    size = rollouts * N * V * 4 + (len(decoder) * rollouts * S * H * param.element_size() if keep else 0)
     if size > cfg.sampling_cache_mib * 2**20:
         return None
     logits = torch.empty(rollouts * N, V, device=param.device)
-    if not layers:
+    if not keep:
         return logits, None
     return logits, [torch.empty(rollouts, S, H, dtype=param.dtype, device=param.device) for _ in decoder]
