@@ -22,6 +22,7 @@ from minillm.config import MiniLLMConfig, SFTConfig
 from minillm.data.tokenize import length_groups
 from minillm.objectives import policy
 from minillm.rollout import sample_rollout
+from minillm.train import sampling_cache
 from minillm.train.minillm import (
     TeacherStore,
     minibatch_loss,
@@ -191,6 +192,11 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
         grid = torch.arange(3 * 7).view(3, 7)[:, : r.mask.shape[1]]
         sampled = SamplingCache(logits.view(-1, V), grid[r.mask], layers, torch.arange(3), 5)
     student.train(reuse)  # layers are replayed in train mode only (HF routes them to checkpointing only then)
+    if reuse:  # a first backward finds each layer's value-free output linear; the measured one skips it
+        warm = SamplingCache(logits.clone().view(-1, V), sampled.index, layers, sampled.rows, 5)  # read once
+        minibatch_loss(student, teacher, r, t_store, adv, 11.0, cfg, warm)[0].backward()
+        student.zero_grad()
+        assert set(sampling_cache._SKIPPABLE.values()) >= {"mlp.down_proj"}
     mlp_calls = []
     hooks = [
         layer.mlp.register_forward_hook(lambda *a: mlp_calls.append(1))
@@ -337,10 +343,14 @@ def test_minibatch_loss_under_bf16_autocast_tracks_fp32(peaked_teacher, tokenize
     assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.98
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen2", "opt"])
-def test_sampling_cache_matches_recompute_in_other_families(tokenizer, tmp_path, family):
+@pytest.mark.parametrize(
+    "family,skip",
+    [("gpt2", None), ("qwen2", "mlp.down_proj"), ("opt", None)],  # GPT-2: Conv1D; OPT: dropout
+)
+def test_sampling_cache_matches_recompute_in_other_families(tokenizer, tmp_path, family, skip):
     """The logits and replayed layer outputs give the loss and gradients of the plain pass in families
-    other than Llama (dropout set to 0: a student with dropout never gets the cache)."""
+    other than Llama (dropout set to 0: a student with dropout never gets the cache), and the replay's
+    recompute leaves out the output linear exactly where backward never reads its value."""
     path = save_tiny_model(tmp_path / "s", family, tokenizer, layers=2, seed=4)
     config = AutoConfig.from_pretrained(path)
     for key, value in list(vars(config).items()):
@@ -366,12 +376,18 @@ def test_sampling_cache_matches_recompute_in_other_families(tokenizer, tmp_path,
     grid = torch.arange(3 * 6).view(3, 6)[:, : r.mask.shape[1]]
     results = []
     student.train()
-    for sampled in (None, SamplingCache(logits.view(-1, V), grid[r.mask], layers, torch.arange(3), 5)):
+    for reuse in (False, True, True):  # the second replay skips what the first found value-free
+        # the cached logits are read once (overwritten in place): each replay gets its own copy
+        cache = SamplingCache(logits.clone().view(-1, V), grid[r.mask], layers, torch.arange(3), 5)
+        cache = cache if reuse else None
         student.zero_grad()
-        loss, _ = minibatch_loss(student, teacher, r, TeacherStore(t_rows), adv, 7.0, cfg, sampled)
+        loss, _ = minibatch_loss(student, teacher, r, TeacherStore(t_rows), adv, 7.0, cfg, cache)
         loss.backward()
         results.append((float(loss), {n: p.grad.clone() for n, p in student.named_parameters()}))
-    (plain, g_plain), (cached, g_cached) = results
-    assert cached == pytest.approx(plain, rel=1e-5)
-    for n, grad in g_plain.items():
-        torch.testing.assert_close(g_cached[n], grad, rtol=1e-4, atol=1e-6, msg=n)
+    skipped = {sampling_cache._SKIPPABLE[layer] for layer in models.decoder_layers(student)}
+    assert skipped == {skip}
+    (plain, g_plain), *replayed = results
+    for cached, g_cached in replayed:
+        assert cached == pytest.approx(plain, rel=1e-5)
+        for n, grad in g_plain.items():
+            torch.testing.assert_close(g_cached[n], grad, rtol=1e-4, atol=1e-6, msg=n)

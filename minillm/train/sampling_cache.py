@@ -10,7 +10,9 @@ prompts + 128 tokens on the embedded pair). `SamplingCache` keeps both and the f
 - logits: the closed-form head pass takes them instead of running the head matmul;
 - layer outputs: the update's forward returns each layer's kept output without computing it, and backward
   recomputes the layer from its input and backpropagates through it, as gradient checkpointing does: the
-  step costs one layer forward less (`_Replay`).
+  step costs one layer forward less (`_Replay`). That recompute skips the matmul of the layer's last
+  linear (Llama's down_proj, a quarter of its FLOPs) where that output only feeds the residual sum the
+  layer returns: backward never reads the value (`_output_linear`).
 
 Both equal the update's own computation up to kernel rounding (the sampler runs other matmul kernels and a
 KV cache). They are valid only while the weights are unchanged and train mode draws nothing sampling did
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -85,7 +88,7 @@ class SamplingCache:
         for layer, kept in zip(layers, self.layers, strict=True):
             # with the flag on, HF routes the layer's forward through `_gradient_checkpointing_func`
             layer.gradient_checkpointing = True
-            layer._gradient_checkpointing_func = functools.partial(_replay, kept[rows, slots])
+            layer._gradient_checkpointing_func = functools.partial(_replay, kept[rows, slots], layer)
         try:
             yield
         finally:
@@ -97,9 +100,11 @@ class SamplingCache:
                     layer._gradient_checkpointing_func = func
 
 
-def _replay(kept: Tensor, run: Callable[..., Tensor | tuple], hidden: Tensor, *args: Tensor) -> Tensor:
+def _replay(
+    kept: Tensor, layer: nn.Module, run: Callable[..., Tensor | tuple], hidden: Tensor, *args: Tensor
+) -> Tensor:
     """A `_gradient_checkpointing_func` for HF decoder layers: `run(hidden, *args)` is the layer's forward."""
-    return _Replay.apply(lambda h: run(h, *args), hidden, kept)  # GPT-2 passes mask etc. positionally
+    return _Replay.apply(lambda h: run(h, *args), hidden, kept, layer)  # GPT-2 passes mask etc. positionally
 
 
 class _Replay(torch.autograd.Function):
@@ -109,21 +114,106 @@ class _Replay(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, run: Callable[[Tensor], Tensor | tuple], hidden: Tensor, kept: Tensor
+        ctx: FunctionCtx,
+        run: Callable[[Tensor], Tensor | tuple],
+        hidden: Tensor,
+        kept: Tensor,
+        layer: nn.Module,
     ) -> Tensor:
-        ctx.run = run
+        ctx.run, ctx.layer = run, layer
         ctx.save_for_backward(hidden)
         return kept
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[None, Tensor | None, None]:
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[None, Tensor | None, None, None]:
         (hidden,) = ctx.saved_tensors
         with torch.enable_grad():
             h = hidden.detach().requires_grad_(ctx.needs_input_grad[1])
-            out = ctx.run(h)
+            out = _recompute(ctx.layer, ctx.run, h)
         torch.autograd.backward(out[0] if isinstance(out, tuple) else out, grad_out)
-        return None, h.grad, None
+        return None, h.grad, None, None
+
+
+# Per decoder layer: the name of its linear whose output value backward never reads, or None (found on the
+# layer's first recompute, `_output_linear`).
+_SKIPPABLE: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+
+
+def _recompute(layer: nn.Module, run: Callable[[Tensor], Tensor | tuple], h: Tensor) -> Tensor | tuple:
+    """`run(h)` with grad for backward, the layer's value-free output linear (if any) left unevaluated."""
+    if layer not in _SKIPPABLE:
+        outputs: list[tuple[str, Tensor]] = []
+        hooks = [
+            m.register_forward_hook(lambda _m, _a, y, n=name: outputs.append((n, y)))
+            for name, m in layer.named_modules()
+            if type(m) is nn.Linear
+        ]
+        try:
+            out = run(h)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        _SKIPPABLE[layer] = _output_linear(out[0] if isinstance(out, tuple) else out, outputs)
+        return out
+    name = _SKIPPABLE[layer]
+    linear = None if name is None else layer.get_submodule(name)
+    if type(linear) is not nn.Linear or "forward" in linear.__dict__:  # none, or wrapped since (adapters)
+        return run(h)
+    linear.forward = functools.partial(_unevaluated_linear, linear)  # instance attribute over the class's
+    try:
+        return run(h)
+    finally:
+        del linear.forward
+
+
+def _output_linear(out: Tensor, outputs: list[tuple[str, Tensor]]) -> str | None:
+    """The name of the last linear called, when its output y enters the graph of `out` only as a direct
+    operand of the final sum (out = r + y): backward then needs y's gradient, equal to out's, but never
+    its value. None otherwise (e.g. a norm after it, as in Gemma's post-feed-forward norm, or dropout)."""
+    if not outputs or out.grad_fn is None or out.grad_fn.name() != "AddBackward0":
+        return None
+    name, y = outputs[-1]
+    node = y.grad_fn
+    if node is None or node not in [n for n, _ in out.grad_fn.next_functions]:
+        return None
+    uses, seen, todo = 0, set(), [out.grad_fn]
+    while todo:  # every edge into y's node in the graph (the layer's own nodes down to its inputs)
+        fn = todo.pop()
+        for nxt, _ in fn.next_functions:
+            if nxt is None:
+                continue
+            uses += nxt is node
+            if nxt not in seen and nxt is not node:
+                seen.add(nxt)
+                todo.append(nxt)
+    return name if uses == 1 else None
+
+
+def _unevaluated_linear(linear: nn.Linear, x: Tensor) -> Tensor:
+    return _UnevaluatedLinear.apply(x, linear.weight, linear.bias)
+
+
+class _UnevaluatedLinear(torch.autograd.Function):
+    """x @ W.T + b for a recompute that never reads the value (`_output_linear`): forward returns zeros of
+    the output's shape without the matmul; backward gives the linear's true gradients (those need only x,
+    W and the incoming gradient)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return x.new_zeros(()).expand(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])  # [rows, out]
+        gx = grad @ weight if ctx.needs_input_grad[0] else None
+        gw = g2.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
 
 
 def sampling_buffers(
