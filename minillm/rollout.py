@@ -645,7 +645,8 @@ class _Decoder:
     is prefilled in groups of similar prompt length (`prefill`). The decode mask is one preallocated
     [B, P+N] buffer; step t only flips column P+t on. For sdpa / eager attention on full-attention
     layers it goes to the model as a ready 4D mask ([B, 1, 1, K] bool view for sdpa, an additive float
-    copy for eager), which skips HF's per-step mask construction; otherwise as the 2D mask.
+    copy for eager), which skips HF's per-step mask construction; otherwise as the 2D mask. With the 4D
+    mask, a static cache hands attention only its filled slots, P + t + 1 of P + N (`_filled_update`).
     """
 
     def __init__(
@@ -677,11 +678,22 @@ class _Decoder:
         impl = getattr(model.config, "_attn_implementation", None)
         self.full = not any(getattr(self.cache, "is_sliding", [False]))
         self.mode = impl if impl in ("sdpa", "eager") and self.full else "2d"
+        self.filled = self.L  # static cache slots the running decode step attends over
+        if self.static and self.mode != "2d":
+            # Attention over the filled slots only, not all P + N: on average a quarter less of it per step.
+            for layer in self.cache.layers:
+                layer.update = functools.partial(self._filled_update, layer.update)
         if self.mode == "eager":
             dtype = next(model.parameters()).dtype  # HF's eager attention adds the mask to its scores
             neg = torch.finfo(dtype).min
             self.additive = torch.full((B, 1, 1, self.L), neg, dtype=dtype, device=prompt_mask.device)
             self.additive[:, 0, 0, :P].masked_fill_(prompt_mask, 0.0)
+
+    def _filled_update(
+        self, update: Callable[..., tuple[Tensor, Tensor]], *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        keys, values = update(*args, **kwargs)  # [B, kv heads, P + N, head_dim] each
+        return keys[:, :, : self.filled], values[:, :, : self.filled]
 
     def _keep(self, buf: Tensor, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
         rows, slots = self.where
@@ -727,7 +739,8 @@ class _Decoder:
         slot = self.P + t
         self.where = (slice(None), slice(slot, slot + 1))
         self.attn[:, slot] = True
-        K = self.L if self.static else slot + 1  # key length the attention sees
+        # key length the attention sees: the filled slots, or all P + N of a static cache given a 2D mask
+        K = self.filled = self.L if self.static and self.mode == "2d" else slot + 1
         if self.mode == "sdpa":
             mask = self.attn[:, None, None, :K]  # [B, 1, 1, K] bool view, True = attend
         elif self.mode == "eager":
