@@ -700,8 +700,12 @@ class _Decoder:
         buf[rows, slots] = output[0] if isinstance(output, tuple) else output
 
     def close(self) -> None:
+        """Remove the layer hooks and the cache's update wrappers (a cycle that would keep the cache alive
+        until the next garbage collection)."""
         for hook in self.hooks:
             hook.remove()
+        for layer in self.cache.layers if self.static else []:
+            layer.__dict__.pop("update", None)
 
     def prefill(self, ids: Tensor) -> Tensor:
         if not self.static:
@@ -783,11 +787,12 @@ def _sample_fast(
         _packed_linears(student, B, pack),
         _packed_linears(teacher, B, pack and run_teacher),
         contextlib.closing(_Decoder(student, prompt_mask, N, layers_out)) as s_dec,  # closing drops hooks
+        contextlib.ExitStack() as stack,
     ):
         s_logits = s_dec.prefill(input_ids)
         t_dec, t_logits = None, None
         if run_teacher:
-            t_dec = _Decoder(teacher, prompt_mask, N)
+            t_dec = stack.enter_context(contextlib.closing(_Decoder(teacher, prompt_mask, N)))
             t_logits = t_dec.prefill(input_ids)
         base = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of the first response token
         pos = torch.empty_like(base)
