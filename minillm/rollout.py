@@ -37,8 +37,9 @@ rounding (packed weights, below); both stop once every row has ended:
 - fast path: static KV cache (HF `StaticCache`; DynamicCache for families without
   `_can_compile_fullgraph`) prefilled in groups of similar prompt length instead of all prompts padded to
   the longest (65 % of a Dolly batch's prefill was padding), one preallocated decode mask given to
-  attention as a ready 4D view, output buffers allocated once, warping / mixing / draw / EOS bookkeeping in one function per step, no work
-  for warping at the defaults and a 256-candidate top-p that sorts only rows with a wider nucleus.
+  attention as a ready 4D view over the filled cache slots only, output buffers allocated once,
+  warping / mixing / draw / EOS bookkeeping in one function per step, no work for warping at the
+  defaults and a 256-candidate top-p that sorts only rows with a wider nucleus.
 - On CPU in fp32 the fast path runs every `nn.Linear` of the sampled models on a weight reordered once
   per call for oneDNN (`_packed_linears`, what inductor's freezing does): MKL's sgemm reads weights at
   ~4 GB/s for an 8-row input here, the packed kernel ~6 GB/s; sampling 9–26 % faster (bench/RESULTS.md).
