@@ -705,7 +705,7 @@ class _Decoder:
         until the next garbage collection)."""
         for hook in self.hooks:
             hook.remove()
-        for layer in self.cache.layers if self.static else []:
+        for layer in self.cache.layers:
             layer.__dict__.pop("update", None)
 
     def prefill(self, ids: Tensor) -> Tensor:
