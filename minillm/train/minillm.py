@@ -488,7 +488,9 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         # --- one optimizer step on mini-batch b of inner epoch `epoch` ---
         t0 = time.perf_counter()
         order = torch.randperm(per_rank, generator=engine.generator(cfg.seed, collection, epoch, 1))
-        mb_idx = order[b * mini : (b + 1) * mini]
+        # in store order: the mini-batch's loss is a sum over its rows, and rows in order make the cached
+        # teacher log-probs and sampling logits of a chunk consecutive, read in place (`take_rows`)
+        mb_idx = order[b * mini : (b + 1) * mini].sort().values
         mb = store[mb_idx]
         # each store row's valid positions in the teacher store, located by a cumulative count
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), store.mask.sum(-1).cumsum(0)]).tolist()
