@@ -21,7 +21,9 @@ from minillm import models
 from minillm.config import MiniLLMConfig, SFTConfig
 from minillm.data.tokenize import length_groups
 from minillm.objectives import policy
+from minillm.objectives.chunked import take_rows
 from minillm.rollout import sample_rollout
+from minillm.train import minillm as minillm_train
 from minillm.train import sampling_cache
 from minillm.train.minillm import (
     TeacherStore,
@@ -258,6 +260,27 @@ def test_sampling_logits_only_for_the_first_step(peaked_teacher, tokenizer, tmp_
     for a, b in zip(cached[1:], plain[1:], strict=True):
         for key in ("loss/pg", "loss/single", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_one_minibatch_step_reads_the_teacher_cache_in_place(
+    peaked_teacher, tokenizer, tmp_path, monkeypatch
+):
+    """With one mini-batch per collection its rows come in store order, so every chunk of cached teacher
+    log-probs is read in place; in the collection's random order, chunks spanning two rows stored apart
+    would be gathered into a buffer."""
+    teacher, data = peaked_teacher
+    student = save_tiny_model(tmp_path / "student", "llama", tokenizer, layers=1, hidden=32, seed=2)
+    in_place = []
+
+    def spy(src, at, out):
+        got = take_rows(src, at, out)
+        in_place.append(got.data_ptr() != out.data_ptr())
+        return got
+
+    monkeypatch.setattr(minillm_train, "take_rows", spy)
+    cfg = dict(num_rollouts=8, batch_size=8, grad_accum=1, ppo_epochs=1, chunk_size=3, sampling_cache_mib=0)
+    train_minillm(minillm_config(student, teacher, data, tmp_path / "out", max_steps=2, eval_every=0, **cfg))
+    assert len(in_place) > 4 and all(in_place)
 
 
 def test_killed_mid_collection_resumes_exactly(peaked_teacher, tokenizer, tmp_path):
