@@ -190,6 +190,7 @@ def sample_rollout(
     score: bool = True,
     logits_out: Tensor | None = None,
     layers_out: list[Tensor] | None = None,
+    teacher_rows_out: Tensor | None = None,
 ) -> Rollout:
     """Sample one response per prompt from p̃ = α·p + (1 − α)·q and record log-probs and weights.
 
@@ -212,6 +213,9 @@ def sample_rollout(
                     (a view will do) receiving that layer's output at every position fed to the student,
                     at its place in the left-padded layout (response token t at P + t; the last sampled
                     token is never fed, left-padding slots are not written)
+    teacher_rows_out: fast path, alpha > 0 only: a [B, max_new_tokens, H_t] buffer; the teacher's final
+                    hidden state behind p(·|y<t) (its head's input, what a teacher forward over prompt +
+                    response would give at that position) goes to teacher_rows_out[:, t]
     returns:        a `Rollout` on the models' device, T = steps taken (≤ max_new_tokens; all rows end early)
     """
     B, P = input_ids.shape
@@ -239,6 +243,8 @@ def sample_rollout(
         raise ValueError("compile=True applies to the fast path only; pass fast=True")
     if layers_out is not None and not fast:
         raise ValueError("layers_out is filled by the fast path only; pass fast=True")
+    if teacher_rows_out is not None and not (fast and alpha > 0.0):
+        raise ValueError("teacher_rows_out is filled by the fast path with alpha > 0 only")
 
     device = next(student.parameters()).device
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
@@ -249,7 +255,10 @@ def sample_rollout(
     try:
         with torch.inference_mode():
             args = (student, teacher, input_ids, prompt_mask, max_new_tokens, sampling, generator, compile)
-            cols = _sample_fast(*args, logits_out, layers_out) if fast else _sample_eager(*args, logits_out)
+            if fast:
+                cols = _sample_fast(*args, logits_out, layers_out, teacher_rows_out)
+            else:
+                cols = _sample_eager(*args, logits_out)
             response_ids, mask, logq, logp, logmix = cols
             rollout = Rollout(
                 prompt_ids=input_ids,
@@ -656,6 +665,7 @@ class _Decoder:
         prompt_mask: Tensor,
         max_new_tokens: int,
         layers_out: list[Tensor] | None = None,
+        head_in: bool = False,
     ) -> None:
         B, P = prompt_mask.shape
         self.model, self.P, self.L = model, P, P + max_new_tokens
@@ -668,6 +678,13 @@ class _Decoder:
                 raise ValueError(f"layers_out has {len(layers_out)} buffers for {len(layers)} decoder layers")
             for layer, buf in zip(layers, layers_out, strict=True):
                 self.hooks.append(layer.register_forward_hook(functools.partial(self._keep, buf)))
+        # with head_in: the head's input at the running forward's last position, [B, H] (the rows of
+        # `where`), i.e. the final hidden state behind the logits the forward returns
+        self.head_in: Tensor | None = None
+        if head_in:
+            head = model.get_output_embeddings()
+            self.head_in = head.weight.new_empty(B, head.weight.shape[1])
+            self.hooks.append(head.register_forward_pre_hook(self._keep_head_in))
         self.static = bool(getattr(model, "_can_compile_fullgraph", False))
         if self.static:
             self.cache = StaticCache(config=model.config, max_cache_len=self.L)
@@ -699,6 +716,9 @@ class _Decoder:
     def _keep(self, buf: Tensor, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
         rows, slots = self.where
         buf[rows, slots] = output[0] if isinstance(output, tuple) else output
+
+    def _keep_head_in(self, module: nn.Module, args: tuple) -> None:
+        self.head_in[self.where[0]] = args[0][:, -1]
 
     def close(self) -> None:
         """Remove the layer hooks and the cache's update wrappers (a cycle that would keep the cache alive
@@ -770,6 +790,7 @@ def _sample_fast(
     compile: bool,
     logits_out: Tensor | None,
     layers_out: list[Tensor] | None,
+    teacher_rows_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fast loop; the outputs of `_sample_eager` (the same tokens under one generator, up to rounding)."""
     B, N = input_ids.shape[0], max_new_tokens
@@ -793,7 +814,9 @@ def _sample_fast(
         s_logits = s_dec.prefill(input_ids)
         t_dec, t_logits = None, None
         if run_teacher:
-            t_dec = stack.enter_context(contextlib.closing(_Decoder(teacher, prompt_mask, N)))
+            t_dec = stack.enter_context(
+                contextlib.closing(_Decoder(teacher, prompt_mask, N, head_in=teacher_rows_out is not None))
+            )
             t_logits = t_dec.prefill(input_ids)
         base = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of the first response token
         pos = torch.empty_like(base)
@@ -802,6 +825,8 @@ def _sample_fast(
         for t in range(N):
             if logits_out is not None:
                 logits_out[:, t] = s_logits
+            if teacher_rows_out is not None:
+                teacher_rows_out[:, t] = t_dec.head_in
             u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=device)  # as `_draw`
             nxt, lq, lp, lmix, done = step(s_logits, t_logits, u, finished, s)
             buf.ids[:, t] = nxt

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import save_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -260,6 +261,33 @@ def test_sampling_logits_only_for_the_first_step(peaked_teacher, tokenizer, tmp_
     for a, b in zip(cached[1:], plain[1:], strict=True):
         for key in ("loss/pg", "loss/single", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_mixed_sampling_gives_the_teacher_side_without_a_teacher_pass(
+    peaked_teacher, tokenizer, tmp_path, monkeypatch
+):
+    """With alpha > 0 `collect` takes the teacher's hidden rows from the sampler's teacher forwards and runs
+    only the head over them: rows and cached log-probs equal a teacher pass over the same rollouts."""
+    teacher_dir, data = peaked_teacher
+    student = models.load_model(str(save_tiny_model(tmp_path / "s", "llama", tokenizer, layers=1, seed=3)))
+    teacher = models.load_model(str(teacher_dir)).eval()
+    cfg = minillm_config(tmp_path, tmp_path, data, tmp_path / "out", teacher_mix_alpha=0.3, chunk_size=4)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, len(tokenizer), (n,), generator=g).tolist() for n in (3, 7, 5, 2, 7, 4)]
+    cache = torch.full((6 * cfg.max_new_tokens, len(tokenizer)), float("nan"))
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the teacher pass ran")
+
+    monkeypatch.setattr(minillm_train, "teacher_pass", no_pass)
+    acc = Accelerator(cpu=True)
+    store, t_store, _, _ = minillm_train.collect(student, teacher, prompts, 0, 0, cfg, acc, g, cache)
+    N = int(store.mask.sum())
+    assert N > 8 and len(t_store.rows) == N and t_store.logp.shape[0] == N
+    want_logp = torch.empty(N, len(tokenizer))
+    want_rows, _ = teacher_pass(teacher, store, cfg.chunk_size, want_logp)
+    torch.testing.assert_close(t_store.rows, want_rows, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(t_store.logp, want_logp, rtol=1e-4, atol=1e-4)
 
 
 def test_one_minibatch_step_reads_the_teacher_cache_in_place(

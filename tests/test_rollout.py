@@ -528,6 +528,32 @@ def test_logits_out_holds_the_student_logits_of_each_step(family: str, fast: boo
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_teacher_rows_out_hold_the_teacher_hidden_state_of_each_step(family: str) -> None:
+    """teacher_rows_out[:, t] is the teacher's final hidden state behind p(·|y<t) (its head's input; one
+    uncached float64 forward over prompt + response as the reference), with prompts that share a prefill
+    group and prompts that do not, and the samples do not change."""
+    _, teacher = pair(family)
+    lengths = (5, 5, 2, 5, 2, 6)
+    ids, mask = prompts(lengths)
+    H = teacher.get_output_embeddings().weight.shape[1]
+    buf = torch.full((len(ids), N, H), float("nan"))
+    r = run(family, 1, lengths=lengths, teacher_rows_out=buf)
+    assert torch.equal(r.response_ids, run(family, 1, lengths=lengths).response_ids)
+    full_ids, full_attn = r.full_inputs()
+    P, T = ids.shape[1], r.response_ids.shape[1]
+    pos = (full_attn.long().cumsum(-1) - 1).clamp(min=0)
+    t64 = copy.deepcopy(teacher).double()
+    with torch.no_grad():
+        out = t64(full_ids, attention_mask=full_attn.long(), position_ids=pos, output_hidden_states=True)
+    want = out.hidden_states[-1][:, P - 1 : P + T - 1]  # after the final norm: what the head reads
+    assert_close_verbose(buf[:, :T][r.mask].double(), want[r.mask], torch.float32)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        run(family, 1, lengths=lengths, alpha=0.0, teacher_rows_out=buf)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        run(family, 1, lengths=lengths, fast=False, teacher_rows_out=buf)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_layers_out_hold_each_layer_output_at_its_slot(family: str) -> None:
     """layers_out[l][b, c] is decoder layer l's output at column c of prompt + response (one uncached
     float64 forward as the reference, its layer outputs taken by hooks), for every column fed to the

@@ -213,11 +213,16 @@ def collect(
     N, width = cfg.max_new_tokens, cfg.max_prompt_length
     logits, layers = sampling if sampling is not None else (None, None)
     parts, rows, filled, teacher_s = [], [], 0, 0.0
+    head = models.output_head(teacher)
+    # With teacher mixing the fast sampler runs the teacher at every position anyway: its final hidden
+    # states there replace the teacher pass's forward (only the head pass over them remains)
+    keep_rows = cfg.teacher_mix_alpha > 0.0 and cfg.fast_rollout
     for batch_prompts in engine.chunks(prompts, cfg.batch_size):
         enc = collate_prompts(batch_prompts, pad)
         done = sum(len(r) for r in parts)
         at = slice(done, done + len(batch_prompts))
         P = enc["input_ids"].shape[1]  # this batch's prompt width, right-aligned in the cache's
+        t_hidden = head[0].new_empty(len(batch_prompts), N, head[0].shape[1]) if keep_rows else None
         r = sample_rollout(
             inner,
             teacher,
@@ -232,12 +237,21 @@ def collect(
             top_k=cfg.top_k,
             top_p=cfg.top_p,
             fast=cfg.fast_rollout,
-            score=False,  # the teacher pass below gives log p and the hidden rows in one forward
+            score=False,  # log p: the sampler with alpha > 0, else the teacher pass below
             logits_out=None if logits is None else logits.view(-1, N, logits.shape[-1])[at],
             layers_out=None if layers is None else [x[at, width - P :] for x in layers],
+            teacher_rows_out=t_hidden,
         )
         t0 = time.perf_counter()
-        t_rows, logp = teacher_pass(teacher, r, cfg.chunk_size, None if cache is None else cache[filled:])
+        if t_hidden is None:
+            t_rows, logp = teacher_pass(teacher, r, cfg.chunk_size, None if cache is None else cache[filled:])
+        else:  # a fresh [N, H_t] tensor, as the teacher pass gives (`refill_teacher_cache` relies on it)
+            t_rows = t_hidden[:, : r.mask.shape[1]][r.mask]
+            if cache is not None:
+                with torch.no_grad():
+                    fill_log_probs(
+                        cache[filled : filled + len(t_rows)], t_rows, head, chunk_size=cfg.chunk_size
+                    )
         teacher_s += time.perf_counter() - t0
         filled += len(t_rows)
         if cfg.teacher_mix_alpha == 0.0:
