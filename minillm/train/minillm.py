@@ -10,7 +10,8 @@ in mini-batches; each mini-batch takes
 Everything full-vocabulary runs in token chunks from hidden states (never a [B, T, V] fp32 tensor). The
 teacher runs once per collection: its log-probabilities at every sampled position are kept when they fit
 `teacher_cache_mib` (fp32, exact), else its hidden states are, and each inner epoch recomputes only the
-teacher's head on a chunk (`TeacherStore`).
+teacher's head on a chunk (`TeacherStore`). With α > 0 the fast sampler has already run the teacher at every
+position, so its final hidden states there are kept from sampling and only the head runs over them.
 
 Departures from the paper / the official code (LMOps minillm/, commits cited in objectives/policy.py),
 each behind a flag:
