@@ -681,6 +681,7 @@ class _Decoder:
         # with head_in: the head's input at the running forward's last position, [B, H] (the rows of
         # `where`), i.e. the final hidden state behind the logits the forward returns
         self.head_in: Tensor | None = None
+        self.head_seen = False
         if head_in:
             head = model.get_output_embeddings()
             self.head_in = head.weight.new_empty(B, head.weight.shape[1])
@@ -719,6 +720,7 @@ class _Decoder:
 
     def _keep_head_in(self, module: nn.Module, args: tuple) -> None:
         self.head_in[self.where[0]] = args[0][:, -1]
+        self.head_seen = True
 
     def close(self) -> None:
         """Remove the layer hooks and the cache's update wrappers (a cycle that would keep the cache alive
@@ -818,6 +820,10 @@ def _sample_fast(
                 contextlib.closing(_Decoder(teacher, prompt_mask, N, head_in=teacher_rows_out is not None))
             )
             t_logits = t_dec.prefill(input_ids)
+            if teacher_rows_out is not None and not t_dec.head_seen:  # a head applied as a bare matmul
+                raise RuntimeError(
+                    "teacher_rows_out: the teacher's forward never called its output embedding"
+                )
         base = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of the first response token
         pos = torch.empty_like(base)
         finished = torch.zeros(B, dtype=torch.bool, device=device)

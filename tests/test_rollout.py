@@ -551,6 +551,21 @@ def test_teacher_rows_out_hold_the_teacher_hidden_state_of_each_step(family: str
         run(family, 1, lengths=lengths, alpha=0.0, teacher_rows_out=buf)
     with pytest.raises(ValueError, match="alpha > 0"):
         run(family, 1, lengths=lengths, fast=False, teacher_rows_out=buf)
+    student, teacher = pair(family)
+    teacher.get_output_embeddings = lambda: torch.nn.Linear(H, V)  # a head the forward never calls
+    with pytest.raises(RuntimeError, match="never called its output embedding"):
+        sample_rollout(
+            student,
+            teacher,
+            ids,
+            mask,
+            alpha=0.2,
+            max_new_tokens=N,
+            eos_token_id=EOS,
+            pad_token_id=EOS,
+            generator=torch.Generator(),
+            teacher_rows_out=buf,
+        )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
