@@ -506,6 +506,16 @@ def test_packed_linears_same_outputs_and_restored() -> None:
     assert_close_verbose(got, want, torch.float32)
 
 
+def float64_forward(model: nn.Module, r: Rollout, **kw: object) -> object:
+    """One uncached float64 forward of (a copy of) `model` over r's prompts + responses."""
+    full_ids, full_attn = r.full_inputs()
+    pos = (full_attn.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(
+            full_ids, attention_mask=full_attn.long(), position_ids=pos, **kw
+        )
+
+
 @pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_logits_out_holds_the_student_logits_of_each_step(family: str, fast: bool) -> None:
@@ -516,12 +526,8 @@ def test_logits_out_holds_the_student_logits_of_each_step(family: str, fast: boo
     buf = torch.full((len(ids), N, V), float("nan"))
     r = run(family, 0, fast=fast, logits_out=buf)
     assert torch.equal(r.response_ids, run(family, 0, fast=fast).response_ids)
-    full_ids, full_attn = r.full_inputs()
     P, T = ids.shape[1], r.response_ids.shape[1]
-    pos = (full_attn.long().cumsum(-1) - 1).clamp(min=0)
-    s64 = copy.deepcopy(student).double()
-    with torch.no_grad():
-        want = s64(full_ids, attention_mask=full_attn.long(), position_ids=pos).logits[:, P - 1 : P + T - 1]
+    want = float64_forward(student, r).logits[:, P - 1 : P + T - 1]
     assert_close_verbose(buf[:, :T][r.mask].double(), want[r.mask], torch.float32)
     with pytest.raises(ValueError, match="logits_out shape"):
         run(family, 0, fast=fast, logits_out=buf[:, :-1])
@@ -539,12 +545,8 @@ def test_teacher_rows_out_hold_the_teacher_hidden_state_of_each_step(family: str
     buf = torch.full((len(ids), N, H), float("nan"))
     r = run(family, 1, lengths=lengths, teacher_rows_out=buf)
     assert torch.equal(r.response_ids, run(family, 1, lengths=lengths).response_ids)
-    full_ids, full_attn = r.full_inputs()
     P, T = ids.shape[1], r.response_ids.shape[1]
-    pos = (full_attn.long().cumsum(-1) - 1).clamp(min=0)
-    t64 = copy.deepcopy(teacher).double()
-    with torch.no_grad():
-        out = t64(full_ids, attention_mask=full_attn.long(), position_ids=pos, output_hidden_states=True)
+    out = float64_forward(teacher, r, output_hidden_states=True)
     want = out.hidden_states[-1][:, P - 1 : P + T - 1]  # after the final norm: what the head reads
     assert_close_verbose(buf[:, :T][r.mask].double(), want[r.mask], torch.float32)
     with pytest.raises(ValueError, match="alpha > 0"):
