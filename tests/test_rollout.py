@@ -534,11 +534,13 @@ def test_logits_out_holds_the_student_logits_of_each_step(family: str, fast: boo
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_teacher_rows_out_hold_the_teacher_hidden_state_of_each_step(family: str) -> None:
+def test_teacher_rows_out_hold_the_teacher_hidden_state_of_each_step(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """teacher_rows_out[:, t] is the teacher's final hidden state behind p(·|y<t) (its head's input; one
     uncached float64 forward over prompt + response as the reference), with prompts that share a prefill
     group and prompts that do not, and the samples do not change."""
-    _, teacher = pair(family)
+    student, teacher = pair(family)
     lengths = (5, 5, 2, 5, 2, 6)
     ids, mask = prompts(lengths)
     H = teacher.get_output_embeddings().weight.shape[1]
@@ -553,8 +555,8 @@ def test_teacher_rows_out_hold_the_teacher_hidden_state_of_each_step(family: str
         run(family, 1, lengths=lengths, alpha=0.0, teacher_rows_out=buf)
     with pytest.raises(ValueError, match="alpha > 0"):
         run(family, 1, lengths=lengths, fast=False, teacher_rows_out=buf)
-    student, teacher = pair(family)
-    teacher.get_output_embeddings = lambda: torch.nn.Linear(H, V)  # a head the forward never calls
+    # a head the forward never calls (pair() is cached: monkeypatch restores the teacher)
+    monkeypatch.setattr(teacher, "get_output_embeddings", lambda: torch.nn.Linear(H, V))
     with pytest.raises(RuntimeError, match="never called its output embedding"):
         sample_rollout(
             student,
