@@ -1,4 +1,4 @@
-"""One MiniLLM iteration at the DESIGN.md section 5 shape, timed part by part (meant for one GPU).
+"""One MiniLLM iteration at the docs/design.md §5 shape, timed part by part (meant for one GPU).
 
 GPT-2-XL-shaped teacher (1.56B) and GPT-2-shaped student (124M), random weights, bf16, B = 64 prompts of
 128 tokens, 256 sampled tokens, alpha 0.2. Prints a markdown table: HF `generate` of the student alone, our

@@ -224,7 +224,7 @@ class MiniLLMConfig(TrainConfig):
 
 @dataclass
 class KDConfig(TrainConfig):
-    """Word-level KD: kd_ratio·D(teacher, student) + (1 − kd_ratio)·CE on the gold responses (DESIGN.md §2).
+    """Word-level KD: kd_ratio·D(teacher, student) + (1 − kd_ratio)·CE on the gold responses (docs/design.md §2).
     Schedule defaults are the official KD scripts' (LMOps minillm/scripts/gpt2/kd/kd_base.sh) except lr."""
 
     teacher: str | None = _f(
@@ -377,7 +377,7 @@ class GKDConfig(KDConfig):
 
 @dataclass
 class EvalConfig:
-    """The paper's evaluation protocol (section 3 of DESIGN.md): sampled answers scored by Rouge-L."""
+    """The paper's evaluation protocol (docs/design.md §3): sampled answers scored by Rouge-L."""
 
     model: str = _f("runs/student-init", "Model to evaluate: hub id, folder, .gguf or alias.")
     name: str | None = _f(

@@ -259,7 +259,7 @@ def make_report(run_dirs: list[str], out_dir: str, baseline: str | None = None) 
         md += [
             "## Rouge-L",
             "",
-            "Sampled answers (DESIGN.md section 3) scored by Rouge-L F x100 (rouge_score, stemmer, max over "
+            "Sampled answers (the paper's protocol, minillm docs/design.md §3) scored by Rouge-L F x100 (rouge_score, stemmer, max over "
             "references), averaged over prompts, then mean ± sample std over seeds. **Bold**: best in the column. "
             + (f"In brackets: difference to the baseline `{base}`." if base else "No baseline given."),
             "",

@@ -1,4 +1,4 @@
-"""Teacher-mixed sampling (DESIGN.md §1): responses drawn token by token from p̃ = α·p + (1 − α)·q_old.
+"""Teacher-mixed sampling (docs/design.md §1): responses drawn token by token from p̃ = α·p + (1 − α)·q_old.
 
 MiniLLM (Gu et al., ICLR 2024, §2.2) samples its policy-gradient rollouts from a mixture of the frozen
 teacher p and the student q_old being trained (α = 0.2), both decoding with their own KV cache, and

@@ -119,7 +119,7 @@ def test_kd_lowers_heldout_forward_kl(tiny_llama, sft_teacher, tmp_path):
 
 def test_micro_batches_give_equal_gradients(tiny_llama, tiny_gpt2, tmp_path):
     """1 micro-batch of 8 and 4 micro-batches of 2 give the same step: losses and the gradient norm agree
-    (a per-micro-batch mean would weight the 4x2 tokens differently; STYLE 7)."""
+    (a per-micro-batch mean would weight the 4x2 tokens differently; docs/design.md §4)."""
     logs = []
     for name, bs, ga in (("one", 8, 1), ("four", 2, 4)):
         out = tmp_path / name

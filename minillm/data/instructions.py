@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-# The data shipped with the project (copied from ../shared/data, sources and licences in data/README.md).
+# The data shipped with the project (sources and licences in data/README.md).
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 SHIPPED = {
     "dolly_train": "dolly_train.jsonl.gz",

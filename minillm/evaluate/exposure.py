@@ -8,7 +8,7 @@ KL(p(.|y_<t, x) || q(.|y_<t, x)) over the full vocabulary. Accumulated over the 
     ExAccErr(l) = (R(l) - eps(l)) / eps(l) x 100
 
 eps(l) here is the paper's l*epsilon(l) (epsilon = the average per-step error on oracle prefixes), so this is
-the paper's (R(l) - l*epsilon)/(l*epsilon) x 100% and DESIGN.md's (R(l) - eps(l))/eps(l) x 100. The expectations
+the paper's (R(l) - l*epsilon)/(l*epsilon) x 100% and the (R(l) - eps(l))/eps(l) x 100 of docs/design.md §3. The expectations
 are estimated with `samples_per_prompt` ancestral samples per prompt (temperature 1, no top-k/top-p, no n-gram
 ban: the definition samples from q and p themselves), then averaged over prompts. At step t a sample counts
 only while alive (no EOS before t; the step that emits EOS counts); a prompt whose samples have all ended adds

@@ -1,4 +1,4 @@
-"""The paper's evaluation protocol (DESIGN.md section 3): `minillm eval`.
+"""The paper's evaluation protocol (docs/design.md §3): `minillm eval`.
 
 For each test set and each seed, every prompt (the training template, no BOS) gets one sampled answer
 (temperature 1, top_p 1, top_k 0, <= 256 new tokens, no_repeat_ngram_size 6: the official defaults, all
@@ -22,7 +22,7 @@ Departures from the official code (LMOps `minillm/evaluate_main.py`, `rouge_metr
 - LM loss is token-averaged over the set; the official code averages per-example means. Both are reported
   (`lm_loss`, `lm_loss_per_example`). Prompt + gold is capped at max_prompt_length + max_new_tokens tokens
   (official: 512 = 256 + 256).
-- At most `max_new_tokens` new tokens (DESIGN: 256); the official code allows 512 minus the padded prompt length.
+- At most `max_new_tokens` new tokens (the paper: 256); the official code allows 512 minus the padded prompt length.
 - Prompts over `max_prompt_length` tokens are skipped and counted (`skipped_long`), not truncated; the official
   data was filtered with the same rule beforehand (with GPT-2's tokenizer).
 - The answer is cut at the first EOS id (official: at the text "<|endoftext|>" after decoding without special

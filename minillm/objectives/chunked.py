@@ -1,7 +1,7 @@
 """A head loss computed C rows at a time, so no [N, V] logits tensor ever exists.
 
 The LM head over a 50k vocabulary is distillation's memory peak: an unchunked full-vocabulary KL at
-B=64, T=384 holds several [64, 384, 50257] fp32 tensors, 46.8 GiB (DESIGN.md §5). Here each chunk's
+B=64, T=384 holds several [64, 384, 50257] fp32 tensors, 46.8 GiB (docs/design.md §5). Here each chunk's
 logits, loss and gradients w.r.t. hidden, weight and bias are computed inside forward and the chunk's
 graph is dropped at once (Liger-Kernel's fused-linear approach); backward only scales the stored
 gradients by grad_output, so the head matmul is never recomputed. Peak extra memory is O(C·V) for

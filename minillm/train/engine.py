@@ -115,7 +115,7 @@ def rank_micro_batches(indices: list[int], acc: Accelerator, cfg: TrainConfig) -
 
 def global_count(acc: Accelerator, count: Tensor | int) -> float:
     """Sum of a count over ranks: token losses are divided by the step's global valid-token count, counted
-    before the micro-batch loop, so 1x8 and 4x2 micro-batches give equal gradients (STYLE 7)."""
+    before the micro-batch loop, so 1x8 and 4x2 micro-batches give equal gradients (docs/design.md §4)."""
     t = torch.as_tensor(count, dtype=torch.float64, device=acc.device)
     return float(acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else float(t)
 
@@ -148,7 +148,7 @@ def supervised_step(
 ) -> dict[str, float]:
     """Optimizer step `step` on this rank's collated micro-batches (SFT, KD, SeqKD, GKD).
 
-    The micro-batches' loss sums and parts are divided by the step's global target-token count (STYLE 7);
+    The micro-batches' loss sums and parts are divided by the step's global target-token count (docs/design.md §4);
     gradients sync on the last micro-batch only. Returns "loss", the parts (per token), "lr", "grad_norm"
     and "tokens".
     """

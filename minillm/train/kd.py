@@ -1,4 +1,4 @@
-"""Word-level KD (DESIGN.md §2): loss = kd_ratio·D(p, q) + (1 − kd_ratio)·CE on the gold responses.
+"""Word-level KD (docs/design.md §2): loss = kd_ratio·D(p, q) + (1 − kd_ratio)·CE on the gold responses.
 
 At every gold response token the student q matches the frozen teacher's full next-token distribution p
 (Hinton et al. 2015; the word-level KD of Kim & Rush 2016 that the MiniLLM paper uses as its "KD"
@@ -12,7 +12,7 @@ minillm/scripts/gpt2/kd/kd_base.sh: --type kd --kd-ratio 0.5):
 - The official D is the teacher soft-CE −Σ p·log q; ours is forward KL Σ p·(log p − log q) = soft-CE − H(p):
   same gradient, loss values lower by the teacher's entropy, 0 when q = p (`divergence`).
 - The official loss averages each micro-batch over its own tokens; ours divides by the step's global
-  token count, so gradient accumulation does not reweight micro-batches (STYLE 7).
+  token count, so gradient accumulation does not reweight micro-batches (docs/design.md §4).
 - Any divergence of `minillm.objectives.divergences` (`divergence`, `jsd_beta`, `skew_alpha`) and a
   temperature applied inside D only (`loss_temperature`; official: 1). The teacher runs in `dtype`
   (official: fp16 teacher).

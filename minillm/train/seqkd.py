@@ -1,4 +1,4 @@
-"""SeqKD (Kim & Rush 2016; DESIGN.md §2): fine-tune the student on one teacher-sampled response per prompt.
+"""SeqKD (Kim & Rush 2016; docs/design.md §2): fine-tune the student on one teacher-sampled response per prompt.
 
 First the teacher answers every training prompt once (sampling, defaults as the official
 minillm/scripts/gpt2/tools/generate_data_seqkd.sh: temperature 1, top_k 0, top_p 1, 256 new tokens,
