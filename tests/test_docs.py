@@ -120,5 +120,5 @@ def test_readme_commands_run(tmp_path, monkeypatch, tokenizer):
     for argv in readme_commands():
         try:
             cli.main(shrink(argv[1:], teacher))
-        except SystemExit as e:
+        except (SystemExit, config_lib.ConfigError) as e:
             pytest.fail(f"README command failed: {shlex.join(argv)}\n{e}")
