@@ -90,6 +90,13 @@ def _derive_student(argv: list[str]) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--num-layers", type=int, help="Keep this many layers, spread evenly from layer 0.")
     g.add_argument("--layers", help="Comma-separated layer indices to keep, e.g. 0,5,10,15,20,25.")
+    h = p.add_argument_group("healing: KD towards the teacher on pre-training text after the cut")
+    h.add_argument("--heal-steps", type=int, default=0, help="AdamW steps (0 = no healing).")
+    h.add_argument("--heal-lr", type=float, default=5e-4, help="Learning rate of the healing steps.")
+    h.add_argument("--heal-batch-size", type=int, default=8, help="Blocks per healing step.")
+    h.add_argument("--heal-block-length", type=int, default=256, help="Tokens per pre-training block.")
+    h.add_argument("--heal-data", default="pretrain", help="Shipped name or .jsonl(.gz) with a 'text' field.")
+    h.add_argument("--seed", type=int, default=10, help="Seed of the healing blocks' draws.")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the hub.")
     args = p.parse_args(argv)
     from minillm import models
@@ -101,6 +108,25 @@ def _derive_student(argv: list[str]) -> None:
         [int(x) for x in args.layers.split(",")] if args.layers else models.spread_layers(n, args.num_layers)
     )
     student = models.derive_student(teacher, layers)
+    if args.heal_steps > 0:
+        from minillm.data.pretrain import load_pt_blocks
+        from minillm.train.heal import heal
+
+        need = args.heal_steps * args.heal_batch_size
+        blocks = load_pt_blocks(args.heal_data, tokenizer, args.heal_block_length, max_blocks=need)
+        student.eval()  # no dropout: the student is matched to the teacher's deterministic outputs
+        losses = heal(
+            student,
+            teacher,
+            blocks,
+            steps=args.heal_steps,
+            batch_size=args.heal_batch_size,
+            lr=args.heal_lr,
+            seed=args.seed,
+        )
+        print(
+            f"healed {args.heal_steps} steps: KL(teacher ‖ student) {losses[0]:.2f} → {losses[-1]:.2f} nats/token"
+        )
     student.save_pretrained(args.output, safe_serialization=True)
     tokenizer.save_pretrained(args.output)
     params = sum(p.numel() for p in student.parameters())
