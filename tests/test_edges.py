@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics
+from conftest import read_metrics, stage_config
+from test_minillm import minillm_config
 
 from minillm import cli, config, models
 from minillm.train import engine, sft
@@ -42,25 +43,11 @@ def assert_refused(code: int, err: str, status: int, *fragments: str) -> str:
 
 
 def sft_argv(model: Path, out: Path, train: str = "dolly_valid", **kw) -> list[str]:
-    flags = (
-        dict(
-            model=str(model),
-            output_dir=str(out),
-            train_data=train,
-            valid_data="dolly_test",
-            max_train_examples=16,
-            max_valid_examples=4,
-            max_prompt_length=192,
-            max_length=256,
-            batch_size=2,
-            max_steps=2,
-            save_every=0,
-            chunk_size=50,
-            lr=1e-3,
-        )
-        | kw
+    """`minillm sft` flags for a seconds-long run on `train`."""
+    base = dict(
+        train_data=train, max_train_examples=16, max_valid_examples=4, batch_size=2, max_steps=2, lr=1e-3
     )
-    return ["sft"] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    return ["sft", *config.to_argv(stage_config(config.SFTConfig, model, out, **(base | kw)))]
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -187,7 +174,7 @@ def test_resume_on_another_stage_or_a_finished_run(tiny_llama, teacher, tmp_path
     assert code == 0, err
     before = sorted(p.name for p in out.iterdir())
 
-    kd = sft_argv(tiny_llama, out, max_steps=1, resume="true") + ["--teacher", str(teacher)]
+    kd = sft_argv(tiny_llama, out, max_steps=1, resume=True) + ["--teacher", str(teacher)]
     code, _, err = run(["kd", *kd[1:]], capsys)
     assert_refused(
         code,
@@ -199,7 +186,7 @@ def test_resume_on_another_stage_or_a_finished_run(tiny_llama, teacher, tmp_path
     )
     assert sorted(p.name for p in out.iterdir()) == before  # the other run is left as it was
 
-    code, stdout, err = run(sft_argv(tiny_llama, out, max_steps=1, resume="true"), capsys)
+    code, stdout, err = run(sft_argv(tiny_llama, out, max_steps=1, resume=True), capsys)
     assert code == 0, err
     assert f"{out} holds a finished run (1 of 1 steps): nothing to train" in stdout
 
@@ -251,33 +238,17 @@ def test_non_finite_rewards_stop_minillm(tiny_llama, teacher, tmp_path, capsys, 
         tmp_path / "prompts.jsonl",
         [json.dumps({"instruction": f"Name colour {i}.", "output": "Blue."}) for i in range(8)],
     )
-    argv = [
-        "distill",
-        "--model",
-        str(tiny_llama),
-        "--teacher",
-        str(teacher),
-        "--output_dir",
-        str(tmp_path / "run"),
-    ]
-    flags = dict(
-        train_data=data,
-        valid_data=data,
-        max_valid_examples=2,
+    cfg = minillm_config(
+        tiny_llama,
+        teacher,
+        data,
+        tmp_path / "run",
         num_rollouts=4,
         batch_size=2,
-        ppo_epochs=2,
         max_steps=4,
-        max_new_tokens=4,
-        valid_max_new_tokens=4,
-        max_prompt_length=192,
-        max_length=256,
-        pt_loss="none",
-        save_every=0,
-        warmup_steps=0,
-        chunk_size=16,
+        max_valid_examples=2,
     )
-    code, _, err = run(argv + [x for k, v in flags.items() for x in (f"--{k}", str(v))], capsys)
+    code, _, err = run(["distill", *config.to_argv(cfg)], capsys)
     assert_refused(code, err, 1, "minillm distill: steps 1 to 3 had a non-finite loss or gradient")
     skipped = [m["skipped"] for m in read_metrics(tmp_path / "run") if "skipped" in m]
     assert skipped == [1.0, 2.0]  # the third is the error
@@ -307,7 +278,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_llama, tmp_path, ca
     models.load_model(str(out / "ckpt-1"))
 
     monkeypatch.setattr(torch, "save", real)  # the disk has room again: the run resumes from step 1
-    code, _, err = run(sft_argv(tiny_llama, out, max_steps=3, save_every=1, resume="true"), capsys)
+    code, _, err = run(sft_argv(tiny_llama, out, max_steps=3, save_every=1, resume=True), capsys)
     assert code == 0, err
     assert [m["step"] for m in read_metrics(out)] == [0, 1, 2, 3]
 
