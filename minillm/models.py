@@ -113,6 +113,11 @@ def resolve(spec: str, trust_remote_code: bool = False) -> str:
             f"model {spec!r} is neither a folder nor a hub id (namespace/name): give a model folder, a .gguf "
             f"file, a hub id or the alias {EMBEDDED_ALIAS}"
         )
+    if path.parent.is_dir() and path.parent != Path("."):  # e.g. runs/student-init before derive-student
+        raise InputError(
+            f"model folder {spec} does not exist (its parent {path.parent} does; a hub id would not name a "
+            "local folder): create it first, e.g. with `minillm derive-student`, or fix the path"
+        )
     return spec
 
 

@@ -153,6 +153,14 @@ def test_model_that_is_neither_folder_nor_hub_id(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_missing_folder_under_a_local_folder_is_not_looked_up_on_the_hub(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    code, _, err = run(sft_argv(Path("runs/student-init"), tmp_path / "run"), capsys)
+    assert_refused(code, err, 2, "model folder runs/student-init does not exist (its parent runs does")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("weights", ["pytorch_model.bin", None])
 def test_model_folder_without_safetensors(weights, tiny_llama, tmp_path, capsys):
     folder = tmp_path / "model"
