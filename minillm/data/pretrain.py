@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from minillm.data.instructions import read_jsonl, resolve
+from minillm.errors import InputError
 
 
 def load_pt_blocks(spec: str, tokenizer: Any, block_length: int, *, max_blocks: int | None = None) -> Tensor:
@@ -18,7 +19,7 @@ def load_pt_blocks(spec: str, tokenizer: Any, block_length: int, *, max_blocks: 
     stream: list[int] = []
     for lineno, doc in enumerate(read_jsonl(path), 1):
         if not isinstance(doc.get("text"), str):
-            raise ValueError(f"{path}: record {lineno} has no string field 'text'")
+            raise InputError(f"{path}: record {lineno} has no string field 'text'")
         stream += tokenizer(doc["text"], add_special_tokens=False)["input_ids"] + [eos]
         if max_blocks is not None and len(stream) >= max_blocks * block_length:
             break
@@ -26,5 +27,5 @@ def load_pt_blocks(spec: str, tokenizer: Any, block_length: int, *, max_blocks: 
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n == 0:
-        raise ValueError(f"{path}: {len(stream)} tokens cannot fill one block of {block_length}")
+        raise InputError(f"{path}: {len(stream)} tokens cannot fill one block of {block_length}")
     return torch.tensor(stream[: n * block_length]).view(n, block_length)  # [N, block_length]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from minillm.errors import InputError
+
 ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
     "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
@@ -29,7 +31,7 @@ def build_prompt(instruction: str, input: str = "", template: str = "alpaca", to
         return ALPACA_NO_INPUT.format(instruction=instruction)
     if template == "chat":
         if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("template 'chat' needs a tokenizer with a chat_template; use template 'alpaca'")
+            raise InputError("template 'chat' needs a tokenizer with a chat_template; use template 'alpaca'")
         content = f"{instruction}\n\n{input}" if input else instruction
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True

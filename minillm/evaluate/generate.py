@@ -63,9 +63,6 @@ def sample(
     returns: [B * num_return_sequences, T] long response ids, T <= max_new_tokens, rows in prompt order (the
              samples of prompt b are rows b*S .. b*S+S-1); after a row's first EOS every id is `pad_id`.
     """
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}  # [B, P] each
-    P = batch["input_ids"].shape[1]
     gen = GenerationConfig(
         do_sample=True,
         temperature=temperature,
@@ -78,6 +75,19 @@ def sample(
         pad_token_id=pad_id,
         use_cache=True,
     )
+    return decode(model, prompts, gen, seed=seed)
+
+
+@torch.no_grad()
+def decode(model: Any, prompts: list[list[int]], gen: GenerationConfig, *, seed: int) -> Tensor:
+    """Continuations of left-padded `prompts` decoded by exactly `gen` (the model's own generation config
+    is set aside during the call), seeded as `sample`.
+
+    returns: [B * gen.num_return_sequences, T] long response ids, T <= gen.max_new_tokens
+    """
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_prompts(prompts, gen.pad_token_id).items()}  # [B, P] each
+    P = batch["input_ids"].shape[1]
     model.eval()
     devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _plain_generation_config(model):

@@ -30,23 +30,18 @@ from tqdm.auto import tqdm
 
 from minillm import config as config_lib
 from minillm.config import TrainConfig
+from minillm.errors import InputError
 
 CKPT_PREFIX = "ckpt-"
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's accelerator. It creates nothing on disk: output_dir and its TensorBoard logs appear with
+    the first metrics line (`MetricsLog`), so a run refused at start leaves no folder behind."""
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    acc = Accelerator(mixed_precision=mp, log_with="tensorboard", project_dir=cfg.output_dir)
-    acc.init_trackers(
-        "tb",
-        config={
-            k: v for k, v in config_lib.to_dict(cfg).items() if v is not None and not isinstance(v, list)
-        },
-    )
-    return acc
+    return Accelerator(mixed_precision=mp, log_with="tensorboard", project_dir=cfg.output_dir)
 
 
 def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -97,7 +92,7 @@ def step_indices(n: int, per_step: int, seed: int, step: int) -> list[int]:
     permutations, the last partial batch of an epoch is dropped, and the position follows from the step."""
     steps_per_epoch = n // per_step
     if steps_per_epoch == 0:
-        raise ValueError(f"{n} training examples cannot fill one optimizer step of {per_step}")
+        raise InputError(f"{n} training examples cannot fill one optimizer step of {per_step}")
     epoch, i = divmod(step, steps_per_epoch)
     return epoch_order(n, seed, epoch)[i * per_step : (i + 1) * per_step]
 
@@ -123,13 +118,37 @@ def global_count(acc: Accelerator, count: Tensor | int) -> float:
 def clip_and_step(
     acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any, cfg: TrainConfig
 ) -> float:
-    grad_norm = acc.clip_grad_norm_(
-        model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    """Clip, step and return the gradient norm. A non-finite norm (every loss term is differentiated, so a
+    non-finite loss or reward gives one) skips the update: the gradients are dropped, weights, optimizer
+    and schedule stay as they were (`NonFiniteSteps` counts it)."""
+    grad_norm = float(
+        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     )
-    optimizer.step()
-    scheduler.step()
+    if math.isfinite(grad_norm):
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return grad_norm
+
+
+class NonFiniteSteps:
+    """Counts optimizer steps skipped by `clip_and_step` and stops the run after `limit` in a row: one bad
+    batch is skipped, a run that diverged is not trained on."""
+
+    def __init__(self, limit: int = 3):
+        self.limit, self.total, self.in_row = limit, 0, 0
+
+    def update(self, step: int, grad_norm: float) -> float:
+        """The number of steps skipped so far (logged as `skipped`), counting step `step`."""
+        bad = not math.isfinite(grad_norm)
+        self.total += bad
+        self.in_row = self.in_row + 1 if bad else 0
+        if self.in_row >= self.limit:
+            raise FloatingPointError(
+                f"steps {step - self.limit + 1} to {step} had a non-finite loss or gradient, {self.limit} in a "
+                "row, and were skipped; stopping: lower lr, check the data, or resume from the last checkpoint"
+            )
+        return float(self.total)
 
 
 # loss(model, batch) -> (loss summed over the batch's target tokens, its named parts as sums)
@@ -207,16 +226,23 @@ def save_checkpoint(
     if acc.is_main_process:
         tmp = out / f".{CKPT_PREFIX}{state.step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        _atomic_write_json(tmp / "trainer_state.json", state.__dict__)
-        if extra:
-            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, tmp / "extra.safetensors")
-        config_lib.save(cfg, tmp / "minillm_config.json")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            _atomic_write_json(tmp / "trainer_state.json", state.__dict__)
+            if extra:
+                tensors = {k: v.detach().contiguous().cpu() for k, v in extra.items()}
+                save_file(tensors, tmp / "extra.safetensors")
+            config_lib.save(cfg, tmp / "minillm_config.json")
+        except Exception as e:  # a full disk, a lost mount: drop the partial copy, keep the previous one
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(
+                f"writing checkpoint {final} failed ({e}); {out / 'latest.json'} still names the previous "
+                "checkpoint, which --resume true continues from"
+            ) from e
+        _replace_dir(tmp, final)
         _atomic_write_json(out / "latest.json", {"checkpoint": final.name, "step": state.step})
         keep = {final.name} | ({f"{CKPT_PREFIX}{state.best_step}"} if state.best_step is not None else set())
         periodic = sorted(
@@ -254,8 +280,9 @@ def load_checkpoint(
     missing, unexpected = inner.load_state_dict(weights, strict=False)
     tied = set(getattr(inner, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
-        raise ValueError(
-            f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
+        raise InputError(
+            f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}; "
+            "resume with the model that run started from, or choose another output_dir"
         )
     inner.tie_weights()
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
@@ -276,6 +303,14 @@ def resume(
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if ckpt is None:
         return TrainerState(), None
+    saved = json.loads((ckpt / "minillm_config.json").read_text())["stage"]
+    if saved != type(cfg).__name__:
+        command = next((c.command for c in config_lib.ALL_CONFIGS if c.__name__ == saved), saved)
+        raise InputError(
+            f"output_dir {cfg.output_dir} holds a `minillm {command}` run ({ckpt}/minillm_config.json "
+            f"records stage {saved}), not a `minillm {cfg.command}` one: resume it with `minillm {command}` "
+            "or give this run another output_dir"
+        )
     state = load_checkpoint(ckpt, acc, model, optimizer, scheduler)
     truncate_metrics(cfg, state.step)
     acc.print(f"resumed from {ckpt} at step {state.step}")
@@ -329,8 +364,17 @@ def mark_best(cfg: TrainConfig, state: TrainerState) -> None:
     shutil.copytree(
         src, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "extra.safetensors")
     )
-    shutil.rmtree(out / "best", ignore_errors=True)
-    os.replace(tmp, out / "best")
+    _replace_dir(tmp, out / "best")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the complete folder `src` to `dst`, replacing what is there only once `src` is in place."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,14 +385,29 @@ class MetricsLog:
     """One JSON line per logged step (same keys in every stage), TensorBoard through accelerate, a bar."""
 
     def __init__(self, acc: Accelerator, cfg: TrainConfig, total: int, start: int):
-        self.acc = acc
+        self.acc, self.cfg = acc, cfg
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
-        self.bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc=type(cfg).__name__)
+        self.bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc=cfg.command)
         self.t0 = time.perf_counter()
+        self.started = False
+        if 0 < start >= total:
+            acc.print(
+                f"{cfg.output_dir} holds a finished run ({start} of {total} steps): nothing to train; "
+                f"its best checkpoint is {Path(cfg.output_dir) / 'best'}"
+            )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.acc.is_main_process:
             return
+        if not self.started:  # the first line creates output_dir and the TensorBoard logs
+            Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            hparams = {
+                k: v
+                for k, v in config_lib.to_dict(self.cfg).items()
+                if v is not None and not isinstance(v, list)
+            }
+            self.acc.init_trackers("tb", config=hparams)
+            self.started = True
         line = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         with self.path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")

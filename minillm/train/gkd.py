@@ -65,6 +65,7 @@ def train_gkd(cfg: GKDConfig) -> Path:
     if state.step == 0:
         log.log(0, validation_metrics(model, teacher, valid, pad, cfg, acc))
     per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
+    nonfinite = engine.NonFiniteSteps()
     model.train()
     while state.step < total:
         t0 = time.perf_counter()
@@ -101,6 +102,7 @@ def train_gkd(cfg: GKDConfig) -> Path:
             "on_policy": float(on_policy),
             "time/sample": t_sample,
             "time/update": dt - t_sample,
+            "skipped": nonfinite.update(state.step, metrics["grad_norm"]),
         }
         evaluate = engine.is_eval_step(cfg, state.step, total)
         if evaluate:

@@ -27,7 +27,6 @@ each behind a flag:
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from minillm.config import MiniLLMConfig
 from minillm.data.instructions import load_records
 from minillm.data.pretrain import load_pt_blocks
 from minillm.data.tokenize import collate_prompts, encode_prompt, length_groups
+from minillm.errors import InputError
 from minillm.evaluate.metrics import rouge_l
 from minillm.objectives import policy
 from minillm.objectives.chunked import chunked_head_loss, take_rows
@@ -84,7 +84,10 @@ def load_prompts(
         f"{spec}: {len(kept)} prompts, {len(records) - len(kept)} dropped (> {cfg.max_prompt_length} tokens)"
     )
     if not kept:
-        raise ValueError(f"{spec}: no prompt left after the length rule")
+        raise InputError(
+            f"{spec}: all {len(records)} prompts are longer than max_prompt_length={cfg.max_prompt_length} "
+            "tokens; raise max_prompt_length (and max_length) or shorten them"
+        )
     return [ids for ids, _ in kept], [r for _, r in kept]
 
 
@@ -447,13 +450,13 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
     per_rank = cfg.num_rollouts // acc.num_processes
     mini = cfg.batch_size * cfg.grad_accum  # sequences per rank per optimizer step
     if per_rank % mini:
-        raise ValueError(
+        raise InputError(
             f"num_rollouts per process ({per_rank}) must be a multiple of batch_size x grad_accum ({mini})"
         )
     steps_per_collection = cfg.ppo_epochs * (per_rank // mini)
     total = min(cfg.max_steps, cfg.epochs * (len(prompts) // cfg.num_rollouts) * steps_per_collection)
     if total == 0:
-        raise ValueError(
+        raise InputError(
             f"{len(prompts)} prompts cannot fill one collection of num_rollouts={cfg.num_rollouts}"
         )
     optimizer = engine.make_optimizer(student, cfg)
@@ -478,6 +481,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         log.log(0, validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
     all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
     student.train()
+    nonfinite = engine.NonFiniteSteps()
     time_sample = time_teacher = 0.0
     while state.step < total:
         collection, k = divmod(state.step, steps_per_collection)
@@ -565,6 +569,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             "time/teacher": time_teacher if k == 0 else 0.0,
             "time/update": time_update,
             "tokens/s": n_tokens / time_update,
+            "skipped": nonfinite.update(state.step, grad_norm),
         }
         metrics["loss"] = metrics["loss/pg"] + metrics["loss/single"] + cfg.pt_coef * metrics["loss/pt"]
         if k == 0:
@@ -584,7 +589,5 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         engine.checkpoint_if_due(
             acc, cfg, state, metrics, evaluate, student, tokenizer, optimizer, scheduler, extra
         )
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; see {log.path}")
     log.close()
     return Path(cfg.output_dir) / "best"

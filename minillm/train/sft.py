@@ -20,6 +20,7 @@ from minillm import models
 from minillm.config import SFTConfig, TrainConfig
 from minillm.data.instructions import load_records
 from minillm.data.tokenize import Example, collate, encode_records
+from minillm.errors import InputError
 from minillm.objectives.lm import ce_sum, target_rows
 from minillm.train import engine
 
@@ -40,7 +41,8 @@ def load_student(cfg: TrainConfig) -> tuple[Accelerator, Any, torch.nn.Module]:
 def load_split(
     spec: str, limit: int | None, cfg: TrainConfig, tokenizer: Any, acc: Accelerator
 ) -> list[Example]:
-    """Tokenised examples of one data spec, with the official length rule applied and reported."""
+    """Tokenised examples of one data spec: records with an empty response are dropped (nothing to learn
+    but EOS), then the official length rule; both counts are reported."""
     records = load_records(
         spec,
         field_instruction=cfg.field_instruction,
@@ -48,18 +50,25 @@ def load_split(
         field_output=cfg.field_output,
         limit=limit,
     )
+    answered = [r for r in records if r["output"].strip()]
     examples, dropped = encode_records(
-        records,
+        answered,
         tokenizer,
         template=cfg.template,
         max_prompt_length=cfg.max_prompt_length,
         max_length=cfg.max_length,
     )
+    empty = len(records) - len(answered)
     acc.print(
-        f"{spec}: {len(examples)} examples, {dropped} dropped (prompt > {cfg.max_prompt_length} tokens)"
+        f"{spec}: {len(examples)} examples, {dropped} dropped (prompt > {cfg.max_prompt_length} tokens), "
+        f"{empty} dropped (empty {cfg.field_output!r})"
     )
     if not examples:
-        raise ValueError(f"{spec}: no example left after the length rule")
+        raise InputError(
+            f"{spec}: no example left of {len(records)} records: {dropped} have a prompt over "
+            f"max_prompt_length={cfg.max_prompt_length} tokens, {empty} an empty {cfg.field_output!r}; "
+            "raise max_prompt_length (and max_length) or fix the data"
+        )
     return examples
 
 
@@ -120,6 +129,7 @@ def fit(
     if state.step == 0:
         log.log(0, {**(start_metrics or {}), **validate(model)})
     per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
+    nonfinite = engine.NonFiniteSteps()
     model.train()
     while state.step < total:
         t0 = time.perf_counter()
@@ -129,6 +139,7 @@ def fit(
         state.step += 1
         dt = time.perf_counter() - t0
         metrics |= {"tokens/s": metrics["tokens"] / dt, "time/update": dt}
+        metrics["skipped"] = nonfinite.update(state.step, metrics["grad_norm"])
         evaluate = engine.is_eval_step(cfg, state.step, total)
         if evaluate:
             metrics.update(validate(model))
