@@ -75,11 +75,10 @@ def kd_loss_sums(
     batch: input_ids [B, L] long, attention_mask [B, L], target_mask [B, L] bool (as `data.tokenize.collate`)
     A term whose weight is 0 (kd_ratio 0 for D, 1 for CE) is not computed and comes back as None.
     """
-    inner = getattr(model, "module", model)
     ids, attn = batch["input_ids"], batch["attention_mask"]
     hidden = models.final_hidden(model, ids, attn)  # [B, L, H]
     rows, targets = target_rows(hidden, ids, batch["target_mask"])  # [N, H], [N]
-    head = models.output_head(inner)
+    head = models.output_head(model)
     kd = ce = None
     if kd_ratio > 0.0:
         with torch.no_grad():
@@ -88,7 +87,7 @@ def kd_loss_sums(
         teacher_head = models.output_head(teacher)
         kd = divergence_sum(rows, t_rows, head, teacher_head, divergence, chunk_size=chunk_size)
     if kd_ratio < 1.0:
-        ce = ce_sum(rows, targets, *head, chunk_size=chunk_size)
+        ce = ce_sum(rows, targets, head, chunk_size=chunk_size)
     return kd, ce
 
 
