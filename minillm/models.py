@@ -178,15 +178,16 @@ def export(spec: str, output: str, *, merge: bool, trust_remote_code: bool = Fal
 def check_same_tokenizer(
     a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, names: tuple[str, str]
 ) -> None:
-    """Distillation compares distributions id by id: the vocabularies must be identical."""
+    """Distillation compares distributions id by id: the vocabularies must be identical. The error names
+    the first id whose token differs."""
     va, vb = a.get_vocab(), b.get_vocab()
     if va != vb:
-        only_a = len(set(va.items()) - set(vb.items()))
-        only_b = len(set(vb.items()) - set(va.items()))
+        ta, tb = {i: t for t, i in va.items()}, {i: t for t, i in vb.items()}
+        first = min(i for i in set(ta) | set(tb) if ta.get(i) != tb.get(i))
         raise ValueError(
-            f"tokenizers differ: {names[0]} has {len(va)} entries, {names[1]} has {len(vb)}; {only_a} "
-            f"(token, id) pairs only in {names[0]}, {only_b} only in {names[1]}. Teacher and student must share "
-            "one tokenizer."
+            f"tokenizers differ: {names[0]} has {len(va)} entries, {names[1]} has {len(vb)}; the first "
+            f"difference is id {first}: {ta.get(first)!r} in {names[0]}, {tb.get(first)!r} in {names[1]}. "
+            "Teacher and student must share one tokenizer."
         )
     if a.eos_token_id != b.eos_token_id:
         raise ValueError(f"EOS ids differ: {names[0]} {a.eos_token_id}, {names[1]} {b.eos_token_id}")
@@ -280,7 +281,9 @@ def use_vocab(model: nn.Module, size: int) -> None:
     m = unwrap(model)
     rows = m.get_output_embeddings().weight.shape[0]
     if not 0 < size <= rows:
-        raise ValueError(f"{type(m).__name__} has {rows} output rows; cannot use a vocabulary of {size}")
+        raise ValueError(
+            f"{type(m).__name__} has {rows} output rows, fewer than the {size} tokens of its tokenizer"
+        )
     m.minillm_vocab_size = size
 
 

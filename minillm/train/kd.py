@@ -57,6 +57,7 @@ def load_teacher(
         tokenizer, teacher_tokenizer, (f"student {cfg.model}", f"teacher {cfg.teacher}")
     )
     teacher = models.load_model(cfg.teacher, dtype=models.torch_dtype(cfg.dtype, acc.device), **kw)
+    models.use_vocab(teacher, len(tokenizer))  # as the student's (`load_student`): padding rows differ
     models.check_same_vocab(student, teacher)
     return teacher.requires_grad_(False).eval().to(acc.device)
 

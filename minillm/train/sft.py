@@ -33,6 +33,7 @@ def load_student(cfg: TrainConfig) -> tuple[Accelerator, Any, torch.nn.Module]:
     model = models.load_model(
         cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
     )
+    models.use_vocab(model, len(tokenizer))
     if cfg.gradient_checkpointing:  # non-reentrant: works whether or not the inputs require grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
