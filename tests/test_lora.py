@@ -14,9 +14,9 @@ from test_minillm import minillm_config, peaked_teacher  # noqa: F401 (a fixture
 from transformers import AutoModelForCausalLM
 
 from minillm import cli, models
-from minillm.config import KDConfig, SFTConfig
+from minillm.config import GKDConfig, KDConfig, SFTConfig
 from minillm.data.tokenize import position_ids
-from minillm.train import engine, sft
+from minillm.train import engine, gkd, sft
 from minillm.train import kd as kd_train
 from minillm.train import minillm as minillm_train
 from minillm.train.kd import train_kd
@@ -100,23 +100,43 @@ def test_minillm_lora_trains_adapters_only(peaked_teacher, tokenizer, tmp_path, 
     torch.testing.assert_close(_logits(models.load_model(str(adapters_dir)), ids), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("stage", ["sft", "kd"])
+@pytest.mark.parametrize("stage", ["sft", "kd", "gkd"])
 def test_supervised_stages_train_adapters(stage, tiny_llama, teacher, tokenizer, tmp_path, monkeypatch):
-    """SFT and KD (whose loop SeqKD shares; GKD adds MiniLLM's sampler) run 2 steps with adapters: the
-    loss falls, the adapters move and the base does not."""
-    kept = _capture_student(monkeypatch, sft if stage == "sft" else kd_train)
+    """SFT, KD (whose loop SeqKD shares) and GKD on the student's own samples (MiniLLM's sampler through the
+    PeftModel) run 2 steps with adapters: the adapters move and the base does not."""
+    kept = _capture_student(monkeypatch, sft if stage == "sft" else kd_train if stage == "kd" else gkd)
     out = tmp_path / stage
     common = dict(max_steps=2, batch_size=4, max_train_examples=8, max_valid_examples=4, lr=5e-2, **LORA)
     if stage == "sft":
         train_sft(stage_config(SFTConfig, tiny_llama, out, **common))
-    else:
+    elif stage == "kd":
         train_kd(stage_config(KDConfig, tiny_llama, out, teacher=str(teacher), **common))
+    else:
+        cfg = stage_config(
+            GKDConfig, tiny_llama, out, teacher=str(teacher), lmbda=1.0, max_new_tokens=6, **common
+        )
+        gkd.train_gkd(cfg)
     (trained,) = kept
     original = load_file(tiny_llama / "model.safetensors")
     base = models.unwrap(trained).state_dict()
-    assert torch.equal(
-        base["model.layers.0.self_attn.q_proj.base_layer.weight"],
-        original["model.layers.0.self_attn.q_proj.weight"],
-    )
+    q = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(base[f"{q}.base_layer.weight"], original[f"{q}.weight"])
     assert torch.equal(base["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
-    assert float(base["model.layers.0.self_attn.q_proj.lora_B.default.weight"].abs().sum()) > 0
+    assert float(base[f"{q}.lora_B.default.weight"].abs().sum()) > 0
+
+
+def test_lora_dropout_counts_as_dropout(tiny_llama):
+    """LoRA's dropout is an nn.Dropout inside the peft wrappers: `has_dropout` sees it (so MiniLLM's
+    sampling cache is not used with it, and the RL phase's dropout handling covers it), and peft gets the
+    arguments as its LoraConfig names them."""
+    kw = dict(r=2, alpha=4, target_modules=["q_proj"])
+    assert not models.has_dropout(models.add_lora(models.load_model(str(tiny_llama)), dropout=0.0, **kw))
+    model = models.add_lora(models.load_model(str(tiny_llama)), dropout=0.1, **kw)
+    assert models.has_dropout(model)
+    config = model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.target_modules) == (
+        2,
+        4,
+        0.1,
+        {"q_proj"},
+    )
