@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_minillm import minillm_config
 from tolerances import assert_close_verbose
-from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig
+from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig
 
 from minillm import models
 from minillm.data.tokenize import position_ids
@@ -28,7 +28,8 @@ SCALE, CAP = 0.25, 1.5
 
 
 def save_head_model(path: Path, family: str, tokenizer, seed: int = 0) -> Path:
-    """A tiny random Granite (logits divided by logits_scaling 4) or Gemma 2 (logits soft-capped at 2)."""
+    """A tiny random Granite (logits divided by logits_scaling 4), Cohere (multiplied by logit_scale 0.5) or
+    Gemma 2 (soft-capped at 2)."""
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -43,6 +44,8 @@ def save_head_model(path: Path, family: str, tokenizer, seed: int = 0) -> Path:
     )
     if family == "granite":
         config = GraniteConfig(logits_scaling=4.0, **common)
+    elif family == "cohere":
+        config = CohereConfig(logit_scale=0.5, **common)
     else:
         # weights of std 0.5 give logits of a few units, which the cap visibly bends
         config = Gemma2Config(
@@ -125,7 +128,7 @@ def test_ce_kd_sum_through_transformed_heads_float64():
         assert_close_verbose(a.grad, b.grad, torch.float64)
 
 
-@pytest.mark.parametrize("family", ["granite", "gemma2"])
+@pytest.mark.parametrize("family", ["granite", "cohere", "gemma2"])
 def test_head_gives_the_models_own_logits(family, tokenizer, tmp_path):
     """Through the loading path, the head's logits of the final hidden states are the forward's logits;
     for Granite the bare hidden @ Wᵀ is 4x them (what the update read before heads carried their scale)."""
@@ -142,6 +145,8 @@ def test_head_gives_the_models_own_logits(family, tokenizer, tmp_path):
     if family == "granite":
         assert head.logit_scale == 0.25 and head.softcap is None
         torch.testing.assert_close(bare, 4 * want, rtol=1e-5, atol=1e-5)
+    elif family == "cohere":
+        assert head.logit_scale == 0.5 and head.softcap is None
     else:
         assert head.logit_scale == 1.0 and head.softcap == 2.0
         assert float((bare - want).abs().max()) > 0.1  # the cap bends these logits

@@ -135,7 +135,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             buf = torch.empty(min(chunk_size, N), weight.shape[0], dtype=cd, device=hidden.device)  # [C, V]
             # d tanh of a soft-capped head, taken before token_fn overwrites the logits
             slope = torch.empty_like(buf) if head.softcap is not None and need_any else None
-        chunk_head = Head(w, b, head.logit_scale, head.softcap)
+        chunk_head = Head(w, b, head.logit_scale, head.softcap)  # in the buffer's dtype (closed form)
         for start in range(0, N, chunk_size):
             end = min(start + chunk_size, N)
             h = hidden[start:end].detach()  # [C, H]
