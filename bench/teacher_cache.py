@@ -30,7 +30,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from minillm import models
 from minillm.data.instructions import load_records
@@ -115,12 +114,11 @@ def main() -> None:
         )
         t_rows = response_rows(teacher, r)  # [N, H_t]
         s_rows = response_rows(student, r)  # [N, H]
-    tw, tb = models.output_head(teacher)
-    sw, sb = (None if x is None else x.detach() for x in models.output_head(student))
-    N, V, C = t_rows.shape[0], tw.shape[0], args.chunk_size
+    t_head, s_head = models.output_head(teacher), models.output_head(student)
+    N, V, C = t_rows.shape[0], t_head.weight.shape[0], args.chunk_size
     with torch.no_grad():
-        s_logits = F.linear(s_rows, sw, sb)  # [N, V], for the bias figures only
-        exact = F.linear(t_rows, tw, tb).log_softmax(-1)  # [N, V] fp32
+        s_logits = s_head.logits(s_rows)  # [N, V], for the bias figures only
+        exact = t_head.logits(t_rows).log_softmax(-1)  # [N, V] fp32
     kl_exact, grad_exact = kl_and_grad(s_logits, exact)
 
     buf, work = torch.empty(C, V), torch.empty(C, V)
@@ -128,7 +126,7 @@ def main() -> None:
     def recompute() -> None:
         for i in range(0, N, C):
             x = buf[: len(t_rows[i : i + C])]
-            head_logits_into(x, t_rows[i : i + C], tw, tb)
+            head_logits_into(x, t_rows[i : i + C], t_head)
             log_softmax_inplace(x, work[: len(x)])
 
     def read(cache: torch.Tensor) -> None:
@@ -140,7 +138,7 @@ def main() -> None:
         cache = torch.empty(N, V, dtype=dtype)
         for i in range(0, N, C):
             x = buf[: len(t_rows[i : i + C])]
-            head_logits_into(x, t_rows[i : i + C], tw, tb)
+            head_logits_into(x, t_rows[i : i + C], t_head)
             log_softmax_inplace(x, work[: len(x)])
             cache[i : i + C] = x
         return cache

@@ -139,6 +139,28 @@ def _derive_student(argv: list[str]) -> None:
     print(f"kept layers {layers} of {n}: {params / 1e6:.1f}M parameters → {args.output}")
 
 
+def _export(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="minillm export", description="Write a checkpoint as a Hugging Face folder (safetensors)."
+    )
+    p.add_argument(
+        "--model", required=True, help="Checkpoint folder (full weights or LoRA adapters) or model."
+    )
+    p.add_argument("--output", required=True, help="Folder to write (weights, config, tokenizer).")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="Merge LoRA adapters into their base (peft merge_and_unload): a plain model folder. Without it "
+        "an adapter checkpoint is written as its adapters (peft format, loaded over the base).",
+    )
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the hub.")
+    args = p.parse_args(argv)
+    from minillm import models
+
+    models.export(args.model, args.output, merge=args.merge, trust_remote_code=args.trust_remote_code)
+    print(f"{args.model} → {args.output}")
+
+
 def _generate(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="minillm generate", description="Answer prompts with any model.")
     p.add_argument("--model", required=True, help="Hub id, folder, .gguf or alias.")
@@ -198,6 +220,7 @@ def _report(argv: list[str]) -> None:
 
 TOOL_COMMANDS = {
     "derive-student": (_derive_student, "Cut a student from a teacher by keeping some of its layers."),
+    "export": (_export, "A checkpoint as a Hugging Face folder; --merge folds LoRA adapters in."),
     "generate": (_generate, "Answer prompts with any model."),
     "report": (_report, "Markdown/CSV tables and PNG plots from evaluation runs."),
     "demo": (lambda argv: _load("minillm.demo:main")(argv), "The main job on the embedded pair (make demo)."),

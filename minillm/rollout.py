@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, StaticCache
 
 from minillm.data.tokenize import length_groups, position_ids
-from minillm.models import check_same_vocab, decoder_layers
+from minillm.models import check_same_vocab, decoder_layers, unwrap, vocab_size
 
 # Fast top-p looks for the nucleus among this many most probable tokens first and sorts the whole
 # vocabulary only when the nucleus is larger (flat distributions); 20-40 ms a step saved at V = 49152.
@@ -234,9 +234,10 @@ def sample_rollout(
     prompt_mask = attention_mask.bool()
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be all True")
+    student, teacher = unwrap(student), unwrap(teacher)  # a PeftModel's forward hides the cache keywords
     check_same_vocab(student, teacher)
     if logits_out is not None:
-        V = student.get_output_embeddings().weight.shape[0]
+        V = vocab_size(student)
         if logits_out.shape != (B, max_new_tokens, V):
             raise ValueError(f"logits_out shape {tuple(logits_out.shape)} != {(B, max_new_tokens, V)}")
     if compile and not fast:
@@ -288,6 +289,7 @@ def score_teacher(teacher: nn.Module, batch: Rollout) -> Tensor:
     batch:   a `Rollout` (its logp field is not read)
     returns: [B, T] fp32, 0 where ~batch.mask
     """
+    teacher = unwrap(teacher)
     was_training = teacher.training
     teacher.eval()
     try:
@@ -406,7 +408,7 @@ def _prefill(model: nn.Module, ids: Tensor, attn: Tensor, cache: DynamicCache | 
         **_with_cache(model, cache),
         **kwargs,
     )
-    return out.logits[:, -1].float()
+    return out.logits[:, -1, : vocab_size(model)].float()  # never a padding id past the tokenizer's
 
 
 def _score(teacher: nn.Module, batch: Rollout) -> Tensor:
@@ -420,7 +422,7 @@ def _score(teacher: nn.Module, batch: Rollout) -> Tensor:
     inp, inp_attn = ids[:, :-1], attn[:, :-1].long()
     logits = teacher(
         input_ids=inp, attention_mask=inp_attn, position_ids=position_ids(inp_attn), use_cache=False, **kwargs
-    ).logits[:, -T:]  # [B, T, V]
+    ).logits[:, -T:, : vocab_size(teacher)]  # [B, T, V]
     y = batch.response_ids.to(device)
     logp = torch.empty(y.shape, dtype=torch.float32, device=device)  # [B, T]
     for c in range(0, T, _SCORE_CHUNK):  # fp32 temporaries stay [B, C, V], never a second [B, T, V]
@@ -455,7 +457,7 @@ def _decode_eager(model: nn.Module, ids: Tensor, attn: Tensor, pos: Tensor, cach
     out = model(
         input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **_with_cache(model, cache)
     )
-    return out.logits[:, -1].float()
+    return out.logits[:, -1, : vocab_size(model)].float()
 
 
 def _sample_eager(
@@ -668,7 +670,7 @@ class _Decoder:
         head_in: bool = False,
     ) -> None:
         B, P = prompt_mask.shape
-        self.model, self.P, self.L = model, P, P + max_new_tokens
+        self.model, self.P, self.L, self.V = model, P, P + max_new_tokens, vocab_size(model)
         # where the running forward's positions go in layers_out: (rows, slots) of [B, P+N]
         self.where: tuple[Tensor | slice, slice] = (slice(None), slice(0, P))
         self.hooks = []
@@ -778,7 +780,7 @@ class _Decoder:
         out = self.model(
             input_ids=tok, attention_mask=mask, position_ids=pos, use_cache=True, **self.cache_kw
         )
-        return out.logits[:, -1].float()
+        return out.logits[:, -1, : self.V].float()
 
 
 def _sample_fast(

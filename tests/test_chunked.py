@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tolerances import assert_close_verbose
 
-from minillm.objectives.chunked import chunked_head_loss, take_rows
+from minillm.objectives.chunked import Head, chunked_head_loss, take_rows
 from minillm.objectives.divergences import reverse_kl
 
 N, V, H, H_TEACHER = 47, 123, 19, 11
@@ -63,7 +63,7 @@ def _loss_and_grads(
     if chunk_size is None:
         loss = token_fn(F.linear(hidden, weight, bias), 0, N) * scale
     else:
-        loss = chunked_head_loss(hidden, weight, token_fn, chunk_size=chunk_size, bias=bias, scale=scale)
+        loss = chunked_head_loss(hidden, Head(weight, bias), token_fn, chunk_size=chunk_size, scale=scale)
     (loss * grad_scale).backward()
     return loss.detach(), [x.grad for x in leaves]
 
@@ -123,7 +123,7 @@ def test_closed_form_equals_autograd_path(chunk_size):
             loss = fn(F.linear(*leaves), 0, N)
         else:
             loss = chunked_head_loss(
-                leaves[0], leaves[1], fn, chunk_size=chunk, bias=leaves[2], closed_form=closed_form
+                leaves[0], Head(leaves[1], leaves[2]), fn, chunk_size=chunk, closed_form=closed_form
             )
         (3.0 * loss).backward()
         results.append([loss.detach(), *(x.grad for x in leaves)])
@@ -146,7 +146,7 @@ def test_tied_weight_accumulates_head_and_embedding_gradients():
         if chunk_size is None:
             loss = token_fn(hidden @ embedding.T, 0, N)
         else:
-            loss = chunked_head_loss(hidden, embedding, token_fn, chunk_size=chunk_size)
+            loss = chunked_head_loss(hidden, Head(embedding), token_fn, chunk_size=chunk_size)
         loss.backward()
         return loss.detach(), embedding.grad, A.grad
 
@@ -171,7 +171,7 @@ def test_gradcheck_float64():
         return (row_weight[start:end] * ce).sum()
 
     def fn(h, w, b):
-        return chunked_head_loss(h, w, token_fn, chunk_size=2, bias=b)
+        return chunked_head_loss(h, Head(w, b), token_fn, chunk_size=2)
 
     assert torch.autograd.gradcheck(
         fn, (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
@@ -188,7 +188,7 @@ def test_frozen_head_and_constant_chunks():
         # Rows 0..15 contribute nothing and return a constant, as a user's early exit would.
         return logits.new_zeros(()) if end <= 16 else inner(logits, start, end)
 
-    loss = chunked_head_loss(hidden, weight, token_fn, chunk_size=8)
+    loss = chunked_head_loss(hidden, Head(weight), token_fn, chunk_size=8)
     loss.backward()
     assert weight.grad is None
     assert (hidden.grad[:16] == 0).all()
@@ -210,7 +210,7 @@ def test_no_grad_mode_computes_the_loss_only(monkeypatch):
 
     monkeypatch.setattr(torch.autograd, "grad", no_grads)
     with torch.no_grad():
-        loss = chunked_head_loss(hidden, weight, token_fn, chunk_size=8)
+        loss = chunked_head_loss(hidden, Head(weight), token_fn, chunk_size=8)
     assert not loss.requires_grad
     assert_close_verbose(loss, token_fn(hidden @ weight.T, 0, N), torch.float64)
 
@@ -229,9 +229,9 @@ def test_bf16_hidden_and_weight():
 def test_rejects_bad_arguments():
     data = _problem()
     with pytest.raises(ValueError, match="chunk_size"):
-        chunked_head_loss(data["hidden"], data["weight"], _token_fn(data), chunk_size=0)
+        chunked_head_loss(data["hidden"], Head(data["weight"]), _token_fn(data), chunk_size=0)
     with pytest.raises(AssertionError, match="weight"):
-        chunked_head_loss(data["hidden"], data["weight"][:, :5], _token_fn(data), chunk_size=4)
+        chunked_head_loss(data["hidden"], Head(data["weight"][:, :5]), _token_fn(data), chunk_size=4)
 
 
 # Peak RSS is the reliable CPU measure (torch.profiler's CPU memory events miss allocations made
@@ -243,7 +243,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import resource
     import torch
     import torch.nn.functional as F
-    from minillm.objectives.chunked import chunked_head_loss
+    from minillm.objectives.chunked import Head, chunked_head_loss
 
     N, V, H, C = 3072, 131072, 8, 32
     g = torch.Generator().manual_seed(0)
@@ -257,10 +257,10 @@ _MEMORY_SCRIPT = textwrap.dedent(
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 
-    chunked_head_loss(hidden[: 2 * C], weight, token_fn, chunk_size=C).backward()
+    chunked_head_loss(hidden[: 2 * C], Head(weight), token_fn, chunk_size=C).backward()
     hidden.grad = weight.grad = None
     before = rss()
-    chunked_head_loss(hidden, weight, token_fn, chunk_size=C).backward()
+    chunked_head_loss(hidden, Head(weight), token_fn, chunk_size=C).backward()
     assert hidden.grad.shape == (N, H) and weight.grad.shape == (V, H)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     print(N * V * 4, peak - before)

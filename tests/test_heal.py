@@ -67,8 +67,9 @@ def test_heal_with_ce_alone_needs_no_teacher(pair, tokenizer):
 
 
 def test_derive_student_cli_heals(teacher, tmp_path, capsys):
-    from minillm.cli import main
     from safetensors.torch import load_file
+
+    from minillm.cli import main
 
     common = ["derive-student", "--teacher", str(teacher), "--layers", "0,2"]
     main([*common, "--output", str(tmp_path / "cut")])

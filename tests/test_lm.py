@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from tolerances import TOL
 
+from minillm.objectives.chunked import Head
 from minillm.objectives.divergences import forward_kl
 from minillm.objectives.lm import ce_kd_sum, ce_sum, divergence_sum, token_logprobs
 
@@ -31,7 +32,7 @@ def test_token_logprobs(chunk_size, dtype, with_bias):
     d = _data()
     rows, weight = d["rows"].to(dtype), d["weight"].to(dtype)
     bias = d["bias"].to(dtype) if with_bias else None
-    got = token_logprobs(rows, d["targets"], (weight, bias), chunk_size=chunk_size)
+    got = token_logprobs(rows, d["targets"], Head(weight, bias), chunk_size=chunk_size)
     logits = F.linear(rows.double(), weight.double(), None if bias is None else bias.double())
     want = logits.log_softmax(-1).gather(-1, d["targets"][:, None])[:, 0]
     assert got.dtype == torch.float32 and got.shape == (N,)
@@ -46,11 +47,17 @@ def test_ce_and_divergence_sums_value_and_grads(chunk_size):
     def run(chunked: bool) -> list[torch.Tensor]:
         rows, weight, bias = (d[k].clone().requires_grad_() for k in ("rows", "weight", "bias"))
         w = d["token_weights"]
-        t_head = (d["t_weight"], None)
+        t_head = Head(d["t_weight"])
         if chunked:
-            ce = ce_sum(rows, d["targets"], weight, bias, chunk_size=chunk_size, token_weights=w)
+            ce = ce_sum(rows, d["targets"], Head(weight, bias), chunk_size=chunk_size, token_weights=w)
             kl = divergence_sum(
-                rows, d["t_rows"], (weight, bias), t_head, forward_kl, chunk_size=chunk_size, token_weights=w
+                rows,
+                d["t_rows"],
+                Head(weight, bias),
+                t_head,
+                forward_kl,
+                chunk_size=chunk_size,
+                token_weights=w,
             )
         else:
             logits = F.linear(rows, weight, bias)
@@ -76,9 +83,9 @@ def test_ce_kd_sum_closed_form_value_and_grads(chunk_size, kd_ratio, dtype):
         return [d[k].to(dt).requires_grad_() for k in ("rows", "weight", "bias")]
 
     rows, weight, bias = leaves(dtype)
-    teacher = (d["t_rows"].to(dtype), (d["t_weight"].to(dtype), None)) if kd_ratio > 0 else None
+    teacher = (d["t_rows"].to(dtype), Head(d["t_weight"].to(dtype))) if kd_ratio > 0 else None
     got = ce_kd_sum(
-        rows, d["targets"], (weight, bias), chunk_size=chunk_size, teacher=teacher, kd_ratio=kd_ratio
+        rows, d["targets"], Head(weight, bias), chunk_size=chunk_size, teacher=teacher, kd_ratio=kd_ratio
     )
     got.backward()
 
@@ -101,9 +108,9 @@ def test_ce_kd_sum_closed_form_value_and_grads(chunk_size, kd_ratio, dtype):
 
 def test_ce_kd_sum_needs_the_teacher_and_its_vocabulary():
     d = _data()
-    head = (d["weight"], d["bias"])
+    head = Head(d["weight"], d["bias"])
     with pytest.raises(ValueError, match="teacher"):
         ce_kd_sum(d["rows"], d["targets"], head, chunk_size=4, kd_ratio=0.5)
-    other = (d["t_rows"], (d["t_weight"][:-1], None))
+    other = (d["t_rows"], Head(d["t_weight"][:-1]))
     with pytest.raises(ValueError, match="vocabulary"):
         ce_kd_sum(d["rows"], d["targets"], head, chunk_size=4, teacher=other, kd_ratio=0.5)

@@ -396,19 +396,29 @@ def test_minibatch_loss_under_bf16_autocast_tracks_fp32(peaked_teacher, tokenize
 
 
 @pytest.mark.parametrize(
-    "family,skip",
-    [("gpt2", None), ("qwen2", "mlp.down_proj"), ("opt", None)],  # GPT-2: Conv1D; OPT: dropout
+    "family,skip,lora",
+    [
+        ("gpt2", None, None),  # Conv1D
+        ("qwen2", "mlp.down_proj", None),
+        ("opt", None, None),  # dropout
+        ("llama", "mlp.down_proj", ["q_proj", "v_proj"]),  # LoRA, the output linear plain
+        ("llama", None, ["all-linear"]),  # LoRA on the output linear too: its value is read
+    ],
+    ids=["gpt2", "qwen2", "opt", "llama-lora-qv", "llama-lora-all"],
 )
-def test_sampling_cache_matches_recompute_in_other_families(tokenizer, tmp_path, family, skip):
+def test_sampling_cache_matches_recompute_in_other_families(tokenizer, tmp_path, family, skip, lora):
     """The logits and replayed layer outputs give the loss and gradients of the plain pass in families
-    other than Llama (dropout set to 0: a student with dropout never gets the cache), and the replay's
-    recompute leaves out the output linear exactly where backward never reads its value."""
+    other than Llama and in LoRA students (frozen embedding, adapters inside the replayed layers; dropout
+    set to 0: a student with dropout never gets the cache), and the replay's recompute leaves out the
+    output linear exactly where backward never reads its value."""
     path = save_tiny_model(tmp_path / "s", family, tokenizer, layers=2, seed=4)
     config = AutoConfig.from_pretrained(path)
     for key, value in list(vars(config).items()):
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(config, key, 0.0)
     student = AutoModelForCausalLM.from_pretrained(path, config=config)
+    if lora is not None:
+        student = models.add_lora(student, r=4, alpha=8, dropout=0.0, target_modules=lora)
     assert not models.has_dropout(student)
     teacher = models.load_model(
         str(save_tiny_model(tmp_path / "t", family, tokenizer, layers=1, seed=5))
@@ -435,7 +445,9 @@ def test_sampling_cache_matches_recompute_in_other_families(tokenizer, tmp_path,
         student.zero_grad()
         loss, _ = minibatch_loss(student, teacher, r, TeacherStore(t_rows), adv, 7.0, cfg, cache)
         loss.backward()
-        results.append((float(loss), {n: p.grad.clone() for n, p in student.named_parameters()}))
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+        assert all(float(x.abs().sum()) > 0 for n, x in grads.items() if "lora_A" not in n)  # A's: 0 at B = 0
+        results.append((float(loss), grads))
     skipped = {sampling_cache._SKIPPABLE[layer] for layer in models.decoder_layers(student)}
     assert skipped == {skip}
     (plain, g_plain), *replayed = results

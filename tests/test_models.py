@@ -29,8 +29,7 @@ def test_round_trip_and_head_path(family, tokenizer, tmp_path):
     attn[1, :3] = 0
     with torch.no_grad():
         hidden = models.final_hidden(model, ids, attn)
-        weight, bias = models.output_head(model)
-        rebuilt = torch.nn.functional.linear(hidden, weight, bias)
+        rebuilt = models.output_head(model).logits(hidden)
         pos = position_ids(attn)
         full = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
     torch.testing.assert_close(rebuilt, full, rtol=1e-5, atol=1e-5)

@@ -107,7 +107,7 @@ def step_kl(
         out = model(
             input_ids=input_ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1, use_cache=False
         )
-        return out.logits[:, :-1].float().log_softmax(-1)  # [N, T, V]
+        return out.logits[:, :-1, : models.vocab_size(model)].float().log_softmax(-1)  # [N, T, V]
 
     logp = logprobs(teacher)
     logq = logprobs(student)
@@ -211,6 +211,8 @@ def run_exposure(cfg: ExposureConfig) -> dict:
     student = models.load_model(cfg.student, dtype=dtype, **kw).to(dev)
     tokenizer = models.load_tokenizer(cfg.student, **kw)
     models.check_same_tokenizer(tokenizer, models.load_tokenizer(cfg.teacher, **kw), ("student", "teacher"))
+    models.use_vocab(student, len(tokenizer))
+    models.use_vocab(teacher, len(tokenizer))
     models.check_same_vocab(student, teacher)
     records = load_records(cfg.data, limit=cfg.max_prompts)
     prompts = [encode_prompt(r, tokenizer, cfg.template) for r in records]

@@ -127,7 +127,7 @@ def gold_nll(
     """
     model.eval()
     device = next(model.parameters()).device
-    weight, bias = models.output_head(model)  # [V, H], [V] or None
+    head = models.output_head(model)  # [V, H] weight
     out: list[tuple[float, int]] = []
     for start in range(0, len(examples), batch_size):
         part = examples[start : start + batch_size]
@@ -139,7 +139,7 @@ def gold_nll(
         owner = keep.nonzero()[:, 0]  # [N]: example of each target token
         nll = torch.empty(rows.shape[0], dtype=torch.float32, device=device)  # [N]
         for c in range(0, rows.shape[0], chunk_size):
-            logits = F.linear(rows[c : c + chunk_size], weight, bias).float()  # [C, V]
+            logits = head.logits(rows[c : c + chunk_size]).float()  # [C, V]
             nll[c : c + chunk_size] = F.cross_entropy(logits, targets[c : c + chunk_size], reduction="none")
         sums = torch.zeros(len(part), dtype=torch.float64, device=device).index_add_(0, owner, nll.double())
         counts = keep.sum(-1)

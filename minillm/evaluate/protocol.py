@@ -452,6 +452,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     dtype = models.torch_dtype(cfg.dtype, dev)
     model = models.load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(dev)
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    models.use_vocab(model, len(tokenizer))  # never sample an id past the tokenizer's
     out_dir = Path(cfg.output_dir) / (slug(cfg.name) if cfg.name else slug(cfg.model))
     print(f"minillm eval: {cfg.model} -> {out_dir}")
     return evaluate_model(model, tokenizer, cfg, out_dir)

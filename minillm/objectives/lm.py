@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minillm.objectives.chunked import chunked_head_loss, head_logits_into
+from minillm.objectives.chunked import Head, chunked_head_loss, head_logits_into
 
 
 def target_rows(hidden: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -34,32 +34,27 @@ def log_softmax_inplace(x: Tensor, work: Tensor) -> Tensor:
     return work.div_(z)
 
 
-def head_log_probs_into(
-    out: Tensor, rows: Tensor, head: tuple[Tensor, Tensor | None], work: Tensor
-) -> Tensor:
-    """out [C, V] = log softmax(rows @ W.T + b) in out's dtype (fp32 or wider); rows [C, H]; work [C, V]
-    scratch in out's dtype (left holding the softmax). No allocation when rows and head share out's dtype."""
-    weight, bias = head
-    if rows.dtype == weight.dtype == out.dtype:
-        head_logits_into(out, rows, weight, bias)
+def head_log_probs_into(out: Tensor, rows: Tensor, head: Head, work: Tensor) -> Tensor:
+    """out [C, V] = log softmax of the head's logits of rows [C, H], in out's dtype (fp32 or wider); work
+    [C, V] scratch in out's dtype (left holding the softmax). No allocation when rows and head share
+    out's dtype."""
+    if rows.dtype == head.weight.dtype == out.dtype:
+        head_logits_into(out, rows, head)
     else:  # e.g. a bf16 head: the matmul in its dtype, the softmax in out's
-        out.copy_(F.linear(rows, weight, bias))
+        out.copy_(head.logits(rows))
     log_softmax_inplace(out, work)
     return out
 
 
-def fill_log_probs(
-    out: Tensor, rows: Tensor, head: tuple[Tensor, Tensor | None], *, chunk_size: int
-) -> Tensor:
-    """out [N, V] = log softmax(rows @ W.T + b) for rows [N, H], the softmax C rows at a time (scratch
+def fill_log_probs(out: Tensor, rows: Tensor, head: Head, *, chunk_size: int) -> Tensor:
+    """out [N, V] = log softmax of the head's logits of rows [N, H], the softmax C rows at a time (scratch
     [C, V]). When the dtypes agree the head is one matmul over all N rows straight into `out`: on one CPU
     core a [1024, 576] x [576, 49152] GEMM runs at ~70 GFLOP/s, four of 256 rows at ~55."""
     N = len(rows)
-    weight, bias = head
     work = out.new_empty(min(chunk_size, N), out.shape[1])
-    whole = rows.dtype == weight.dtype == out.dtype
+    whole = rows.dtype == head.weight.dtype == out.dtype
     if whole:
-        head_logits_into(out, rows, weight, bias)
+        head_logits_into(out, rows, head)
     for start in range(0, N, chunk_size):
         end = min(start + chunk_size, N)
         if whole:
@@ -70,36 +65,30 @@ def fill_log_probs(
 
 
 def ce_sum(
-    rows: Tensor,
-    targets: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    *,
-    chunk_size: int,
-    token_weights: Tensor | None = None,
+    rows: Tensor, targets: Tensor, head: Head, *, chunk_size: int, token_weights: Tensor | None = None
 ) -> Tensor:
-    """Σ_n w_n · CE(rows[n] @ weight.T + bias, targets[n]) as a scalar (fp32), chunked over tokens.
+    """Σ_n w_n · CE(head's logits of rows[n], targets[n]) as a scalar (fp32), chunked over tokens.
 
-    rows: [N, H]; targets: [N] long; weight: [V, H]; bias: [V] or None; token_weights: [N] or None (= 1).
+    rows: [N, H]; targets: [N] long; head: the model's `Head` ([V, H] weight); token_weights: [N] or None.
     """
     N, H = rows.shape
-    assert targets.shape == (N,) and weight.shape[1] == H
+    assert targets.shape == (N,) and head.weight.shape[1] == H
 
     def token_fn(logits: Tensor, start: int, end: int) -> Tensor:
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64
         ce = F.cross_entropy(x, targets[start:end], reduction="none")  # [C]
         return (ce * token_weights[start:end]).sum() if token_weights is not None else ce.sum()
 
-    return chunked_head_loss(rows, weight, token_fn, chunk_size=chunk_size, bias=bias)
+    return chunked_head_loss(rows, head, token_fn, chunk_size=chunk_size)
 
 
 def ce_kd_sum(
     rows: Tensor,
     targets: Tensor,
-    head: tuple[Tensor, Tensor | None],
+    head: Head,
     *,
     chunk_size: int,
-    teacher: tuple[Tensor, tuple[Tensor, Tensor | None]] | None = None,
+    teacher: tuple[Tensor, Head] | None = None,
     kd_ratio: float = 0.0,
 ) -> Tensor:
     """Σ_n (1 − r)·CE(q_n, y_n) + r·KL(p_n ‖ q_n) with r = kd_ratio: MiniLLM's PT loss, in one chunked pass
@@ -107,8 +96,8 @@ def ce_kd_sum(
     one student head pass for both terms).
 
     rows:    [N, H] student hidden states; targets: [N] long
-    head:    (weight [V, H], bias [V] | None) of the student
-    teacher: (teacher_rows [N, H_t], (weight [V, H_t], bias | None)) giving p, or None for CE alone (r = 0)
+    head:    the student's `Head` ([V, H] weight)
+    teacher: (teacher_rows [N, H_t], the teacher's `Head`) giving p, or None for CE alone (r = 0)
     returns: scalar, fp32 at least
     """
     N = len(rows)
@@ -116,12 +105,11 @@ def ce_kd_sum(
     use_teacher = teacher is not None and r > 0.0
     if teacher is None and r != 0.0:
         raise ValueError(f"kd_ratio {r} needs the teacher's rows and head")
-    if use_teacher and teacher[1][0].shape[0] != head[0].shape[0]:
-        raise ValueError(
-            f"student vocabulary {head[0].shape[0]} != teacher vocabulary {teacher[1][0].shape[0]}"
-        )
+    V = head.weight.shape[0]
+    if use_teacher and teacher[1].weight.shape[0] != V:
+        raise ValueError(f"student vocabulary {V} != teacher vocabulary {teacher[1].weight.shape[0]}")
     dt = torch.promote_types(rows.dtype, torch.float32)
-    work = torch.empty(min(chunk_size, N), head[0].shape[0], dtype=dt, device=rows.device)  # [C, V]
+    work = torch.empty(min(chunk_size, N), V, dtype=dt, device=rows.device)  # [C, V]
     t_buf = torch.empty_like(work) if use_teacher else None
 
     def token_fn(logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
@@ -142,14 +130,14 @@ def ce_kd_sum(
         grad.scatter_add_(-1, pick, grad.new_full((n, 1), r - 1))
         return loss, grad
 
-    return chunked_head_loss(rows, head[0], token_fn, chunk_size=chunk_size, bias=head[1], closed_form=True)
+    return chunked_head_loss(rows, head, token_fn, chunk_size=chunk_size, closed_form=True)
 
 
 def divergence_sum(
     rows: Tensor,
     teacher_rows: Tensor,
-    head: tuple[Tensor, Tensor | None],
-    teacher_head: tuple[Tensor, Tensor | None],
+    head: Head,
+    teacher_head: Head,
     divergence: Callable[[Tensor, Tensor, Tensor], Tensor],
     *,
     chunk_size: int,
@@ -159,44 +147,43 @@ def divergence_sum(
 
     rows:         [N, H] student hidden states (gradients flow here and into the student head)
     teacher_rows: [N, H_t] teacher hidden states of the same positions (constants)
-    head, teacher_head: (weight [V, H], bias [V] | None) of each model; V must agree
+    head, teacher_head: each model's `Head` ([V, H] and [V, H_t] weights); V must agree
     divergence:   a function of `minillm.objectives.divergences` with its parameters bound,
                   (student_logits [B, T, V], teacher_logits [B, T, V], mask [B, T]) -> [B, T]
     token_weights: [N] or None (= 1)
     """
     N, H = rows.shape
     assert teacher_rows.shape[0] == N, f"{teacher_rows.shape[0]} teacher rows for {N} student rows"
-    t_weight, t_bias = teacher_head
-    if t_weight.shape[0] != head[0].shape[0]:
-        raise ValueError(f"student vocabulary {head[0].shape[0]} != teacher vocabulary {t_weight.shape[0]}")
+    V, V_t = head.weight.shape[0], teacher_head.weight.shape[0]
+    if V_t != V:
+        raise ValueError(f"student vocabulary {V} != teacher vocabulary {V_t}")
 
     def token_fn(logits: Tensor, start: int, end: int) -> Tensor:
         with torch.no_grad():
-            t_logits = F.linear(teacher_rows[start:end], t_weight, t_bias)  # [C, V]
+            t_logits = teacher_head.logits(teacher_rows[start:end])  # [C, V]
         ones = torch.ones(1, end - start, dtype=torch.bool, device=logits.device)
         per_token = divergence(logits[None], t_logits[None], ones)[0]  # [C]
         return (per_token * token_weights[start:end]).sum() if token_weights is not None else per_token.sum()
 
-    return chunked_head_loss(rows, head[0], token_fn, chunk_size=chunk_size, bias=head[1])
+    return chunked_head_loss(rows, head, token_fn, chunk_size=chunk_size)
 
 
 @torch.no_grad()
-def token_logprobs(
-    rows: Tensor, targets: Tensor, head: tuple[Tensor, Tensor | None], *, chunk_size: int
-) -> Tensor:
-    """log softmax(rows @ W.T + b)[targets] without grad, chunked over rows.
+def token_logprobs(rows: Tensor, targets: Tensor, head: Head, *, chunk_size: int) -> Tensor:
+    """log softmax(head's logits of rows)[targets] without grad, chunked over rows.
 
     rows: [N, H]; targets: [N] long; returns [N] fp32. One [C, V] buffer serves every chunk and the
     log-sum-exp runs in place in it (no [C, V] temporaries to allocate and fault in per chunk).
     """
     N, H = rows.shape
     assert targets.shape == (N,)
-    weight, bias = head
     out = torch.empty(N, dtype=torch.float32, device=rows.device)
-    buf = torch.empty(min(chunk_size, N), weight.shape[0], dtype=rows.dtype, device=rows.device)  # [C, V]
+    buf = torch.empty(
+        min(chunk_size, N), head.weight.shape[0], dtype=rows.dtype, device=rows.device
+    )  # [C, V]
     for start in range(0, N, chunk_size):
         h = rows[start : start + chunk_size]
-        logits = head_logits_into(buf[: len(h)], h, weight, bias)
+        logits = head_logits_into(buf[: len(h)], h, head)
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the buffer itself unless bf16
         picked = x.gather(-1, targets[start : start + chunk_size, None])[:, 0]  # [C]
         top = x.amax(-1, keepdim=True)  # [C, 1]

@@ -271,6 +271,9 @@ def load_checkpoint(
 ) -> TrainerState:
     """Restore weights, optimizer, scheduler and trainer state written by `save_checkpoint`."""
     inner = acc.unwrap_model(model)
+    if (path / "adapter_model.safetensors").is_file():  # a LoRA run: the checkpoint holds its adapters
+        _load_adapters(path, inner, acc.device)
+        return _load_training_state(path, acc, optimizer, scheduler)
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} holds no .safetensors weights")
@@ -285,6 +288,21 @@ def load_checkpoint(
             "resume with the model that run started from, or choose another output_dir"
         )
     inner.tie_weights()
+    return _load_training_state(path, acc, optimizer, scheduler)
+
+
+def _load_adapters(path: Path, model: torch.nn.Module, device: torch.device) -> None:
+    """The LoRA adapter weights of a checkpoint into the run's `PeftModel` (its base is loaded already)."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(
+        model, load_file(path / "adapter_model.safetensors", device=str(device))
+    )
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint {path} adapters do not match the model: {result.unexpected_keys}")
+
+
+def _load_training_state(path: Path, acc: Accelerator, optimizer: Any, scheduler: Any) -> TrainerState:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))

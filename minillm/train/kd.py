@@ -57,6 +57,7 @@ def load_teacher(
         tokenizer, teacher_tokenizer, (f"student {cfg.model}", f"teacher {cfg.teacher}")
     )
     teacher = models.load_model(cfg.teacher, dtype=models.torch_dtype(cfg.dtype, acc.device), **kw)
+    models.use_vocab(teacher, len(tokenizer))  # as the student's (`load_student`): padding rows differ
     models.check_same_vocab(student, teacher)
     return teacher.requires_grad_(False).eval().to(acc.device)
 
@@ -75,11 +76,10 @@ def kd_loss_sums(
     batch: input_ids [B, L] long, attention_mask [B, L], target_mask [B, L] bool (as `data.tokenize.collate`)
     A term whose weight is 0 (kd_ratio 0 for D, 1 for CE) is not computed and comes back as None.
     """
-    inner = getattr(model, "module", model)
     ids, attn = batch["input_ids"], batch["attention_mask"]
     hidden = models.final_hidden(model, ids, attn)  # [B, L, H]
     rows, targets = target_rows(hidden, ids, batch["target_mask"])  # [N, H], [N]
-    head = models.output_head(inner)
+    head = models.output_head(model)
     kd = ce = None
     if kd_ratio > 0.0:
         with torch.no_grad():
@@ -88,7 +88,7 @@ def kd_loss_sums(
         teacher_head = models.output_head(teacher)
         kd = divergence_sum(rows, t_rows, head, teacher_head, divergence, chunk_size=chunk_size)
     if kd_ratio < 1.0:
-        ce = ce_sum(rows, targets, *head, chunk_size=chunk_size)
+        ce = ce_sum(rows, targets, head, chunk_size=chunk_size)
     return kd, ce
 
 

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor
 
@@ -111,7 +110,7 @@ def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache 
     ]
     out: list[Tensor] = [batch.prompt_ids.new_empty(0)] * len(seqs)
     seq_len = [len(x) for x in seqs]
-    inner = getattr(model, "module", model)
+    inner = models.unwrap(model)
     for group in length_groups(seq_len):
         ids = torch.nn.utils.rnn.pad_sequence([seqs[i] for i in group], batch_first=True)  # [G, L]
         with nullcontext() if replay is None else replay.replay(inner, group, prompt_len, seq_len):
@@ -156,7 +155,7 @@ def teacher_cache(
     """An empty [rollouts x max_new_tokens, V] fp32 store for a collection's teacher log-probs, or None
     when that bound exceeds `teacher_cache_mib` or the single-step term is off. On a CPU `torch.empty`
     touches no page: only the rows a collection writes take memory."""
-    V = models.output_head(teacher)[0].shape[0]
+    V = models.vocab_size(teacher)
     n = rollouts * cfg.max_new_tokens
     if not cfg.single_step or n * V * 4 > cfg.teacher_cache_mib * 2**20:
         return None
@@ -226,7 +225,7 @@ def collect(
         done = sum(len(r) for r in parts)
         at = slice(done, done + len(batch_prompts))
         P = enc["input_ids"].shape[1]  # this batch's prompt width, right-aligned in the cache's
-        t_hidden = head[0].new_empty(len(batch_prompts), N, head[0].shape[1]) if keep_rows else None
+        t_hidden = head.weight.new_empty(len(batch_prompts), N, head.weight.shape[1]) if keep_rows else None
         r = sample_rollout(
             inner,
             teacher,
@@ -307,14 +306,13 @@ def minibatch_loss(
     gradient w.r.t. the logits is closed-form (`policy.policy_logit_grad`). t_store: the teacher's side of
     mb's valid positions, in mb's row-major order; sampled: what sampling computed for mb, read instead of
     the student's head (and layer) forwards, only while the weights are the sampling weights."""
-    inner = getattr(student, "module", student)
     mask = mb.mask
     replay = sampled if sampled is not None and sampled.layers is not None else None
     rows = response_rows(student, mb, replay)  # [N, H]
     targets = mb.response_ids[mask]  # [N]
     logq_old, log_w, a = mb.logq_old[mask], mb.log_w[mask], adv[mask]  # [N] each
     t_head = models.output_head(teacher)
-    C, V = min(cfg.chunk_size, len(rows)), t_head[0].shape[0]
+    C, V = min(cfg.chunk_size, len(rows)), t_head.weight.shape[0]
     # Buffers shared by every chunk: the teacher's log-probs and a scratch (the student's are the chunker's)
     work = torch.empty(C, V, dtype=torch.promote_types(rows.dtype, torch.float32), device=rows.device)
     t_buf = torch.empty_like(work) if cfg.single_step else None
@@ -340,13 +338,11 @@ def minibatch_loss(
         stats["clipped"] += float(clipped.sum())
         return pg.sum() + single.sum(), grad
 
-    w, b = models.output_head(inner)
     loss = chunked_head_loss(
         rows,
-        w,
+        models.output_head(student),
         token_fn,
         chunk_size=cfg.chunk_size,
-        bias=b,
         closed_form=True,
         logits_into=None if sampled is None else sampled.logits_into,
         scale=1.0 / n_tokens,
@@ -358,11 +354,11 @@ def pt_loss_sum(
     student: torch.nn.Module, teacher: torch.nn.Module, blocks: Tensor, cfg: MiniLLMConfig
 ) -> Tensor:
     """Σ over block tokens of the PT loss: CE (paper) or (1−kd_ratio)·CE + kd_ratio·KL(p‖q) (official)."""
-    inner = getattr(student, "module", student)
     attn = torch.ones_like(blocks)
-    rows = models.final_hidden(student, blocks, attn)[:, :-1].reshape(-1, inner.config.hidden_size)  # [N, H]
+    hidden = models.final_hidden(student, blocks, attn)  # [B, L, H]
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [N, H]
     targets = blocks[:, 1:].reshape(-1)  # [N]
-    head = models.output_head(inner)
+    head = models.output_head(student)
     if cfg.pt_loss == "ce":
         return ce_kd_sum(rows, targets, head, chunk_size=cfg.chunk_size)
     with torch.no_grad():
@@ -417,8 +413,8 @@ def validate(
         per_token[r.mask] = torch.cat(
             [
                 reverse_kl(
-                    F.linear(s_rows[i : i + cfg.chunk_size], *s_head)[None],
-                    F.linear(t_rows[i : i + cfg.chunk_size], *t_head)[None],
+                    s_head.logits(s_rows[i : i + cfg.chunk_size])[None],
+                    t_head.logits(t_rows[i : i + cfg.chunk_size])[None],
                     torch.ones(
                         1, len(s_rows[i : i + cfg.chunk_size]), dtype=torch.bool, device=s_rows.device
                     ),

@@ -228,7 +228,7 @@ def sampling_buffers(
     if models.has_dropout(student):
         return None
     param = next(student.parameters())
-    V, H = models.output_head(student)[0].shape
+    V, H = models.output_head(student).weight.shape
     N, S = cfg.max_new_tokens, cfg.max_prompt_length + cfg.max_new_tokens
     decoder = models.decoder_layers(student)
     keep = layers and cfg.fast_rollout and all(isinstance(m, GradientCheckpointingLayer) for m in decoder)

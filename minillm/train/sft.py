@@ -26,15 +26,25 @@ from minillm.train import engine
 
 
 def load_student(cfg: TrainConfig) -> tuple[Accelerator, Any, torch.nn.Module]:
-    """The run's accelerator (the resolved config printed), the student's tokenizer and the student."""
+    """The run's accelerator (the resolved config printed), the student's tokenizer and the student (a peft
+    `PeftModel` with LoRA adapters when `lora_r` > 0)."""
     acc = engine.make_accelerator(cfg)
     acc.print(f"config: {cfg}")
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = models.load_model(
         cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
     )
+    models.use_vocab(model, len(tokenizer))
     if cfg.gradient_checkpointing:  # non-reentrant: works whether or not the inputs require grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r > 0:
+        model = models.add_lora(
+            model,
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+        )
     return acc, tokenizer, model
 
 
@@ -82,11 +92,9 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, acc: Accelerator) -> tuple[l
 
 def ce_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
     """Σ of the response tokens' cross-entropy of one batch (divide by the global token count)."""
-    inner = getattr(model, "module", model)
     hidden = models.final_hidden(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
     rows, targets = target_rows(hidden, batch["input_ids"], batch["target_mask"])  # [N, H], [N]
-    weight, bias = models.output_head(inner)
-    return ce_sum(rows, targets, weight, bias, chunk_size=chunk_size)
+    return ce_sum(rows, targets, models.output_head(model), chunk_size=chunk_size)
 
 
 @torch.no_grad()
