@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import yaml
 
 
@@ -38,9 +39,22 @@ class TrainConfig:
         "Student to train: hub id, local folder, .gguf file or alias (smollm2-135m-instruct).",
     )
     teacher: str | None = _f(None, "Teacher: hub id, folder, .gguf or alias. Unused by SFT.")
+    teacher_device: str | None = _f(
+        None,
+        "Device of the teacher's decoder, e.g. cpu or cuda:1 (None = the student's). On another device its "
+        "output head still sits beside the student, untied, so only final hidden states cross. Unused by SFT.",
+    )
+    teacher_dtype: str = _f(
+        "auto",
+        "Teacher weights' dtype: auto (bf16 on GPU, fp32 on CPU, where fp32 is 3x faster), float32 or "
+        "bfloat16. It has no optimizer, so bf16 loses nothing; its log-probs are compared in fp32. Unused by SFT.",
+    )
     trust_remote_code: bool = _f(False, "Allow model code from the hub. Off unless you trust the repository.")
     dtype: str = _f(
-        "auto", "Weights' dtype: auto (bf16 on GPU, fp32 on CPU, where fp32 is 3x faster), float32, bfloat16."
+        "auto",
+        "Student weights' dtype: auto = float32, the only choice. AdamW updates fp32 master weights; on a GPU "
+        "the forwards run in bf16 under autocast (mixed_precision). bfloat16 is refused: at lr 5e-6 an update "
+        "is ~1e-4 of a weight, below bf16's resolution (2^-8 relative), so most updates would round away.",
     )
     # --- data ---
     train_data: str = _f(
@@ -98,6 +112,20 @@ class TrainConfig:
         _choice(self, "lr_schedule", ("constant", "cosine"))
         _choice(self, "mixed_precision", ("auto", "no", "bf16"))
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
+        if self.dtype == "bfloat16":
+            raise ConfigError(
+                "dtype bfloat16 is refused for a trained student: AdamW's small updates (lr 5e-6 moves a "
+                "weight by ~1e-4 of itself) round away in bf16 weights. Keep dtype auto (fp32 master weights) "
+                "and set mixed_precision bf16 for bf16 compute."
+            )
+        _choice(self, "teacher_dtype", ("auto", "float32", "bfloat16"))
+        if self.teacher_device is not None:
+            try:
+                torch.device(self.teacher_device)
+            except RuntimeError:
+                raise ConfigError(
+                    f"teacher_device must name a torch device (cpu, cuda, cuda:1, ...), got {self.teacher_device!r}"
+                ) from None
         _choice(self, "best_mode", ("min", "max"))
         for name in (
             "max_prompt_length",
