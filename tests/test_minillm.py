@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from conftest import save_tiny_model
+from tolerances import assert_close_verbose
+from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from minillm import config as config_lib
@@ -116,6 +119,53 @@ def test_reverse_kl_to_peaked_teacher_halves(peaked_teacher, tokenizer, tmp_path
     lines = read_metrics(out)
     start, end = lines[0]["valid/reverse_kl"], lines[-1]["valid/reverse_kl"]
     assert end < 0.5 * start, (start, end)
+
+
+def test_no_dropout_in_the_update_ratio_is_one_at_a_collections_first_step(
+    tiny_gpt2, teacher, tmp_path, monkeypatch
+):
+    """Pins dropout in the PPO update: a GPT-2 student (dropout 0.1) was updated in train mode, so even at
+    a collection's first mini-batch, at the sampling weights, log q_new differed from the sampler's log q_old
+    (spurious clipping, a noisy single-step term). The RL phase now runs in eval mode: the two agree to fp32
+    rounding (the sampler decodes with a KV cache, the update runs one forward)."""
+    assert models.has_dropout(models.load_model(str(tiny_gpt2)))
+    real = minillm_train.minibatch_loss
+    seen: list[tuple[bool, Tensor, Tensor]] = []
+
+    def spy(student, teacher, mb, *args, **kw):
+        inner = getattr(student, "module", student)
+        with torch.no_grad():
+            logits = F.linear(response_rows(student, mb), *models.output_head(inner)).double()  # [N, V]
+            logq = logits.log_softmax(-1).gather(-1, mb.response_ids[mb.mask][:, None])[:, 0]  # [N]
+        seen.append((student.training, logq, mb.logq_old[mb.mask]))
+        return real(student, teacher, mb, *args, **kw)
+
+    monkeypatch.setattr(minillm_train, "minibatch_loss", spy)
+    # one mini-batch per collection: every step is a collection's first, at the weights it sampled with
+    cfg = minillm_config(
+        tiny_gpt2,
+        teacher,
+        "dolly_valid",
+        tmp_path / "run",
+        max_train_examples=16,
+        max_valid_examples=4,
+        num_rollouts=4,
+        batch_size=2,
+        ppo_epochs=1,
+        max_steps=2,
+    )
+    train_minillm(cfg)
+    assert len(seen) == 4  # 2 steps x 2 micro-batches
+    for training, logq, logq_old in seen:
+        assert not training
+        assert_close_verbose(logq, logq_old, torch.float32)
+
+
+def test_gradient_checkpointing_with_dropout_is_refused(tiny_gpt2, teacher, tmp_path):
+    """HF checkpoints layers only in train mode, which would draw dropout in the update: refused."""
+    cfg = minillm_config(tiny_gpt2, teacher, "dolly_valid", tmp_path / "run", gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        train_minillm(cfg)
 
 
 def test_length_groups_hand_sized():

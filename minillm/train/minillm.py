@@ -23,6 +23,12 @@ each behind a flag:
   the official code divides by each rank's own count.
 - `pt_loss ce+kd` uses the forward KL to the teacher as its "kd" half: the same gradient as the official
   soft cross-entropy, whose value differs by the teacher's entropy (a constant).
+
+As the official code: dropout is off in the whole RL phase (sampling, update, PT loss: eval mode), so the
+ratio q_new/q_old is 1 at a collection's first step (gradient checkpointing, which HF runs in train mode
+only, is refused for a student with dropout). The student's weights are fp32; on a GPU sampling and the
+update run under bf16 autocast (`mixed_precision`); log-probabilities, KL terms, rewards and advantages
+are fp32 whatever the models' dtypes.
 """
 
 from __future__ import annotations
