@@ -244,7 +244,7 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
     if reuse:
         grid = torch.arange(3 * 7).view(3, 7)[:, : r.mask.shape[1]]
         sampled = SamplingCache(logits.view(-1, V), grid[r.mask], layers, torch.arange(3), 5)
-    student.train(reuse)  # layers are replayed in train mode only (HF routes them to checkpointing only then)
+    student.eval()  # the RL update's mode; the replay turns on the layers' own train flag for HF's routing
     if reuse:  # a first backward finds each layer's value-free output linear; the measured one skips it
         warm = SamplingCache(logits.clone().view(-1, V), sampled.index, layers, sampled.rows, 5)  # read once
         minibatch_loss(student, teacher, r, t_store, adv, 11.0, cfg, warm)[0].backward()
@@ -477,7 +477,7 @@ def test_sampling_cache_matches_recompute_in_other_families(tokenizer, tmp_path,
     cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=4)
     grid = torch.arange(3 * 6).view(3, 6)[:, : r.mask.shape[1]]
     results = []
-    student.train()
+    student.eval()  # the RL update's mode
     for reuse in (False, True, True):  # the second replay skips what the first found value-free
         # the cached logits are read once (overwritten in place): each replay gets its own copy
         cache = SamplingCache(logits.clone().view(-1, V), grid[r.mask], layers, torch.arange(3), 5)

@@ -82,18 +82,20 @@ class SamplingCache:
         rows = self.rows[group][:, None]  # [G, 1]
         layers = models.decoder_layers(model)
         before = [
-            (layer.gradient_checkpointing, layer.__dict__.get("_gradient_checkpointing_func"))
+            (layer.gradient_checkpointing, layer.training, layer.__dict__.get("_gradient_checkpointing_func"))
             for layer in layers
         ]
         for layer, kept in zip(layers, self.layers, strict=True):
-            # with the flag on, HF routes the layer's forward through `_gradient_checkpointing_func`
-            layer.gradient_checkpointing = True
+            # with both flags on, HF routes the layer's forward through `_gradient_checkpointing_func`; the
+            # layer's own train flag only (the RL update runs in eval mode, and a cache exists only for a
+            # student without dropout, so it draws nothing)
+            layer.gradient_checkpointing = layer.training = True
             layer._gradient_checkpointing_func = functools.partial(_replay, kept[rows, slots], layer)
         try:
             yield
         finally:
-            for layer, (flag, func) in zip(layers, before, strict=True):
-                layer.gradient_checkpointing = flag
+            for layer, (flag, training, func) in zip(layers, before, strict=True):
+                layer.gradient_checkpointing, layer.training = flag, training
                 if func is None:
                     del layer._gradient_checkpointing_func
                 else:
