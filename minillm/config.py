@@ -193,6 +193,11 @@ class MiniLLMConfig(TrainConfig):
         True,
         "Add the exact full-vocabulary KL(q‖p) at each sampled position (paper section 2.2). Ablation: off.",
     )
+    single_step_weight: str = _f(
+        "none",
+        "Weight of the single-step KL at each sampled token: none (official code, unweighted) or token (paper "
+        "Eq. 7: the rollout-time importance weight w_t = q_old(y_t)/p̃(y_t); equal to none at α = 0).",
+    )
     pt_loss: str = _f(
         "ce+kd",
         "Loss on pre-training blocks: none, ce (paper) or ce+kd (official: (1-kd_ratio)·CE + kd_ratio·teacher soft-CE).",
@@ -243,6 +248,7 @@ class MiniLLMConfig(TrainConfig):
             raise ConfigError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
         _choice(self, "whiten", ("masked", "official", "off"))
         _choice(self, "pt_loss", ("none", "ce", "ce+kd"))
+        _choice(self, "single_step_weight", ("none", "token"))
         for name in ("num_rollouts", "ppo_epochs", "max_new_tokens", "pt_block_length", "clip_eps"):
             _positive(self, name)
 

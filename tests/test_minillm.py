@@ -198,7 +198,9 @@ def test_response_rows_equal_padded_forward(tokenizer, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("store", ["rows", "cache", "cache, permuted", "cache, sampling cache"])
+@pytest.mark.parametrize(
+    "store", ["rows", "cache", "cache, permuted", "cache, sampling cache", "cache, single_step_weight token"]
+)
 def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_path, store):
     """PG + single-step from the chunked pass equal a direct full-logit float64 computation, value and grads,
     whether the teacher's log-probs are recomputed from its hidden rows or read from the collection's
@@ -239,7 +241,10 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
         perm = torch.randperm(N, generator=g)
         t_store = TeacherStore(t_rows[perm], cache[:N][perm]).select(perm.argsort())
     adv = torch.randn(r.mask.shape, generator=g)
-    cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=5, clip_eps=0.2)
+    weight = "token" if store.endswith("token") else "none"
+    cfg = minillm_config(
+        tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=5, clip_eps=0.2, single_step_weight=weight
+    )
     sampled = None
     if reuse:
         grid = torch.arange(3 * 7).view(3, 7)[:, : r.mask.shape[1]]
@@ -282,6 +287,8 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
     a = adv.double()
     pg = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
     single = (logq.exp() * (logq - logp)).sum(-1)
+    if weight == "token":  # paper Eq. 7: the rollout-time importance weight w = q_old/p̃ of each token
+        single = single * r.log_w.double().exp()
     want = ((pg + single) * r.mask).sum() / 11.0
     want.backward()
     assert float(loss) == pytest.approx(float(want), rel=1e-4)

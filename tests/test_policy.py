@@ -293,11 +293,12 @@ def test_float32_inputs_stay_float32(batch):
     torch.testing.assert_close(a.double(), a64, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("single_step", [True, False])
+@pytest.mark.parametrize("single_step", [True, "token", False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_policy_logit_grad_matches_autograd_reference(single_step, dtype):
     """Closed-form loss and logit gradient vs float64 autograd through log_softmax, the loop PPO
-    reference and an explicit KL sum; inputs rounded to `dtype` on both sides."""
+    reference and an explicit KL sum, unweighted (official) or weighted per token by w = exp(log_w)
+    (paper Eq. 7, `single_step_weight token`); inputs rounded to `dtype` on both sides."""
     C, V = 13, 37
     g = torch.Generator().manual_seed(3)
     s = (3 * torch.randn(C, V, generator=g, dtype=torch.float64)).to(dtype)
@@ -322,6 +323,8 @@ def test_policy_logit_grad_matches_autograd_reference(single_step, dtype):
         if single_step
         else torch.zeros(C, dtype=torch.float64)
     )
+    if single_step == "token":
+        kl_want = kl_want * torch.tensor([math.exp(x) for x in log_w.tolist()], dtype=torch.float64)
     (grad_want,) = torch.autograd.grad(pg_graph.sum() + kl_want.sum(), leaf)
 
     dt = torch.promote_types(dtype, torch.float32)
@@ -334,6 +337,7 @@ def test_policy_logit_grad_matches_autograd_reference(single_step, dtype):
         log_w.to(dt),
         adv.to(dt),
         clip_eps=0.2,
+        single_weight=log_w.to(dt).exp() if single_step == "token" else None,
     )
     assert 0 < clipped_want.sum() < C  # both PPO branches exercised
     assert torch.equal(clipped, clipped_want[0])

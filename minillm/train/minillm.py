@@ -19,6 +19,9 @@ each behind a flag:
   (`whiten official`).
 - `return_inclusive true` (official) with `single_step true` counts the single-step part twice in
   expectation (tests/test_unbiased.py measures it); `return_inclusive false` is the paper's unbiased Eq. 3.
+- `single_step_weight none` (default, official code: a maintainer reports that dropping w_t stabilises
+  training) leaves the single-step KL unweighted; `single_step_weight token` weighs it by the rollout-time
+  importance weight w_t = q_old(y_t)/p̃(y_t), as the paper's Eq. 7 does. The two agree at α = 0 (w = 1).
 - Token losses are divided by the mini-batch's global valid-token count (all micro-batches and ranks);
   the official code divides by each rank's own count.
 - `pt_loss ce+kd` uses the forward KL to the teacher as its "kd" half: the same gradient as the official
@@ -338,6 +341,7 @@ def minibatch_loss(
             log_w[start:end],
             a[start:end],
             clip_eps=cfg.clip_eps,
+            single_weight=log_w[start:end].exp() if cfg.single_step_weight == "token" else None,
         )
         stats["pg"] += float(pg.sum())
         stats["single"] += float(single.sum())
