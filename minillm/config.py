@@ -52,9 +52,9 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the hub. Off unless you trust the repository.")
     dtype: str = _f(
         "auto",
-        "Student weights' dtype: auto = float32, the only choice. AdamW updates fp32 master weights; on a GPU "
-        "the forwards run in bf16 under autocast (mixed_precision). bfloat16 is refused: at lr 5e-6 an update "
-        "is ~1e-4 of a weight, below bf16's resolution (2^-8 relative), so most updates would round away.",
+        "Student weights' dtype: auto or float32, the same (fp32 master weights for AdamW; on a GPU the "
+        "forwards run in bf16 under autocast, mixed_precision). bfloat16 is refused: at lr 5e-6 an update is "
+        "~1e-4 of a weight, below bf16's resolution (2^-8 relative), so most updates would round away.",
     )
     # --- data ---
     train_data: str = _f(
