@@ -224,8 +224,8 @@ class MiniLLMConfig(TrainConfig):
         256.0,
         "Keep what sampling computed for the first update of each collection (still at the sampling "
         "weights) when it fits this many MiB: the student's logits (rollouts x max_new_tokens x vocab x 4 B) "
-        "and its decoder layers' outputs, which spare that update the student's head and layer forwards. "
-        "Never for a student with dropout (0 = off).",
+        "and its decoder layers' outputs, which spare that update the student's head and layer forwards "
+        "(0 = off).",
     )
     valid_max_new_tokens: int = _f(256, "New tokens per validation answer.")
     best_metric: str = _f(
