@@ -250,8 +250,8 @@ def sample_rollout(
     device = student.get_output_embeddings().weight.device
     if generator.device.type != device.type:  # torch's own error on CUDA names neither
         raise ValueError(
-            f"the generator is on {generator.device} but the student on {device}: the sampler draws its "
-            "uniforms on the student's device, so create the generator there"
+            f"the generator is on {generator.device} but the sampled model's head on {device}: the sampler "
+            "draws its uniforms where the logits are, so create the generator there"
         )
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
     sampling = _Sampling(alpha, temperature, top_k, top_p, eos_token_id, pad_token_id)
