@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def one(c: tuple[int, int], rep: int) -> tuple[dict[str, float], dict[str, int]]:
         P, T = c
-        g = engine.generator(cfg.seed, rep)
+        g = engine.generator(cfg.seed, rep, device=acc.device)
         return train_step(student, teacher, acc, optimizer, scheduler, prompts[P], T, eos, pad, cfg, g)
 
     for c in configs:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import torch
 import yaml
 
 from minillm.errors import InputError
@@ -45,9 +46,22 @@ class TrainConfig:
         "Student to train: hub id, local folder, .gguf file or alias (smollm2-135m-instruct).",
     )
     teacher: str | None = _f(None, "Teacher: hub id, folder, .gguf or alias. Unused by SFT.")
+    teacher_device: str | None = _f(
+        None,
+        "Device of the teacher's decoder, e.g. cpu or cuda:1 (None = the student's). On another device its "
+        "output head still sits beside the student, untied, so only final hidden states cross. Unused by SFT.",
+    )
+    teacher_dtype: str = _f(
+        "auto",
+        "Teacher weights' dtype: auto (bf16 on GPU, fp32 on CPU, where fp32 is 3x faster), float32 or "
+        "bfloat16. It has no optimizer, so bf16 loses nothing; its log-probs are compared in fp32. Unused by SFT.",
+    )
     trust_remote_code: bool = _f(False, "Allow model code from the hub. Off unless you trust the repository.")
     dtype: str = _f(
-        "auto", "Weights' dtype: auto (bf16 on GPU, fp32 on CPU, where fp32 is 3x faster), float32, bfloat16."
+        "auto",
+        "Student weights' dtype: auto or float32, the same (fp32 master weights for AdamW; on a GPU the "
+        "forwards run in bf16 under autocast, mixed_precision). bfloat16 is refused: at lr 5e-6 an update is "
+        "~1e-4 of a weight, below bf16's resolution (2^-8 relative), so most updates would round away.",
     )
     # --- data ---
     train_data: str = _f(
@@ -139,6 +153,20 @@ class TrainConfig:
         _choice(self, "lr_schedule", ("constant", "cosine"))
         _choice(self, "mixed_precision", ("auto", "no", "bf16"))
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
+        if self.dtype == "bfloat16":
+            raise ConfigError(
+                "dtype bfloat16 is refused for a trained student: AdamW's small updates (lr 5e-6 moves a "
+                "weight by ~1e-4 of itself) round away in bf16 weights. Keep dtype auto (fp32 master weights) "
+                "and set mixed_precision bf16 for bf16 compute."
+            )
+        _choice(self, "teacher_dtype", ("auto", "float32", "bfloat16"))
+        if self.teacher_device is not None:
+            try:
+                torch.device(self.teacher_device)
+            except RuntimeError:
+                raise ConfigError(
+                    f"teacher_device must name a torch device (cpu, cuda, cuda:1, ...), got {self.teacher_device!r}"
+                ) from None
         _choice(self, "best_mode", ("min", "max"))
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
@@ -212,6 +240,11 @@ class MiniLLMConfig(TrainConfig):
         True,
         "Add the exact full-vocabulary KL(q‖p) at each sampled position (paper section 2.2). Ablation: off.",
     )
+    single_step_weight: str = _f(
+        "none",
+        "Weight of the single-step KL at each sampled token: none (official code, unweighted) or token (paper "
+        "Eq. 7: the rollout-time importance weight w_t = q_old(y_t)/p̃(y_t); equal to none at α = 0).",
+    )
     pt_loss: str = _f(
         "ce+kd",
         "Loss on pre-training blocks: none, ce (paper) or ce+kd (official: (1-kd_ratio)·CE + kd_ratio·teacher soft-CE).",
@@ -241,8 +274,8 @@ class MiniLLMConfig(TrainConfig):
         256.0,
         "Keep what sampling computed for the first update of each collection (still at the sampling "
         "weights) when it fits this many MiB: the student's logits (rollouts x max_new_tokens x vocab x 4 B) "
-        "and its decoder layers' outputs, which spare that update the student's head and layer forwards. "
-        "Never for a student with dropout (0 = off).",
+        "and its decoder layers' outputs, which spare that update the student's head and layer forwards "
+        "(0 = off).",
         bounds=">= 0",
     )
     valid_max_new_tokens: int = _f(256, "New tokens per validation answer.", bounds="> 0")
@@ -257,6 +290,7 @@ class MiniLLMConfig(TrainConfig):
             raise ConfigError("MiniLLM needs a teacher")
         _choice(self, "whiten", ("masked", "official", "off"))
         _choice(self, "pt_loss", ("none", "ce", "ce+kd"))
+        _choice(self, "single_step_weight", ("none", "token"))
 
 
 # --- baselines (KD, SeqKD, GKD) -------------------------------------------------------------------

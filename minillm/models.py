@@ -256,6 +256,26 @@ def check_same_vocab(student: nn.Module, teacher: nn.Module) -> None:
         )
 
 
+def place_apart(model: PreTrainedModel, device: torch.device, head_device: torch.device) -> PreTrainedModel:
+    """A frozen model with its decoder on `device` and its output head on `head_device` (a copy, untied
+    from the input embedding): callers pass inputs on `head_device` and get hidden states and logits back
+    there, so only [*, H] hidden states cross devices and the full-vocabulary maths stays beside the
+    student. accelerate's `AlignDevicesHook` moves the decoder's inputs over and its outputs back (the KV
+    cache argument stays where the decoder keeps it)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model.requires_grad_(False).to(device)
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(head.weight.detach().to(head_device), requires_grad=False)
+    if getattr(head, "bias", None) is not None:
+        head.bias = nn.Parameter(head.bias.detach().to(head_device), requires_grad=False)
+    hook = AlignDevicesHook(
+        execution_device=device, io_same_device=True, skip_keys=model._skip_keys_device_placement
+    )
+    add_hook_to_module(model.base_model, hook)
+    return model
+
+
 def has_dropout(model: nn.Module) -> bool:
     """Whether train mode would draw dropout: an `nn.Dropout` with p > 0, a module's float dropout rate
     > 0 (HF layers keep `config.dropout` / `attention_dropout` as attributes for functional dropout), or

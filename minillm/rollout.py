@@ -247,7 +247,13 @@ def sample_rollout(
     if teacher_rows_out is not None and not (fast and alpha > 0.0):
         raise ValueError("teacher_rows_out is filled by the fast path with alpha > 0 only")
 
-    device = next(student.parameters()).device
+    # where the logits land: the head's device (a teacher placed apart keeps its head beside the student)
+    device = student.get_output_embeddings().weight.device
+    if generator.device.type != device.type:  # torch's own error on CUDA names neither
+        raise ValueError(
+            f"the generator is on {generator.device} but the sampled model's head on {device}: the sampler "
+            "draws its uniforms where the logits are, so create the generator there"
+        )
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
     sampling = _Sampling(alpha, temperature, top_k, top_p, eos_token_id, pad_token_id)
     modes = (student.training, teacher.training)
@@ -413,7 +419,7 @@ def _prefill(model: nn.Module, ids: Tensor, attn: Tensor, cache: DynamicCache | 
 
 def _score(teacher: nn.Module, batch: Rollout) -> Tensor:
     """Body of `score_teacher` (caller holds eval mode and inference mode): [B, T] fp32."""
-    device = next(teacher.parameters()).device
+    device = teacher.get_output_embeddings().weight.device  # where its logits land
     ids, attn = batch.full_inputs()
     ids, attn = ids.to(device), attn.to(device)
     T = batch.response_ids.shape[1]
@@ -632,8 +638,13 @@ def _packed_linears(model: nn.Module, rows: int, enabled: bool) -> Iterator[None
     ):
         yield
         return
-    # Plain Linears only; one whose forward is already patched (accelerate's offload hooks) keeps it.
-    linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__]
+    # Plain CPU Linears only (a teacher's head may sit on the student's GPU); one whose forward is already
+    # patched (accelerate's offload hooks) keeps it.
+    linears = [
+        m
+        for m in model.modules()
+        if type(m) is nn.Linear and "forward" not in m.__dict__ and m.weight.device.type == "cpu"
+    ]
 
     def packed_forward(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
         return ops._linear_pointwise(x, weight, bias, "none", [], "")
@@ -757,8 +768,9 @@ class _Decoder:
                     layer.lazy_initialization(
                         src.keys[:1].expand(B, -1, -1, -1), src.values[:1].expand(B, -1, -1, -1)
                     )
-                layer.keys[rows, :, P - width : P] = src.keys
-                layer.values[rows, :, P - width : P] = src.values
+                at = rows.to(layer.keys.device)  # a decoder placed apart from its inputs (teacher_device)
+                layer.keys[at, :, P - width : P] = src.keys
+                layer.values[at, :, P - width : P] = src.values
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(P)  # the next token goes to slot P
         return logits

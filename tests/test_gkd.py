@@ -36,7 +36,9 @@ def test_coin_is_seeded_with_probability_lmbda():
     assert flips != [on_policy_coin(GKDConfig(lmbda=0.3, seed=8), step) for step in range(400)]
     assert sum(flips) / 400 == pytest.approx(0.3, abs=0.07)  # 3 standard deviations of a 400-draw mean
     # the coin is a float64 uniform from the step's own generator, below lmbda
-    u = torch.rand((), generator=engine.generator(7, 5, 0, gkd.COIN_STREAM), dtype=torch.float64)
+    u = torch.rand(
+        (), generator=engine.generator(7, 5, 0, gkd.COIN_STREAM, device="cpu"), dtype=torch.float64
+    )
     assert flips[5] == bool(u < 0.3)
     assert not any(on_policy_coin(GKDConfig(lmbda=0.0), s) for s in range(400))
     assert all(on_policy_coin(GKDConfig(lmbda=1.0), s) for s in range(400))

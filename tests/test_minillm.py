@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from conftest import save_tiny_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from tolerances import assert_close_verbose
+from torch import Tensor
 
 from minillm import config as config_lib
 from minillm import models
@@ -118,6 +120,53 @@ def test_reverse_kl_to_peaked_teacher_halves(peaked_teacher, tokenizer, tmp_path
     assert end < 0.5 * start, (start, end)
 
 
+def test_no_dropout_in_the_update_ratio_is_one_at_a_collections_first_step(
+    tiny_gpt2, teacher, tmp_path, monkeypatch
+):
+    """Pins dropout in the PPO update: a GPT-2 student (dropout 0.1) was updated in train mode, so even at
+    a collection's first mini-batch, at the sampling weights, log q_new differed from the sampler's log q_old
+    (spurious clipping, a noisy single-step term). The RL phase now runs in eval mode: the two agree to fp32
+    rounding (the sampler decodes with a KV cache, the update runs one forward)."""
+    assert models.has_dropout(models.load_model(str(tiny_gpt2)))
+    real = minillm_train.minibatch_loss
+    seen: list[tuple[bool, Tensor, Tensor]] = []
+
+    def spy(student, teacher, mb, *args, **kw):
+        inner = getattr(student, "module", student)
+        with torch.no_grad():
+            logits = F.linear(response_rows(student, mb), *models.output_head(inner)).double()  # [N, V]
+            logq = logits.log_softmax(-1).gather(-1, mb.response_ids[mb.mask][:, None])[:, 0]  # [N]
+        seen.append((student.training, logq, mb.logq_old[mb.mask]))
+        return real(student, teacher, mb, *args, **kw)
+
+    monkeypatch.setattr(minillm_train, "minibatch_loss", spy)
+    # one mini-batch per collection: every step is a collection's first, at the weights it sampled with
+    cfg = minillm_config(
+        tiny_gpt2,
+        teacher,
+        "dolly_valid",
+        tmp_path / "run",
+        max_train_examples=16,
+        max_valid_examples=4,
+        num_rollouts=4,
+        batch_size=2,
+        ppo_epochs=1,
+        max_steps=2,
+    )
+    train_minillm(cfg)
+    assert len(seen) == 4  # 2 steps x 2 micro-batches
+    for training, logq, logq_old in seen:
+        assert not training
+        assert_close_verbose(logq, logq_old, torch.float32)
+
+
+def test_gradient_checkpointing_with_dropout_is_refused(tiny_gpt2, teacher, tmp_path):
+    """HF checkpoints layers only in train mode, which would draw dropout in the update: refused."""
+    cfg = minillm_config(tiny_gpt2, teacher, "dolly_valid", tmp_path / "run", gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        train_minillm(cfg)
+
+
 def test_length_groups_hand_sized():
     # sorted: 10 (i=2), 10 (i=0), 11 (i=3), 20 (i=1): 10, 10, 11 pad 2 of 33 (6 %); adding 20 would pad 29 of 80
     assert length_groups([10, 20, 10, 11], max_padding=0.1) == [[0, 2, 3], [1]]
@@ -148,7 +197,9 @@ def test_response_rows_equal_padded_forward(tokenizer, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("store", ["rows", "cache", "cache, permuted", "cache, sampling cache"])
+@pytest.mark.parametrize(
+    "store", ["rows", "cache", "cache, permuted", "cache, sampling cache", "cache, single_step_weight token"]
+)
 def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_path, store):
     """PG + single-step from the chunked pass equal a direct full-logit float64 computation, value and grads,
     whether the teacher's log-probs are recomputed from its hidden rows or read from the collection's
@@ -189,12 +240,15 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
         perm = torch.randperm(N, generator=g)
         t_store = TeacherStore(t_rows[perm], cache[:N][perm]).select(perm.argsort())
     adv = torch.randn(r.mask.shape, generator=g)
-    cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=5, clip_eps=0.2)
+    weight = "token" if store.endswith("token") else "none"
+    cfg = minillm_config(
+        tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=5, clip_eps=0.2, single_step_weight=weight
+    )
     sampled = None
     if reuse:
         grid = torch.arange(3 * 7).view(3, 7)[:, : r.mask.shape[1]]
         sampled = SamplingCache(logits.view(-1, V), grid[r.mask], layers, torch.arange(3), 5)
-    student.train(reuse)  # layers are replayed in train mode only (HF routes them to checkpointing only then)
+    student.eval()  # the RL update's mode; the replay turns on the layers' own train flag for HF's routing
     if reuse:  # a first backward finds each layer's value-free output linear; the measured one skips it
         warm = SamplingCache(logits.clone().view(-1, V), sampled.index, layers, sampled.rows, 5)  # read once
         minibatch_loss(student, teacher, r, t_store, adv, 11.0, cfg, warm)[0].backward()
@@ -232,6 +286,8 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
     a = adv.double()
     pg = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
     single = (logq.exp() * (logq - logp)).sum(-1)
+    if weight == "token":  # paper Eq. 7: the rollout-time importance weight w = q_old/p̃ of each token
+        single = single * r.log_w.double().exp()
     want = ((pg + single) * r.mask).sum() / 11.0
     want.backward()
     assert float(loss) == pytest.approx(float(want), rel=1e-4)
@@ -408,18 +464,13 @@ def test_minibatch_loss_under_bf16_autocast_tracks_fp32(peaked_teacher, tokenize
 )
 def test_sampling_cache_matches_recompute_in_other_families(tokenizer, tmp_path, family, skip, lora):
     """The logits and replayed layer outputs give the loss and gradients of the plain pass in families
-    other than Llama and in LoRA students (frozen embedding, adapters inside the replayed layers; dropout
-    set to 0: a student with dropout never gets the cache), and the replay's recompute leaves out the
-    output linear exactly where backward never reads its value."""
-    path = save_tiny_model(tmp_path / "s", family, tokenizer, layers=2, seed=4)
-    config = AutoConfig.from_pretrained(path)
-    for key, value in list(vars(config).items()):
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-            setattr(config, key, 0.0)
-    student = AutoModelForCausalLM.from_pretrained(path, config=config)
+    other than Llama (GPT-2 and OPT with their dropout 0.1: the RL update runs in eval mode) and in LoRA
+    students (frozen embedding, adapters inside the replayed layers), and the replay's recompute leaves out
+    the output linear exactly where backward never reads its value."""
+    student = models.load_model(str(save_tiny_model(tmp_path / "s", family, tokenizer, layers=2, seed=4)))
+    assert models.has_dropout(student) == (family in ("gpt2", "opt"))
     if lora is not None:
         student = models.add_lora(student, r=4, alpha=8, dropout=0.0, target_modules=lora)
-    assert not models.has_dropout(student)
     teacher = models.load_model(
         str(save_tiny_model(tmp_path / "t", family, tokenizer, layers=1, seed=5))
     ).eval()
@@ -437,7 +488,7 @@ def test_sampling_cache_matches_recompute_in_other_families(tokenizer, tmp_path,
     cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=4)
     grid = torch.arange(3 * 6).view(3, 6)[:, : r.mask.shape[1]]
     results = []
-    student.train()
+    student.eval()  # the RL update's mode
     for reuse in (False, True, True):  # the second replay skips what the first found value-free
         # the cached logits are read once (overwritten in place): each replay gets its own copy
         cache = SamplingCache(logits.clone().view(-1, V), grid[r.mask], layers, torch.arange(3), 5)

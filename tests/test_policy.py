@@ -7,9 +7,11 @@ import threading
 
 import pytest
 import torch
+from reference import kl_slow, softmax_slow
 from reference_pg import mixture_slow, ppo_loss_slow, returns_slow, rewards_slow, whiten_slow
 from tolerances import TOL
 
+from minillm.objectives.chunked import chunked_head_loss
 from minillm.objectives.policy import (
     advantages,
     log_importance_weight,
@@ -293,11 +295,12 @@ def test_float32_inputs_stay_float32(batch):
     torch.testing.assert_close(a.double(), a64, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("single_step", [True, False])
+@pytest.mark.parametrize("single_step", [True, "token", False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_policy_logit_grad_matches_autograd_reference(single_step, dtype):
     """Closed-form loss and logit gradient vs float64 autograd through log_softmax, the loop PPO
-    reference and an explicit KL sum; inputs rounded to `dtype` on both sides."""
+    reference and an explicit KL sum, unweighted (official) or weighted per token by w = exp(log_w)
+    (paper Eq. 7, `single_step_weight token`); inputs rounded to `dtype` on both sides."""
     C, V = 13, 37
     g = torch.Generator().manual_seed(3)
     s = (3 * torch.randn(C, V, generator=g, dtype=torch.float64)).to(dtype)
@@ -322,6 +325,8 @@ def test_policy_logit_grad_matches_autograd_reference(single_step, dtype):
         if single_step
         else torch.zeros(C, dtype=torch.float64)
     )
+    if single_step == "token":
+        kl_want = kl_want * torch.tensor([math.exp(x) for x in log_w.tolist()], dtype=torch.float64)
     (grad_want,) = torch.autograd.grad(pg_graph.sum() + kl_want.sum(), leaf)
 
     dt = torch.promote_types(dtype, torch.float32)
@@ -334,6 +339,7 @@ def test_policy_logit_grad_matches_autograd_reference(single_step, dtype):
         log_w.to(dt),
         adv.to(dt),
         clip_eps=0.2,
+        single_weight=log_w.to(dt).exp() if single_step == "token" else None,
     )
     assert 0 < clipped_want.sum() < C  # both PPO branches exercised
     assert torch.equal(clipped, clipped_want[0])
@@ -341,3 +347,42 @@ def test_policy_logit_grad_matches_autograd_reference(single_step, dtype):
     torch.testing.assert_close(pg.double(), pg_want[0], **tol)
     torch.testing.assert_close(single.double(), kl_want.detach(), **tol)
     torch.testing.assert_close(grad.double(), grad_want, **tol)
+
+
+def test_single_step_kl_stays_fp32_under_bf16_autocast():
+    """Under bf16 autocast (mixed precision on a GPU) only the student's head matmul runs in bf16: the
+    teacher's logits (an fp32 head here) and the KL's bmm inside the chunk pass stay fp32. The single-step
+    KL of the bf16-rounded student logits then equals a float64 loop to fp32 accuracy; with autocast
+    reaching into the chunk pass both ran in bf16 (errors ~1e-2 relative)."""
+    C, H, V, N = 4, 16, 37, 10
+    g = torch.Generator().manual_seed(5)
+    s = 3 * torch.randn(N, V, generator=g)  # the student's logits, handed over as a sampling cache would
+    t_rows, t_w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)  # the teacher's side, fp32
+    y = torch.randint(0, V, (N,), generator=g)
+    zeros = torch.zeros(N)
+    singles = []
+
+    def token_fn(logits: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = end - start
+        t_logp = torch.nn.functional.linear(t_rows[start:end], t_w).log_softmax(-1)  # as TeacherStore does
+        _, single, _, grad = policy_logit_grad(
+            logits, t_logp, torch.empty(n, V), y[start:end], zeros[:n], zeros[:n], zeros[:n], clip_eps=0.2
+        )
+        singles.append(single)
+        return single.sum(), grad
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked_head_loss(
+            torch.zeros(N, H),  # unused: the logits come from logits_into
+            torch.zeros(V, H),
+            token_fn,
+            chunk_size=C,
+            closed_form=True,
+            logits_into=lambda out, start, end: out.copy_(s[start:end]),  # into the bf16 chunk buffer
+        )
+    s16 = s.bfloat16().double()
+    t = t_rows.double() @ t_w.double().T
+    want = [kl_slow(softmax_slow(s16[n].tolist()), softmax_slow(t[n].tolist())) for n in range(N)]
+    got = torch.cat(singles)  # [N] per-position KL
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), **TOL[torch.float32])
+    assert got.dtype == torch.float32

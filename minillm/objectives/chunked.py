@@ -126,10 +126,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         # logits, so its chain rule's scale factor rides on the gradient matmuls' alpha
         alpha = scale * head.logit_scale if closed_form else scale
         total = None
+        dev = hidden.device.type
+        # The head matmul runs in autocast's dtype when it is on; token_fn never does: log-probabilities, KL
+        # terms and the teacher's logits stay fp32 (autocast would run token_fn's bmm / linear in bf16).
+        fp32_maths = torch.autocast(dev, enabled=False)
         if closed_form:
             # One dtype for the shared buffer: autocast's if on (out= variants are not autocast), else the
             # inputs'. token_fn upcasts what it reads, as in the autograd path.
-            dev = hidden.device.type
             cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
             w, b = w.to(cd), None if b is None else b.to(cd)
             buf = torch.empty(min(chunk_size, N), weight.shape[0], dtype=cd, device=hidden.device)  # [C, V]
@@ -147,7 +150,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     logits = head_logits_into(buf[: end - start], h.to(w.dtype), chunk_head)
                 if slope is not None:
                     head.cap_slope_into(slope[: end - start], logits)
-                loss, grad_logits = token_fn(logits, start, end)
+                with fp32_maths:
+                    loss, grad_logits = token_fn(logits, start, end)
                 grad_logits = grad_logits.to(w.dtype)
                 if slope is not None:
                     grad_logits.mul_(slope[: end - start])
@@ -155,7 +159,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 with torch.enable_grad():
                     # A fresh leaf: token_fn's graph starts at z and is freed after autograd.grad.
                     z = F.linear(h, w, b).requires_grad_(need_any)  # [C, V], in the input dtype
-                    loss = token_fn(head.transform(z), start, end)
+                    with fp32_maths:
+                        loss = token_fn(head.transform(z), start, end)
                 if need_any and loss.requires_grad:  # a chunk whose loss is a constant has zero gradients
                     (grad_logits,) = torch.autograd.grad(loss, z)  # [C, V]
             assert loss.dim() == 0, f"token_fn must return a scalar sum, got shape {tuple(loss.shape)}"

@@ -269,14 +269,15 @@ def policy_logit_grad(
     advantages: Tensor,
     *,
     clip_eps: float,
+    single_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The PPO loss and the single-step KL(q ‖ p) of C sampled positions, with their gradient w.r.t. the
     student logits in closed form (for `chunked_head_loss(closed_form=True)`).
 
     With s the student logits, q = softmax(s), c_n = ∂pg_n/∂log q(y_n) (autograd on [C] vectors through
-    `ppo_policy_loss`, so the clip semantics are that function's):
+    `ppo_policy_loss`, so the clip semantics are that function's) and u_n the single-step weight:
         ∂pg_n/∂s_v     = c_n · (1[v = y_n] − q_v)
-        ∂KL_n/∂s_v     = q_v · (log q_v − log p_v − KL_n)
+        ∂(u_n·KL_n)/∂s_v = u_n · q_v · (log q_v − log p_v − KL_n)
     Written by hand because autograd through log_softmax / KL keeps several [C, V] temporaries and twice
     the passes over them; here everything happens in the logits and work buffers.
 
@@ -286,7 +287,9 @@ def policy_logit_grad(
                     the single-step term
     work:           [C, V] scratch in the compute dtype
     targets:        [C] long sampled tokens y_n; logq_old, log_w, advantages: [C] as in `ppo_policy_loss`
-    returns:        pg [C], single [C] (zeros when teacher_logp is None), clipped [C] bool, and the
+    single_weight:  [C] constant weights u_n of the single-step term, or None for 1 (official code); the
+                    paper's Eq. 7 weighs it by the rollout-time importance weight w_n = exp(log_w_n)
+    returns:        pg [C], single [C] u_n·KL_n (zeros when teacher_logp is None), clipped [C] bool, and the
                     gradient of Σ_n (pg_n + single_n) w.r.t. the logits, [C, V] (one of the buffers)
     """
     C, V = logits.shape
@@ -310,6 +313,12 @@ def policy_logit_grad(
     else:
         grad = logq.sub_(teacher_logp)  # [C, V] log q − log p (log q is not needed any more)
         single = torch.bmm(q[:, None, :], grad[:, :, None])[:, 0, 0]  # [C] Σ_v q_v (log q_v − log p_v)
-        grad.sub_(single[:, None] + coef).mul_(q)
+        if single_weight is None:
+            grad.sub_(single[:, None] + coef).mul_(q)
+        else:
+            u = single_weight.detach().to(dt)  # [C]
+            assert u.shape == (C,)
+            grad.sub_(single[:, None]).mul_(u[:, None]).sub_(coef).mul_(q)
+            single = single * u
     grad.scatter_add_(-1, pick, coef)
     return pg[0].detach(), single, clipped[0], grad

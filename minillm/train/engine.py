@@ -44,8 +44,11 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(mixed_precision=mp, log_with="tensorboard", project_dir=cfg.output_dir)
 
 
-def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from (seed, *keys), e.g. (seed, step, rank): independent streams per use."""
+def generator(seed: int, *keys: int, device: torch.device | str) -> torch.Generator:
+    """A generator seeded from (seed, *keys), e.g. (seed, step, rank): independent streams per use.
+
+    `device` has no default: a generator must live where its draws are made (the sampler draws on its
+    model's device, and torch refuses a CPU generator for a CUDA draw), so each caller says which."""
     g = torch.Generator(device=device)
     h = seed
     for k in keys:
@@ -55,7 +58,7 @@ def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torc
 
 def seed_step(seed: int, step: int, rank: int) -> None:
     """Reseed the global RNG (dropout) per step so a resumed run draws the same masks."""
-    torch.manual_seed(generator(seed, step, rank).initial_seed())
+    torch.manual_seed(generator(seed, step, rank, device="cpu").initial_seed())
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -84,7 +87,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n, generator=generator(seed, epoch, 0)).tolist()
+    return torch.randperm(n, generator=generator(seed, epoch, 0, device="cpu")).tolist()
 
 
 def step_indices(n: int, per_step: int, seed: int, step: int) -> list[int]:

@@ -45,7 +45,9 @@ COIN_STREAM, SAMPLE_STREAM = 1, 2
 
 def on_policy_coin(cfg: GKDConfig, step: int) -> bool:
     """Whether optimizer step `step` trains on student samples: True with probability cfg.lmbda, seeded."""
-    u = torch.rand((), generator=engine.generator(cfg.seed, step, 0, COIN_STREAM), dtype=torch.float64)
+    u = torch.rand(
+        (), generator=engine.generator(cfg.seed, step, 0, COIN_STREAM, device="cpu"), dtype=torch.float64
+    )
     return bool(u < cfg.lmbda)
 
 
@@ -77,9 +79,10 @@ def train_gkd(cfg: GKDConfig) -> Path:
             g = engine.generator(cfg.seed, state.step, acc.process_index, SAMPLE_STREAM, device=acc.device)
             for mb in examples:
                 prompts = [e.prompt_ids for e in mb]
-                responses, _ = sample_responses(
-                    student, prompts, cfg=cfg, eos_id=eos, pad_id=pad, generator=g
-                )
+                with acc.autocast():  # sample_responses runs the student in eval mode: no dropout
+                    responses, _ = sample_responses(
+                        student, prompts, cfg=cfg, eos_id=eos, pad_id=pad, generator=g
+                    )
                 mb[:] = [
                     Example(p, r[: cfg.max_length - len(p)]) for p, r in zip(prompts, responses, strict=True)
                 ]

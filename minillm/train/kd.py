@@ -14,8 +14,8 @@ minillm/scripts/gpt2/kd/kd_base.sh: --type kd --kd-ratio 0.5):
 - The official loss averages each micro-batch over its own tokens; ours divides by the step's global
   token count, so gradient accumulation does not reweight micro-batches (docs/design.md §4).
 - Any divergence of `minillm.objectives.divergences` (`divergence`, `jsd_beta`, `skew_alpha`) and a
-  temperature applied inside D only (`loss_temperature`; official: 1). The teacher runs in `dtype`
-  (official: fp16 teacher).
+  temperature applied inside D only (`loss_temperature`; official: 1). The teacher runs in `teacher_dtype`
+  (official: fp16 teacher; ours bf16 on a GPU, its log-probs upcast to fp32), on `teacher_device`.
 """
 
 from __future__ import annotations
@@ -50,16 +50,29 @@ def make_divergence(cfg: KDConfig) -> Callable[[Tensor, Tensor, Tensor], Tensor]
 def load_teacher(
     cfg: KDConfig | MiniLLMConfig, tokenizer: Any, student: nn.Module, acc: Accelerator
 ) -> nn.Module:
-    """The frozen teacher on the run's device, after checking it shares the student's tokenizer and vocabulary."""
+    """The frozen teacher in `teacher_dtype` on `teacher_device` (default: the student's), after checking it
+    shares the student's tokenizer and vocabulary. On another device its head is placed beside the student
+    (`models.place_apart`), so every caller hands it inputs and gets its outputs on the student's device."""
     kw = dict(trust_remote_code=cfg.trust_remote_code)
     teacher_tokenizer = models.load_tokenizer(cfg.teacher, **kw)
     models.check_same_tokenizer(
         tokenizer, teacher_tokenizer, (f"student {cfg.model}", f"teacher {cfg.teacher}")
     )
-    teacher = models.load_model(cfg.teacher, dtype=models.torch_dtype(cfg.dtype, acc.device), **kw)
+    device = _indexed(torch.device(cfg.teacher_device) if cfg.teacher_device else acc.device)
+    teacher = models.load_model(cfg.teacher, dtype=models.torch_dtype(cfg.teacher_dtype, device), **kw)
     models.use_vocab(teacher, len(tokenizer))  # as the student's (`load_student`): padding rows differ
     models.check_same_vocab(student, teacher)
-    return teacher.requires_grad_(False).eval().to(acc.device)
+    teacher.requires_grad_(False).eval()
+    if device != _indexed(acc.device):
+        return models.place_apart(teacher, device, acc.device)
+    return teacher.to(device)
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`cuda` as the `cuda:N` it means now, so equal devices compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def kd_loss_sums(

@@ -19,10 +19,19 @@ each behind a flag:
   (`whiten official`).
 - `return_inclusive true` (official) with `single_step true` counts the single-step part twice in
   expectation (tests/test_unbiased.py measures it); `return_inclusive false` is the paper's unbiased Eq. 3.
+- `single_step_weight none` (default, official code: a maintainer reports that dropping w_t stabilises
+  training) leaves the single-step KL unweighted; `single_step_weight token` weighs it by the rollout-time
+  importance weight w_t = q_old(y_t)/p̃(y_t), as the paper's Eq. 7 does. The two agree at α = 0 (w = 1).
 - Token losses are divided by the mini-batch's global valid-token count (all micro-batches and ranks);
   the official code divides by each rank's own count.
 - `pt_loss ce+kd` uses the forward KL to the teacher as its "kd" half: the same gradient as the official
   soft cross-entropy, whose value differs by the teacher's entropy (a constant).
+
+As the official code: dropout is off in the whole RL phase (sampling, update, PT loss: eval mode), so the
+ratio q_new/q_old is 1 at a collection's first step (gradient checkpointing, which HF runs in train mode
+only, is refused for a student with dropout). The student's weights are fp32; on a GPU sampling and the
+update run under bf16 autocast (`mixed_precision`); log-probabilities, KL terms, rewards and advantages
+are fp32 whatever the models' dtypes.
 """
 
 from __future__ import annotations
@@ -226,25 +235,26 @@ def collect(
         at = slice(done, done + len(batch_prompts))
         P = enc["input_ids"].shape[1]  # this batch's prompt width, right-aligned in the cache's
         t_hidden = head.weight.new_empty(len(batch_prompts), N, head.weight.shape[1]) if keep_rows else None
-        r = sample_rollout(
-            inner,
-            teacher,
-            enc["input_ids"],
-            enc["attention_mask"],
-            alpha=cfg.teacher_mix_alpha,
-            max_new_tokens=N,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            generator=g,
-            temperature=cfg.sample_temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            fast=cfg.fast_rollout,
-            score=False,  # log p: the sampler with alpha > 0, else the teacher pass below
-            logits_out=None if logits is None else logits.view(-1, N, logits.shape[-1])[at],
-            layers_out=None if layers is None else [x[at, width - P :] for x in layers],
-            teacher_rows_out=t_hidden,
-        )
+        with acc.autocast():  # fp32 master weights, bf16 compute on a GPU; log-probs come out fp32
+            r = sample_rollout(
+                inner,
+                teacher,
+                enc["input_ids"],
+                enc["attention_mask"],
+                alpha=cfg.teacher_mix_alpha,
+                max_new_tokens=N,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                generator=g,
+                temperature=cfg.sample_temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                fast=cfg.fast_rollout,
+                score=False,  # log p: the sampler with alpha > 0, else the teacher pass below
+                logits_out=None if logits is None else logits.view(-1, N, logits.shape[-1])[at],
+                layers_out=None if layers is None else [x[at, width - P :] for x in layers],
+                teacher_rows_out=t_hidden,
+            )
         t0 = time.perf_counter()
         if t_hidden is None:
             t_rows, logp = teacher_pass(teacher, r, cfg.chunk_size, None if cache is None else cache[filled:])
@@ -332,6 +342,7 @@ def minibatch_loss(
             log_w[start:end],
             a[start:end],
             clip_eps=cfg.clip_eps,
+            single_weight=log_w[start:end].exp() if cfg.single_step_weight == "token" else None,
         )
         stats["pg"] += float(pg.sum())
         stats["single"] += float(single.sum())
@@ -382,7 +393,8 @@ def validate(
     """Rouge-L of sampled answers (paper decoding) and the reverse KL of the student on its own samples:
     Σ_t KL(q(·|y<t) ‖ p(·|y<t)) per response, an unbiased estimate of the sequence-level KL(q‖p)."""
     inner = acc.unwrap_model(student)
-    g = engine.generator(cfg.seed, 0, acc.process_index)  # the same validation samples at every evaluation
+    # the same validation samples at every evaluation, drawn on the student's device (as the sampler does)
+    g = engine.generator(cfg.seed, 0, acc.process_index, device=acc.device)
     scores, kls, tokens = [], [], 0
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     mine = list(range(acc.process_index, len(prompts), acc.num_processes))
@@ -390,19 +402,20 @@ def validate(
     student.eval()
     for idx in engine.chunks(mine, cfg.batch_size):
         enc = collate_prompts([prompts[i] for i in idx], pad)
-        r = sample_rollout(
-            inner,
-            teacher,
-            enc["input_ids"],
-            enc["attention_mask"],
-            alpha=0.0,
-            max_new_tokens=cfg.valid_max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            generator=g,
-            fast=cfg.fast_rollout,
-            score=False,
-        )
+        with acc.autocast():
+            r = sample_rollout(
+                inner,
+                teacher,
+                enc["input_ids"],
+                enc["attention_mask"],
+                alpha=0.0,
+                max_new_tokens=cfg.valid_max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                generator=g,
+                fast=cfg.fast_rollout,
+                score=False,
+            )
         for b, i in enumerate(idx):
             text = tokenizer.decode(r.response_ids[b][r.mask[b]], skip_special_tokens=True)
             scores.append(rouge_l(text, [records[i]["output"]]))
@@ -437,6 +450,12 @@ def validate(
 def train_minillm(cfg: MiniLLMConfig) -> Path:
     """Run MiniLLM; returns the folder of the best checkpoint (highest validation Rouge-L by default)."""
     acc, tokenizer, student = load_student(cfg)
+    if cfg.gradient_checkpointing and models.has_dropout(student):
+        raise ValueError(
+            "gradient_checkpointing needs train mode (HF checkpoints layers only then), which would draw "
+            "the student's dropout in the RL update; MiniLLM keeps dropout off: turn gradient_checkpointing "
+            "off or use a student without dropout"
+        )
     teacher = load_teacher(cfg, tokenizer, student, acc)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts, _ = load_prompts(cfg.train_data, cfg.max_train_examples, tokenizer, cfg, acc)
@@ -476,7 +495,9 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
     if state.step == 0:
         log.log(0, validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
     all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
-    student.train()
+    # Dropout off in the whole RL phase, sampling and update alike (official code: eval mode), so q_new/q_old
+    # is 1 at a collection's first step; train mode only for gradient checkpointing (no dropout, see above)
+    student.train(cfg.gradient_checkpointing)
     nonfinite = engine.NonFiniteSteps()
     time_sample = time_teacher = 0.0
     while state.step < total:
@@ -495,14 +516,16 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 eos,
                 cfg,
                 acc,
-                engine.generator(cfg.seed, collection, acc.process_index),
+                engine.generator(cfg.seed, collection, acc.process_index, device=acc.device),
                 cache,
                 sampling_buffers(acc.unwrap_model(student), per_rank, cfg, layers=keep_layers),
             )
             time_sample = time.perf_counter() - t0
         # --- one optimizer step on mini-batch b of inner epoch `epoch` ---
         t0 = time.perf_counter()
-        order = torch.randperm(per_rank, generator=engine.generator(cfg.seed, collection, epoch, 1))
+        order = torch.randperm(
+            per_rank, generator=engine.generator(cfg.seed, collection, epoch, 1, device="cpu")
+        )
         # in store order: the mini-batch's loss is a sum over its rows, and rows in order make the cached
         # teacher log-probs and sampling logits of a chunk consecutive, read in place (`take_rows`)
         mb_idx = order[b * mini : (b + 1) * mini].sort().values
@@ -531,7 +554,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                     pick = torch.randint(
                         len(pt_blocks),
                         (cfg.batch_size,),
-                        generator=engine.generator(cfg.seed, state.step, acc.process_index, j),
+                        generator=engine.generator(cfg.seed, state.step, acc.process_index, j, device="cpu"),
                     )
                     pt = pt_loss_sum(student, teacher, pt_blocks[pick].to(acc.device), cfg)
                     pt_tokens = (

@@ -15,8 +15,8 @@ prompts + 128 tokens on the embedded pair). `SamplingCache` keeps both and the f
   layer returns: backward never reads the value (`_output_linear`).
 
 Both equal the update's own computation up to kernel rounding (the sampler runs other matmul kernels and a
-KV cache). They are valid only while the weights are unchanged and train mode draws nothing sampling did
-not (no dropout), so the trainer drops them once the first step's forwards have read them.
+KV cache). They are valid only while the weights are unchanged (the update, like sampling, runs without
+dropout), so the trainer drops them once the first step's forwards have read them.
 """
 
 from __future__ import annotations
@@ -82,18 +82,20 @@ class SamplingCache:
         rows = self.rows[group][:, None]  # [G, 1]
         layers = models.decoder_layers(model)
         before = [
-            (layer.gradient_checkpointing, layer.__dict__.get("_gradient_checkpointing_func"))
+            (layer.gradient_checkpointing, layer.training, layer.__dict__.get("_gradient_checkpointing_func"))
             for layer in layers
         ]
         for layer, kept in zip(layers, self.layers, strict=True):
-            # with the flag on, HF routes the layer's forward through `_gradient_checkpointing_func`
-            layer.gradient_checkpointing = True
+            # with both flags on, HF routes the layer's forward through `_gradient_checkpointing_func`; the
+            # layer's own train flag only (the RL update runs in eval mode): the replayed forward computes
+            # nothing, and backward's recompute runs after the flag is restored, so no dropout is drawn
+            layer.gradient_checkpointing = layer.training = True
             layer._gradient_checkpointing_func = functools.partial(_replay, kept[rows, slots], layer)
         try:
             yield
         finally:
-            for layer, (flag, func) in zip(layers, before, strict=True):
-                layer.gradient_checkpointing = flag
+            for layer, (flag, training, func) in zip(layers, before, strict=True):
+                layer.gradient_checkpointing, layer.training = flag, training
                 if func is None:
                     del layer._gradient_checkpointing_func
                 else:
@@ -222,11 +224,9 @@ def sampling_buffers(
     """Empty stores for one collection: logits [rollouts x max_new_tokens, V] fp32 and, with `layers`, the
     decoder layers' outputs [rollouts, max_prompt_length + max_new_tokens, H] each in the model's dtype
     (on its device; untouched pages of a CPU `torch.empty` take no memory). None when they exceed
-    `sampling_cache_mib` or the student has dropout (sampling runs in eval mode, the update in train mode).
+    `sampling_cache_mib`.
     `layers` needs the fast sampler, HF checkpointable decoder layers, and no autocast or gradient sync
     around the update (its backward bypasses both)."""
-    if models.has_dropout(student):
-        return None
     param = next(student.parameters())
     V, H = models.output_head(student).weight.shape
     N, S = cfg.max_new_tokens, cfg.max_prompt_length + cfg.max_new_tokens

@@ -31,9 +31,9 @@ def load_student(cfg: TrainConfig) -> tuple[Accelerator, Any, torch.nn.Module]:
     acc = engine.make_accelerator(cfg)
     acc.print(f"config: {cfg}")
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = models.load_model(
-        cfg.model, dtype=models.torch_dtype(cfg.dtype, acc.device), trust_remote_code=cfg.trust_remote_code
-    )
+    # fp32 master weights whatever the device (the config refuses bf16 ones): on a GPU bf16 comes from
+    # autocast, and AdamW's small updates are not rounded away
+    model = models.load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     models.use_vocab(model, len(tokenizer))
     if cfg.gradient_checkpointing:  # non-reentrant: works whether or not the inputs require grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
