@@ -105,38 +105,23 @@ def _derive_student(argv: list[str]) -> None:
     h.add_argument("--seed", type=int, default=10, help="Seed of the healing blocks' draws.")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the hub.")
     args = p.parse_args(argv)
-    from minillm import models
+    from minillm.train.heal import cut_student
 
-    teacher = models.load_model(args.teacher, trust_remote_code=args.trust_remote_code)
-    tokenizer = models.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
-    n = teacher.config.num_hidden_layers
-    layers = (
-        [int(x) for x in args.layers.split(",")] if args.layers else models.spread_layers(n, args.num_layers)
-    )
-    student = models.derive_student(teacher, layers)
-    if args.heal_steps > 0:
-        from minillm.data.pretrain import load_pt_blocks
-        from minillm.train.heal import heal
-
-        need = args.heal_steps * args.heal_batch_size
-        blocks = load_pt_blocks(args.heal_data, tokenizer, args.heal_block_length, max_blocks=need)
-        student.eval()  # no dropout: the student is matched to the teacher's deterministic outputs
-        losses = heal(
-            student,
-            teacher,
-            blocks,
-            steps=args.heal_steps,
-            batch_size=args.heal_batch_size,
-            lr=args.heal_lr,
+    print(
+        cut_student(
+            args.teacher,
+            args.output,
+            layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+            num_layers=args.num_layers,
+            heal_steps=args.heal_steps,
+            heal_lr=args.heal_lr,
+            heal_batch_size=args.heal_batch_size,
+            heal_block_length=args.heal_block_length,
+            heal_data=args.heal_data,
             seed=args.seed,
+            trust_remote_code=args.trust_remote_code,
         )
-        print(
-            f"healed {args.heal_steps} steps: KL(teacher ‖ student) {losses[0]:.2f} → {losses[-1]:.2f} nats/token"
-        )
-    student.save_pretrained(args.output, safe_serialization=True)
-    tokenizer.save_pretrained(args.output)
-    params = sum(p.numel() for p in student.parameters())
-    print(f"kept layers {layers} of {n}: {params / 1e6:.1f}M parameters → {args.output}")
+    )
 
 
 def _export(argv: list[str]) -> None:

@@ -41,7 +41,9 @@ def pair(teacher):
 
 def first_batch(blocks: torch.Tensor, seed: int, batch_size: int) -> torch.Tensor:
     """The blocks heal draws at step 0 (its seeding contract: a generator seeded by (seed, step))."""
-    return blocks[torch.randint(len(blocks), (batch_size,), generator=engine.generator(seed, 0))]
+    return blocks[
+        torch.randint(len(blocks), (batch_size,), generator=engine.generator(seed, 0, device="cpu"))
+    ]
 
 
 def test_heal_lowers_held_out_kl_and_repeats(pair, tokenizer):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from conftest import save_tiny_model
 from tolerances import assert_close_verbose
@@ -134,7 +133,7 @@ def test_no_dropout_in_the_update_ratio_is_one_at_a_collections_first_step(
     def spy(student, teacher, mb, *args, **kw):
         inner = getattr(student, "module", student)
         with torch.no_grad():
-            logits = F.linear(response_rows(student, mb), *models.output_head(inner)).double()  # [N, V]
+            logits = models.output_head(inner).logits(response_rows(student, mb)).double()  # [N, V]
             logq = logits.log_softmax(-1).gather(-1, mb.response_ids[mb.mask][:, None])[:, 0]  # [N]
         seen.append((student.training, logq, mb.logq_old[mb.mask]))
         return real(student, teacher, mb, *args, **kw)

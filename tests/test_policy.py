@@ -11,7 +11,7 @@ from reference import kl_slow, softmax_slow
 from reference_pg import mixture_slow, ppo_loss_slow, returns_slow, rewards_slow, whiten_slow
 from tolerances import TOL
 
-from minillm.objectives.chunked import chunked_head_loss
+from minillm.objectives.chunked import Head, chunked_head_loss
 from minillm.objectives.policy import (
     advantages,
     log_importance_weight,
@@ -374,7 +374,7 @@ def test_single_step_kl_stays_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         chunked_head_loss(
             torch.zeros(N, H),  # unused: the logits come from logits_into
-            torch.zeros(V, H),
+            Head(torch.zeros(V, H)),
             token_fn,
             chunk_size=C,
             closed_form=True,

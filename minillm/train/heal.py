@@ -11,10 +11,13 @@ figures are in bench/RESULTS.md, "Cutting a student" (`bench/student_init.py`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
 from minillm import models
+from minillm.data.pretrain import load_pt_blocks
 from minillm.objectives.lm import ce_kd_sum
 from minillm.train import engine
 
@@ -47,7 +50,7 @@ def heal(
     attn = torch.ones(batch_size, L, dtype=torch.long, device=device)  # [B, L]: blocks have no padding
     out = []
     for step in range(steps):
-        pick = torch.randint(N, (batch_size,), generator=engine.generator(seed, step))
+        pick = torch.randint(N, (batch_size,), generator=engine.generator(seed, step, device="cpu"))
         ids = blocks[pick].to(device)  # [B, L]
         teacher_side = None
         if kd_ratio > 0:
@@ -69,3 +72,41 @@ def heal(
         optimizer.zero_grad(set_to_none=True)
         out.append(float(loss.detach()))
     return out
+
+
+def cut_student(
+    teacher_spec: str,
+    output: str | Path,
+    *,
+    layers: list[int] | None = None,
+    num_layers: int | None = None,
+    heal_steps: int = 0,
+    heal_lr: float = 5e-4,
+    heal_batch_size: int = 8,
+    heal_block_length: int = 256,
+    heal_data: str = "pretrain",
+    seed: int = 10,
+    trust_remote_code: bool = False,
+) -> str:
+    """Derive a student keeping `layers` of the teacher (or `num_layers` spread from layer 0), heal it for
+    `heal_steps` steps, and save it with the teacher's tokenizer to `output`; returns a summary line."""
+    teacher = models.load_model(teacher_spec, trust_remote_code=trust_remote_code)
+    tokenizer = models.load_tokenizer(teacher_spec, trust_remote_code=trust_remote_code)
+    n = teacher.config.num_hidden_layers
+    layers = layers if layers is not None else models.spread_layers(n, num_layers or 0)
+    student = models.derive_student(teacher, layers)
+    line = (
+        f"kept layers {layers} of {n}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters"
+    )
+    if heal_steps > 0:
+        blocks = load_pt_blocks(
+            heal_data, tokenizer, heal_block_length, max_blocks=heal_steps * heal_batch_size
+        )
+        student.eval()  # no dropout: the student is matched to the teacher's deterministic outputs
+        losses = heal(
+            student, teacher, blocks, steps=heal_steps, batch_size=heal_batch_size, lr=heal_lr, seed=seed
+        )
+        line += f"; healed {heal_steps} steps: KL(teacher ‖ student) {losses[0]:.2f} → {losses[-1]:.2f} nats/token"
+    student.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+    return f"{line} → {output}"
