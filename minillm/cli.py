@@ -105,23 +105,22 @@ def _derive_student(argv: list[str]) -> None:
     h.add_argument("--seed", type=int, default=10, help="Seed of the healing blocks' draws.")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the hub.")
     args = p.parse_args(argv)
-    from minillm.train.heal import cut_student
+    from minillm.train.heal import cut_student, describe
 
-    print(
-        cut_student(
-            args.teacher,
-            args.output,
-            layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
-            num_layers=args.num_layers,
-            heal_steps=args.heal_steps,
-            heal_lr=args.heal_lr,
-            heal_batch_size=args.heal_batch_size,
-            heal_block_length=args.heal_block_length,
-            heal_data=args.heal_data,
-            seed=args.seed,
-            trust_remote_code=args.trust_remote_code,
-        )
+    made = cut_student(
+        args.teacher,
+        args.output,
+        layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+        num_layers=args.num_layers,
+        heal_steps=args.heal_steps,
+        heal_lr=args.heal_lr,
+        heal_batch_size=args.heal_batch_size,
+        heal_block_length=args.heal_block_length,
+        heal_data=args.heal_data,
+        seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
     )
+    print(f"{describe(made)} → {args.output}")
 
 
 def _export(argv: list[str]) -> None:

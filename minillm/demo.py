@@ -1,12 +1,15 @@
 """The main job on the embedded default (`make demo`): SmolLM2-135M-Instruct teacher, a 6-layer student cut
-from it, Dolly data. Derive → SFT → MiniLLM, then before/after figures and answers to three DollyEval
-prompts. Every stage resumes, so a rerun after an interruption continues where it stopped."""
+from it, Dolly data. Cut and heal → SFT → MiniLLM, then `summary.md`: what ran, the validation figures with
+the teacher and a uniform guess beside them, and answers to three DollyEval prompts with their references.
+Every stage resumes, so a rerun after an interruption continues where it stopped (an interrupted cut is
+redone: it takes minutes)."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +19,17 @@ from minillm import config as config_lib
 from minillm import models
 from minillm.config import MiniLLMConfig, SFTConfig
 from minillm.data.instructions import load_records
-from minillm.data.tokenize import encode_prompt
-from minillm.evaluate.generate import decode, trim_at_eos
+from minillm.data.tokenize import encode_prompt, encode_records
+from minillm.evaluate.generate import decode, gold_nll, trim_at_eos
+from minillm.train.heal import DERIVATION, cut_student, describe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 TEACHER = models.EMBEDDED_ALIAS
+# How the student is cut (bench/RESULTS.md, "Cutting a student"): of the 6-of-30 layer sets measured, 0, 1,
+# 15, 27, 28, 29 starts closest to the teacher (11.4 nats/token on Dolly validation; every fifth layer: 17.3),
+# and 30 steps of KD on pre-training text take it to 6.7 before any SFT.
+LAYERS = [0, 1, 15, 27, 28, 29]
+HEAL = dict(heal_steps=30, heal_lr=5e-4, heal_batch_size=8, heal_block_length=256)
 
 
 def prompt_template(model_path: str, tokenizer: Any) -> tuple[str, str]:
@@ -105,9 +114,28 @@ def answer(
     return replies, f"template {template} ({why}); decoding {how}"
 
 
+def _lines(run: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def _metric(run: Path, key: str) -> tuple[float, float]:
-    values = [m[key] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in m]
+    values = [m[key] for m in _lines(run) if key in m]
     return values[0], values[-1]
+
+
+def _valid_loss(model_spec: str, cfg: SFTConfig) -> float:
+    """Token-averaged response cross-entropy on the SFT stage's validation records (as its valid/loss)."""
+    tok = models.load_tokenizer(model_spec)
+    records = load_records(cfg.valid_data, limit=cfg.max_valid_examples)
+    examples, _ = encode_records(
+        records,
+        tok,
+        template=cfg.template,
+        max_prompt_length=cfg.max_prompt_length,
+        max_length=cfg.max_length,
+    )
+    sums = gold_nll(models.load_model(model_spec), examples, tok.pad_token_id, batch_size=cfg.batch_size)
+    return sum(s for s, _ in sums) / sum(n for _, n in sums)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,12 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     student_init = out / "student-init"
-    if not (student_init / "config.json").is_file():
-        teacher = models.load_model(TEACHER)
-        student = models.derive_student(teacher, models.spread_layers(teacher.config.num_hidden_layers, 6))
-        student.save_pretrained(student_init, safe_serialization=True)
-        models.load_tokenizer(TEACHER).save_pretrained(student_init)
-        print(f"derived a 6-layer student → {student_init}")
+    if not (student_init / DERIVATION).is_file():
+        print(describe(cut_student(TEACHER, student_init, layers=LAYERS, **HEAL)) + f" → {student_init}")
+    made = json.loads((student_init / DERIVATION).read_text())
 
     from minillm.train.minillm import train_minillm
     from minillm.train.sft import train_sft
@@ -148,15 +173,46 @@ def main(argv: list[str] | None = None) -> None:
     )
     train_minillm(distill_cfg)
 
+    healed, after_sft = _metric(out / "sft", "valid/loss")
+    evals = [m for m in _lines(out / "minillm") if "valid/rougeL" in m]
+    start, best = evals[0], max(evals[1:], key=lambda m: m["valid/rougeL"])  # what best/ holds
+    kl_heal = made["heal_kl"]
+    n_valid, n_mini = sft_cfg.max_valid_examples, distill_cfg.max_valid_examples
+    lines = [
+        "# minillm demo: SmolLM2-135M-Instruct distilled into a 6-layer student",
+        "",
+        f"The student keeps layers {made['layers']} of the teacher's {made['teacher_layers']} "
+        f"({made['parameters'] / 1e6:.1f}M parameters against the teacher's "
+        f"{sum(p.numel() for p in models.load_model(TEACHER).parameters()) / 1e6:.1f}M), is healed by "
+        f"{made['heal_steps']} steps of KD towards the teacher on pre-training text (KL {kl_heal[0]:.2f} → "
+        f"{kl_heal[-1]:.2f} nats/token), fine-tuned on Dolly for {sft_cfg.max_steps} steps of "
+        f"{sft_cfg.batch_size} records (SFT), then trained by MiniLLM for {distill_cfg.max_steps} steps. "
+        "A few CPU minutes, not the paper's hours: the student is still far from the teacher.",
+        "",
+        f"## Next-token loss on {n_valid} Dolly validation answers (nats/token, lower is better)",
+        "",
+        "| model | loss |",
+        "|---|---:|",
+        f"| a uniform guess over {len(models.load_tokenizer(TEACHER))} tokens | {math.log(len(models.load_tokenizer(TEACHER))):.2f} |",
+        f"| teacher | {_valid_loss(TEACHER, sft_cfg):.2f} |",
+        f"| student, cut and healed | {healed:.2f} |",
+        f"| student after SFT | {after_sft:.2f} |",
+        "",
+        f"## MiniLLM on {n_mini} validation prompts (answers of at most {distill_cfg.valid_max_new_tokens} tokens)",
+        "",
+        f"| metric | SFT student | after MiniLLM (best checkpoint: step {best['step']}) |",
+        "|---|---:|---:|",
+        f"| Rouge-L against the reference answer (higher is better) | {start['valid/rougeL']:.2f} "
+        f"| {best['valid/rougeL']:.2f} |",
+        f"| reverse KL(student ‖ teacher) per answer, nats (lower is better) | {start['valid/reverse_kl']:.1f} "
+        f"| {best['valid/reverse_kl']:.1f} |",
+        "",
+        "## Answers to three DollyEval prompts",
+        "",
+        "Sampled with the paper's decoding (temperature 1, no top-k/top-p, no repeated 6-grams, at most 64 "
+        "tokens), so each run differs; `minillm generate` answers with a model's own settings instead.",
+    ]
     records = load_records("dolly_test", limit=3)
-    lines = ["# minillm demo", "", "| stage | metric | before | after |", "|---|---|---|---|"]
-    lines.append(
-        "| SFT | valid/loss (nats/token) | {:.3f} | {:.3f} |".format(*_metric(out / "sft", "valid/loss"))
-    )
-    for key in ("valid/rougeL", "valid/reverse_kl"):
-        lines.append(
-            f"| MiniLLM | {key} | " + " | ".join(f"{v:.3f}" for v in _metric(out / "minillm", key)) + " |"
-        )
     models_shown = {
         "teacher": TEACHER,
         "student (SFT)": str(sft_best),
@@ -167,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         name: answer(spec, records, max_new_tokens=64, **paper)[0] for name, spec in models_shown.items()
     }
     for i, rec in enumerate(records):
-        lines += ["", f"## {rec['instruction']}"]
+        lines += ["", f"### {rec['instruction']}", f"- *reference*: {rec['output']!r}"]
         lines += [f"- **{name}**: {replies[name][i]!r}" for name in models_shown]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)

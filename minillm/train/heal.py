@@ -11,7 +11,10 @@ figures are in bench/RESULTS.md, "Cutting a student" (`bench/student_init.py`).
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,6 +23,8 @@ from minillm import models
 from minillm.data.pretrain import load_pt_blocks
 from minillm.objectives.lm import ce_kd_sum
 from minillm.train import engine
+
+DERIVATION = "minillm_derivation.json"  # beside a cut student's weights: teacher, layers, healing
 
 
 def heal(
@@ -87,26 +92,47 @@ def cut_student(
     heal_data: str = "pretrain",
     seed: int = 10,
     trust_remote_code: bool = False,
-) -> str:
+) -> dict[str, Any]:
     """Derive a student keeping `layers` of the teacher (or `num_layers` spread from layer 0), heal it for
-    `heal_steps` steps, and save it with the teacher's tokenizer to `output`; returns a summary line."""
+    `heal_steps` steps, and save it with the teacher's tokenizer to `output`, with how it was made in
+    `DERIVATION` (returned too)."""
     teacher = models.load_model(teacher_spec, trust_remote_code=trust_remote_code)
     tokenizer = models.load_tokenizer(teacher_spec, trust_remote_code=trust_remote_code)
     n = teacher.config.num_hidden_layers
     layers = layers if layers is not None else models.spread_layers(n, num_layers or 0)
     student = models.derive_student(teacher, layers)
-    line = (
-        f"kept layers {layers} of {n}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters"
-    )
+    made: dict[str, Any] = {
+        "teacher": teacher_spec,
+        "teacher_layers": n,
+        "layers": layers,
+        "parameters": sum(p.numel() for p in student.parameters()),
+        "heal_steps": heal_steps,
+    }
     if heal_steps > 0:
         blocks = load_pt_blocks(
             heal_data, tokenizer, heal_block_length, max_blocks=heal_steps * heal_batch_size
         )
         student.eval()  # no dropout: the student is matched to the teacher's deterministic outputs
+        t0 = time.perf_counter()
         losses = heal(
             student, teacher, blocks, steps=heal_steps, batch_size=heal_batch_size, lr=heal_lr, seed=seed
         )
-        line += f"; healed {heal_steps} steps: KL(teacher ‖ student) {losses[0]:.2f} → {losses[-1]:.2f} nats/token"
+        made |= {
+            "heal": {"lr": heal_lr, "batch_size": heal_batch_size, "block_length": heal_block_length},
+            "heal_data": heal_data,
+            "heal_kl": losses,
+            "heal_seconds": time.perf_counter() - t0,
+        }
     student.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
-    return f"{line} → {output}"
+    (Path(output) / DERIVATION).write_text(json.dumps(made, indent=2))
+    return made
+
+
+def describe(made: dict[str, Any]) -> str:
+    """One line for a `cut_student` result."""
+    line = f"kept layers {made['layers']} of {made['teacher_layers']}: {made['parameters'] / 1e6:.1f}M parameters"
+    if made["heal_steps"]:
+        kl = made["heal_kl"]
+        line += f"; healed {made['heal_steps']} steps: KL(teacher ‖ student) {kl[0]:.2f} → {kl[-1]:.2f} nats/token"
+    return line
