@@ -207,6 +207,10 @@ TOOL_COMMANDS = {
     "export": (_export, "A checkpoint as a Hugging Face folder; --merge folds LoRA adapters in."),
     "generate": (_generate, "Answer prompts with any model."),
     "report": (_report, "Markdown/CSV tables and PNG plots from evaluation runs."),
+    "experiment": (
+        lambda argv: _load("minillm.experiment:main")(argv),
+        "Run a comparison plan (configs/experiments/comparison.yaml), resuming what is not done.",
+    ),
     "demo": (lambda argv: _load("minillm.demo:main")(argv), "The main job on the embedded pair (make demo)."),
 }
 

@@ -1,0 +1,66 @@
+"""`minillm experiment`: the shipped comparison plan is valid, and a plan runs in order, skips what is done and
+stops on a failing run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from minillm import config as config_lib
+from minillm.cli import STAGE_COMMANDS, main
+from minillm.experiment import load_plan, run_plan
+
+
+def test_shipped_plan_parses_every_recipe():
+    root, runs = load_plan("configs/experiments/comparison.yaml")
+    assert str(root) == "runs/exp"
+    names = [r.name for r in runs]
+    assert names.index("teacher-sft") < names.index("kd") and names[-1] == "report"
+    for run in runs:
+        if run.command in STAGE_COMMANDS:  # the recipe and flags as the command will read them
+            argv = run.argv()[1:]
+            i = argv.index("--config") if "--config" in argv else None
+            cfg_file = argv[i + 1] if i is not None else None
+            flags = argv[:i] + argv[i + 2 :] if i is not None else argv
+            cls = getattr(config_lib, STAGE_COMMANDS[run.command][0])
+            config_lib.parse(cls, cfg_file, flags)
+    outputs = [r.argv()[r.argv().index("--output_dir") + 1] for r in runs if "--output_dir" in r.argv()]
+    assert len(outputs) == len(set(outputs))  # ablations never share a folder with the full method
+
+
+def test_plan_runs_in_order_skips_done_and_stops_on_failure(teacher, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    student = tmp_path / "student"
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "root": str(tmp_path / "exp"),
+                "runs": [
+                    {
+                        "name": "cut",
+                        "command": "derive-student",
+                        "args": ["--teacher", str(teacher), "--layers", "0,2", "--output", str(student)],
+                    },
+                    {"name": "broken", "command": "sft", "args": {"model": str(tmp_path / "nothing")}},
+                ],
+            }
+        )
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["experiment", "--plan", str(plan)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "run broken exited 2" in err and "broken.log" in err
+    done = json.loads((tmp_path / "exp" / "done" / "cut").read_text())
+    assert done["command"][:2] == ["minillm", "derive-student"] and done["wall_seconds"] > 0
+    assert (student / "model.safetensors").is_file()
+    assert not (tmp_path / "exp" / "done" / "broken").exists()
+
+    mtime = (student / "model.safetensors").stat().st_mtime
+    run_plan(str(plan), only=["cut"])  # done: skipped
+    assert (student / "model.safetensors").stat().st_mtime == mtime
+    assert "[done] cut" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--only names no run"):
+        run_plan(str(plan), only=["nope"])
