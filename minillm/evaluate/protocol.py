@@ -8,14 +8,21 @@ as the spread. Also: the LM loss on the gold responses (once per set: it has no 
 answers (per seed, then averaged) and Rouge-L per gold-length bucket ([0,5], [6,10], [11,inf) tokens of the
 first reference in the evaluated model's tokenizer, EOS excluded).
 
+Sampling is the project's one sampler (`minillm.rollout`, through `generate.sample`): static KV cache,
+inverse-CDF draws, HF's n-gram ban. Its randomness is a `torch.Generator` per batch: prompts are batched in a
+fixed partition (sorted by prompt length, ties in file order), batch k of seed s of a set draws from a
+generator seeded with `generate.batch_seed(s, set, k)`, one uniform per row and step, and nothing else. So a
+(set, batch, seed) gives the same tokens whatever ran before it in the process (other sets, seeds, models, the
+global RNG), on a given device and batch size (fp32 rounding of another batch shape could move a draw that
+falls within rounding of a CDF boundary).
+
 Files under `output_dir/<model slug>/`:
 - `generations.jsonl`: one line per (set, id, seed): prompt, output, reference(s), score and lengths. A rerun
-  skips every (set, id, seed) already there. Prompts are batched in a fixed partition (sorted by prompt length,
-  which cuts the padding to prefill, ties in file order) with one seed per batch (`generate.batch_seed(seed,
-  set, batch index)`), and a batch with any missing line is regenerated whole, so a resumed run writes exactly
-  what an uninterrupted one would.
-- `settings.json`: the decoding-relevant settings of the first run; a rerun that changes any raises instead of
-  mixing generations made under two settings.
+  skips every (set, id, seed) already there; a batch with any missing line is regenerated whole, so a resumed
+  run writes exactly what an uninterrupted one would.
+- `settings.json`: the decoding-relevant settings of the first run and the sampler that made its generations;
+  a rerun that changes any raises instead of mixing generations made under two settings (a folder made by HF
+  `generate`, before this sampler, has no sampler entry and raises too).
 - `lm_loss.json`: the cached gold loss per set; `results.json`: the summary (what `minillm report` reads).
 
 Departures from the official code (LMOps `minillm/evaluate_main.py`, `rouge_metric.py`):
@@ -77,6 +84,8 @@ FROZEN_FIELDS = (
     "max_new_tokens",
     "no_repeat_ngram_size",
 )
+# Names the sampler behind generations.jsonl; change it whenever the tokens a seed gives change.
+SAMPLER = "minillm.rollout inverse-CDF"
 
 
 @dataclass
@@ -237,12 +246,14 @@ def read_generations(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
 def check_settings(out_dir: Path, cfg: EvalConfig) -> None:
     """Write settings.json on the first run; on a rerun, raise if a generation-relevant field changed."""
     path = out_dir / SETTINGS
-    now = {k: getattr(cfg, k) for k in FROZEN_FIELDS}
+    now = {k: getattr(cfg, k) for k in FROZEN_FIELDS} | {"sampler": SAMPLER}
     if path.is_file():
         before = json.loads(path.read_text())
         changed = [k for k in FROZEN_FIELDS if k in before and before[k] != now[k]]
+        if before.get("sampler") != SAMPLER:
+            changed.append("sampler")
         if changed:
-            diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
+            diff = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
             raise ConfigError(
                 f"{out_dir} holds generations made with other settings ({diff}); "
                 "use another output_dir or delete that folder"
