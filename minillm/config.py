@@ -122,6 +122,19 @@ class SFTConfig(TrainConfig):
     lr: float = _f(5e-5, "Peak learning rate. Official Dolly SFT scripts use 5e-4 (GPT-2) to 1e-5 (large).")
     warmup_steps: int = _f(0, "Linear warm-up steps.")
     max_valid_examples: int | None = _f(1000, "Validation records for the loss (official: 1000).")
+    valid_rouge_l: bool = _f(
+        False,
+        "Also report valid/rougeL: Rouge-L of answers to the validation prompts, decoded as `minillm eval` "
+        "decodes (the paper's settings), for best_metric valid/rougeL when fine-tuning a teacher (the paper "
+        "picks its teachers by it). Costs one generation pass over the validation prompts per evaluation.",
+    )
+    valid_max_new_tokens: int = _f(256, "New tokens per validation answer (with valid_rouge_l).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "valid_max_new_tokens")
+        if self.best_metric == "valid/rougeL" and not self.valid_rouge_l:
+            raise ConfigError("best_metric valid/rougeL needs valid_rouge_l true (SFT reports it only then)")
 
 
 @dataclass
@@ -399,7 +412,7 @@ class EvalConfig:
     template: str = _f("alpaca", "Prompt template: alpaca (the paper's) or chat (the tokenizer's).")
     max_prompt_length: int = _f(256, "Prompts longer than this many tokens are skipped and counted.")
     batch_size: int = _f(16, "Prompts per generation batch.")
-    temperature: float = _f(1.0, "Sampling temperature (paper: 1).")
+    temperature: float = _f(1.0, "Sampling temperature (paper: 1; 0 = greedy).")
     top_p: float = _f(1.0, "Nucleus mass (paper: 1 = off).")
     top_k: int = _f(0, "Top-k (paper: 0 = off).")
     max_new_tokens: int = _f(256, "New tokens at most (paper: 256).")
@@ -410,8 +423,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _choice(self, "template", ("alpaca", "chat"))
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         for name in ("batch_size", "max_new_tokens", "max_prompt_length"):

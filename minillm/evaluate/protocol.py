@@ -263,6 +263,63 @@ def check_settings(out_dir: Path, cfg: EvalConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# answers
+
+
+def answer(
+    model: Any, tokenizer: Any, prompts: list[list[int]], seed: int, cfg: EvalConfig
+) -> list[tuple[str, int, bool]]:
+    """The protocol's answer to each prompt, sampled as one batch under `seed` with cfg's decoding: its text
+    (cut at the first EOS, special tokens dropped, stripped), its token count before that EOS and whether an
+    EOS came."""
+    eos = tokenizer.eos_token_id
+    responses = generate.sample(
+        model,
+        prompts,
+        seed=seed,
+        eos_id=eos,
+        pad_id=tokenizer.pad_token_id,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        max_new_tokens=cfg.max_new_tokens,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+    )  # [len(prompts), T]
+    out = []
+    for ids in responses.tolist():
+        tokens, finished = generate.trim_at_eos(ids, eos)
+        out.append((tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens), finished))
+    return out
+
+
+def validation_rouge_l(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    references: list[str],
+    *,
+    seed: int,
+    rank: int,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[float]:
+    """Rouge-L of each prompt's answer under `minillm eval`'s decoding (EvalConfig's defaults, the paper's:
+    temperature 1, top_p 1, top_k 0, no_repeat_ngram_size 6), so that training picks its best checkpoint by
+    the protocol's own metric. Batches of batch_size in the given order; batch k draws from
+    batch_seed(seed, "valid", rank, k), the same answers at every evaluation of the same weights."""
+    cfg = EvalConfig(max_new_tokens=max_new_tokens)
+    scores = []
+    for k, start in enumerate(range(0, len(prompts), batch_size)):
+        seed_k = generate.batch_seed(seed, "valid", rank, k)
+        texts = [
+            text for text, _, _ in answer(model, tokenizer, prompts[start : start + batch_size], seed_k, cfg)
+        ]
+        refs = references[start : start + batch_size]
+        scores += [metrics.rouge_l(text, [ref]) for text, ref in zip(texts, refs, strict=True)]
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -357,7 +414,6 @@ def evaluate_model(
         raise ConfigError(f"two sets share a name: {names}; rename a file")
     gen_path = out_dir / GENERATIONS
     rows = read_generations(gen_path)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     B = cfg.batch_size
 
     todo = []  # (set, seed, batch index, items) for every batch with a missing line
@@ -375,27 +431,20 @@ def evaluate_model(
         for s, seed, index, part in bar:
             bar.set_postfix_str(f"{s.name} seed {seed}")
             t0 = time.perf_counter()
-            responses = generate.sample(
+            answers = answer(
                 model,
+                tokenizer,
                 [it.prompt_ids for it in part],
-                seed=generate.batch_seed(seed, s.name, index),
-                eos_id=eos,
-                pad_id=pad,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                top_k=cfg.top_k,
-                max_new_tokens=cfg.max_new_tokens,
-                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-            )  # [len(part), T]
+                generate.batch_seed(seed, s.name, index),
+                cfg,
+            )
             gen_seconds += time.perf_counter() - t0
             gen_prompts += len(part)
-            for it, ids in zip(part, responses.tolist(), strict=True):
-                tokens, finished = generate.trim_at_eos(ids, eos)
-                gen_tokens += len(tokens) + finished
+            for it, (text, n_tokens, finished) in zip(part, answers, strict=True):
+                gen_tokens += n_tokens + finished
                 key = (s.name, it.id, seed)
                 if key in rows:
                     continue
-                text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                 row = {
                     "set": s.name,
                     "id": it.id,
@@ -404,7 +453,7 @@ def evaluate_model(
                     "output": text,
                     "reference": it.references[0],
                     "score": metrics.rouge_l(text, it.references),
-                    "new_tokens": len(tokens),
+                    "new_tokens": n_tokens,
                     "finished": finished,
                     "gold_tokens": it.gold_tokens,
                     "bucket": metrics.length_bucket(it.gold_tokens),

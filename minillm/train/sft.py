@@ -2,7 +2,9 @@
 
 Used for the teacher's fine-tune on Dolly and for the student's initialisation before distillation
 (paper section 3.1: the student starts from the SFT checkpoint with the lowest validation loss, which is
-this stage's `best/` folder with the default best_metric valid/loss). The loop, `fit`, is KD's and SeqKD's
+this stage's `best/` folder with the default best_metric valid/loss). The teacher's fine-tune picks its
+checkpoint by validation Rouge-L instead (`valid_rouge_l`, best_metric valid/rougeL, best_mode max), with
+answers decoded exactly as `minillm eval` decodes them. The loop, `fit`, is KD's and SeqKD's
 too: they change only the loss and the validation metrics.
 """
 
@@ -17,9 +19,10 @@ import torch
 from accelerate import Accelerator
 
 from minillm import models
-from minillm.config import SFTConfig, TrainConfig
+from minillm.config import MiniLLMConfig, SFTConfig, TrainConfig
 from minillm.data.instructions import load_records
-from minillm.data.tokenize import Example, collate, encode_records
+from minillm.data.tokenize import Example, collate, encode_prompt, encode_records
+from minillm.evaluate import protocol
 from minillm.objectives.lm import ce_sum, target_rows
 from minillm.train import engine
 
@@ -37,17 +40,21 @@ def load_student(cfg: TrainConfig) -> tuple[Accelerator, Any, torch.nn.Module]:
     return acc, tokenizer, model
 
 
-def load_split(
-    spec: str, limit: int | None, cfg: TrainConfig, tokenizer: Any, acc: Accelerator
-) -> list[Example]:
-    """Tokenised examples of one data spec, with the official length rule applied and reported."""
-    records = load_records(
+def _records(spec: str, limit: int | None, cfg: TrainConfig) -> list[dict[str, Any]]:
+    return load_records(
         spec,
         field_instruction=cfg.field_instruction,
         field_input=cfg.field_input,
         field_output=cfg.field_output,
         limit=limit,
     )
+
+
+def load_split(
+    spec: str, limit: int | None, cfg: TrainConfig, tokenizer: Any, acc: Accelerator
+) -> list[Example]:
+    """Tokenised examples of one data spec, with the official length rule applied and reported."""
+    records = _records(spec, limit, cfg)
     examples, dropped = encode_records(
         records,
         tokenizer,
@@ -61,6 +68,45 @@ def load_split(
     if not examples:
         raise ValueError(f"{spec}: no example left after the length rule")
     return examples
+
+
+def load_prompts(
+    spec: str, limit: int | None, tokenizer: Any, cfg: TrainConfig, acc: Accelerator
+) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """Prompt ids under the official length rule (long prompts dropped and counted), and their records."""
+    records = _records(spec, limit, cfg)
+    kept = [(encode_prompt(r, tokenizer, cfg.template), r) for r in records]
+    kept = [(ids, r) for ids, r in kept if len(ids) <= cfg.max_prompt_length]
+    acc.print(
+        f"{spec}: {len(kept)} prompts, {len(records) - len(kept)} dropped (> {cfg.max_prompt_length} tokens)"
+    )
+    if not kept:
+        raise ValueError(f"{spec}: no prompt left after the length rule")
+    return [ids for ids, _ in kept], [r for _, r in kept]
+
+
+def mean_validation_rouge_l(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    records: list[dict[str, Any]],
+    cfg: SFTConfig | MiniLLMConfig,
+    acc: Accelerator,
+) -> float:
+    """valid/rougeL: Rouge-L of answers to the validation prompts decoded as `minillm eval` decodes them
+    (`protocol.validation_rouge_l`), averaged over all prompts; each rank answers every num_processes-th."""
+    mine = list(range(acc.process_index, len(prompts), acc.num_processes))
+    scores = protocol.validation_rouge_l(
+        acc.unwrap_model(model),
+        tokenizer,
+        [prompts[i] for i in mine],
+        [records[i]["output"] for i in mine],
+        seed=cfg.seed,
+        rank=acc.process_index,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.valid_max_new_tokens,
+    )
+    return engine.global_count(acc, sum(scores)) / engine.global_count(acc, len(scores))
 
 
 def load_examples(cfg: TrainConfig, tokenizer: Any, acc: Accelerator) -> tuple[list[Example], list[Example]]:
@@ -149,7 +195,13 @@ def train_sft(cfg: SFTConfig) -> Path:
     def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return ce_loss_sum(m, batch, cfg.chunk_size), {}
 
+    if cfg.valid_rouge_l:
+        prompts, records = load_prompts(cfg.valid_data, cfg.max_valid_examples, tokenizer, cfg, acc)
+
     def validate(m: torch.nn.Module) -> dict[str, float]:
-        return {"valid/loss": validation_loss(m, valid, pad, cfg, acc)}
+        out = {"valid/loss": validation_loss(m, valid, pad, cfg, acc)}
+        if cfg.valid_rouge_l:
+            out["valid/rougeL"] = mean_validation_rouge_l(m, tokenizer, prompts, records, cfg, acc)
+        return out
 
     return fit(acc, cfg, tokenizer, model, train, loss, validate)
