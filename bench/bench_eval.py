@@ -1,14 +1,15 @@
 """Evaluation generation side by side: HF `generate` (what `minillm eval` sampled with before) against the
 project's sampler (`minillm.rollout`, what it samples with now), same prompts, same seeds, same protocol.
 
-    python bench/bench_eval.py                          # teacher, 80 DollyEval prompts, <= 128 new tokens, seeds 10 20
+    python bench/bench_eval.py              # teacher, 80 DollyEval prompts, <= 128 new tokens, seeds 10 20
     python bench/bench_eval.py --models teacher,student --prompts 20 --max-new-tokens 256
-    python bench/bench_eval.py --threads 1              # when other jobs share the cores
+    python bench/bench_eval.py --runs hf-generate:16,minillm:16 --threads 1
 
 Each (seed, path) runs `protocol.evaluate_model`, i.e. exactly what `minillm eval` runs minus model loading and the
 gold LM loss, with the paper's decoding (sampling, temperature 1, top_p 1, top_k 0, no_repeat_ngram_size 6);
-the HF path swaps `generate.sample` for `hf_sample` below, the previous implementation verbatim. The two paths
-alternate seed by seed so that a change of machine load hits both. They draw different random streams, so
+the HF path swaps `generate.sample` for `hf_sample` below, the previous implementation verbatim. `--runs`
+lists (path, batch size) pairs: by default HF at the old default batch of 16, ours at 16 and at the new default
+of 32. The runs alternate seed by seed so that a change of machine load hits all of them. They draw different random streams, so
 their answers differ; Rouge-L is compared as mean ± standard error over the (prompt, seed) answers.
 
 Teacher: SmolLM2-135M-Instruct (30 layers). Student: its layers 0,5,10,15,20,25 (`models.derive_student`, not
@@ -113,7 +114,11 @@ def main() -> None:
     p.add_argument("--models", default="teacher", help="Comma-separated: teacher, student.")
     p.add_argument("--prompts", type=int, default=80, help="DollyEval prompts (the first N).")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--runs",
+        default="hf-generate:16,minillm:16,minillm:32",
+        help="Comma-separated path:batch_size pairs.",
+    )
     p.add_argument("--no-repeat-ngram-size", type=int, default=6)
     p.add_argument("--seeds", default="10,20", help="Comma-separated sampling seeds.")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default).")
@@ -121,6 +126,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
+    runs = [(path, int(b)) for path, b in (r.split(":") for r in args.runs.split(","))]
     tok = models.load_tokenizer(models.EMBEDDED_ALIAS)
     teacher = models.load_model(models.EMBEDDED_ALIAS)
     zoo = {"teacher": teacher}
@@ -130,54 +136,59 @@ def main() -> None:
         )
     load = os.getloadavg()
     print(
-        f"{args.prompts} DollyEval prompts, seeds {seeds}, batch {args.batch_size}, <= {args.max_new_tokens} new "
+        f"{args.prompts} DollyEval prompts, seeds {seeds}, runs {args.runs}, <= {args.max_new_tokens} new "
         f"tokens, no_repeat_ngram_size {args.no_repeat_ngram_size}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at start\n"
+        f"torch {torch.__version__}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at start, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
     )
-    print("| model | path | seed | generate s | new tokens / prompt | tokens / s | Rouge-L | EOS rate |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    totals: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    print(
+        "| model | path | batch | seed | generate s | new tokens / prompt | tokens / s | Rouge-L | EOS rate |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    totals: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for name in args.models.split(","):
         for seed in seeds:
-            cfg = EvalConfig(
-                model=models.EMBEDDED_ALIAS,
-                sets=["dolly"],
-                seeds=[seed],
-                max_per_set=args.prompts,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                no_repeat_ngram_size=args.no_repeat_ngram_size,
-                lm_loss=False,
-            )
-            for path in PATHS:
+            for path, batch in runs:
+                cfg = EvalConfig(
+                    model=models.EMBEDDED_ALIAS,
+                    sets=["dolly"],
+                    seeds=[seed],
+                    max_per_set=args.prompts,
+                    max_new_tokens=args.max_new_tokens,
+                    batch_size=batch,
+                    no_repeat_ngram_size=args.no_repeat_ngram_size,
+                    lm_loss=False,
+                )
                 r = run_once(zoo[name], tok, cfg, path)
-                totals.setdefault((name, path), []).append(r)
+                totals.setdefault((name, path, batch), []).append(r)
                 print(
-                    f"| {name} | {path} | {seed} | {r['generate_seconds']:.1f} | "
+                    f"| {name} | {path} | {batch} | {seed} | {r['generate_seconds']:.1f} | "
                     f"{r['generated_tokens'] / r['generated_prompts']:.1f} | "
                     f"{r['generated_tokens'] / r['generate_seconds']:.1f} | "
                     f"{sum(r['scores']) / len(r['scores']):.2f} | {sum(r['finished']) / len(r['finished']):.2f} |",
                     flush=True,
                 )
     print(
-        "\n| model | path | generate s | s / 100 prompts | tokens / s | Rouge-L (mean ± se) | speed-up, tokens/s |"
+        "\n| model | path | batch | generate s | s / 100 prompts | tokens / s | Rouge-L (mean ± se) "
+        "| tokens/s vs the first run |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
-        rate = {}
-        for path in PATHS:
-            runs = totals[(name, path)]
-            secs = sum(r["generate_seconds"] for r in runs)
-            rate[path] = sum(r["generated_tokens"] for r in runs) / secs
-            prompts = sum(r["generated_prompts"] for r in runs)
-            m, se = mean_se([s for r in runs for s in r["scores"]])
+        base = None
+        for path, batch in runs:
+            done = totals[(name, path, batch)]
+            secs = sum(r["generate_seconds"] for r in done)
+            rate = sum(r["generated_tokens"] for r in done) / secs
+            base = base or rate
+            prompts = sum(r["generated_prompts"] for r in done)
+            m, se = mean_se([s for r in done for s in r["scores"]])
             print(
-                f"| {name} | {path} | {secs:.1f} | {100 * secs / prompts:.1f} | {rate[path]:.1f} | "
-                f"{m:.2f} ± {se:.2f} | {rate[path] / rate['hf-generate']:.2f}x |"
+                f"| {name} | {path} | {batch} | {secs:.1f} | {100 * secs / prompts:.1f} | {rate:.1f} | "
+                f"{m:.2f} ± {se:.2f} | {rate / base:.2f}x |"
             )
     load = os.getloadavg()
     print(
-        f"\nload average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"\nload average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end, {time.strftime('%H:%M UTC', time.gmtime())}"
     )
 
 
