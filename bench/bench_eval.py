@@ -9,7 +9,9 @@ Each (seed, path) runs `protocol.evaluate_model`, i.e. exactly what `minillm eva
 gold LM loss, with the paper's decoding (sampling, temperature 1, top_p 1, top_k 0, no_repeat_ngram_size 6);
 the HF path swaps `generate.sample` for `hf_sample` below, the previous implementation verbatim. `--runs`
 lists (path, batch size) pairs: by default HF at the old default batch of 16, ours at 16 and at the new default
-of 32. The runs alternate seed by seed so that a change of machine load hits all of them. They draw different random streams, so
+of 32. The runs alternate seed by seed so that a change of machine load hits all of them; as the load of a shared machine
+still moves wall-clock rates by 2x within minutes, the sampler's CPU seconds (this process, all its threads)
+are reported too: tokens per CPU second is the steadier rate there. They draw different random streams, so
 their answers differ; Rouge-L is compared as mean ± standard error over the (prompt, seed) answers.
 
 Teacher: SmolLM2-135M-Instruct (30 layers). Student: its layers 0,5,10,15,20,25 (`models.derive_student`, not
@@ -96,11 +98,23 @@ PATHS = {"hf-generate": hf_sample, "minillm": generate.sample}
 
 
 def run_once(model: Any, tok: Any, cfg: EvalConfig, path: str) -> dict[str, Any]:
-    """One protocol run of one seed through `path`: timing and the per-answer scores."""
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(generate, "sample", PATHS[path]):
+    """One protocol run (cfg: one seed, one batch size) through `path`: timing (wall, and this process's CPU
+    seconds inside the sampler) and the per-answer scores."""
+    cpu = 0.0
+
+    def timed(*args: Any, **kwargs: Any) -> Tensor:
+        nonlocal cpu
+        t0 = time.process_time()
+        try:
+            return PATHS[path](*args, **kwargs)
+        finally:
+            cpu += time.process_time() - t0
+
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(generate, "sample", timed):
         res = evaluate_model(model, tok, cfg, tmp, progress=False)
         rows = [json.loads(line) for line in (Path(tmp) / GENERATIONS).read_text().splitlines()]
-    return res["timing"] | {"scores": [r["score"] for r in rows], "finished": [r["finished"] for r in rows]}
+    scores, finished = [r["score"] for r in rows], [r["finished"] for r in rows]
+    return res["timing"] | {"cpu_seconds": cpu, "scores": scores, "finished": finished}
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -142,9 +156,10 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
     )
     print(
-        "| model | path | batch | seed | generate s | new tokens / prompt | tokens / s | Rouge-L | EOS rate |"
+        "| model | path | batch | seed | wall s | CPU s | new tokens / prompt | tokens / s | tokens / CPU s "
+        "| Rouge-L | EOS rate |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     totals: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for name in args.models.split(","):
         for seed in seeds:
@@ -161,30 +176,30 @@ def main() -> None:
                 )
                 r = run_once(zoo[name], tok, cfg, path)
                 totals.setdefault((name, path, batch), []).append(r)
+                n = r["generated_tokens"]
                 print(
-                    f"| {name} | {path} | {batch} | {seed} | {r['generate_seconds']:.1f} | "
-                    f"{r['generated_tokens'] / r['generated_prompts']:.1f} | "
-                    f"{r['generated_tokens'] / r['generate_seconds']:.1f} | "
+                    f"| {name} | {path} | {batch} | {seed} | {r['generate_seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+                    f"{n / r['generated_prompts']:.1f} | {n / r['generate_seconds']:.1f} | {n / r['cpu_seconds']:.1f} | "
                     f"{sum(r['scores']) / len(r['scores']):.2f} | {sum(r['finished']) / len(r['finished']):.2f} |",
                     flush=True,
                 )
     print(
-        "\n| model | path | batch | generate s | s / 100 prompts | tokens / s | Rouge-L (mean ± se) "
-        "| tokens/s vs the first run |"
+        "\n| model | path | batch | wall s | CPU s | tokens / s | tokens / CPU s | Rouge-L (mean ± se) "
+        "| vs the first run: tokens / s, / CPU s |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
         base = None
         for path, batch in runs:
             done = totals[(name, path, batch)]
-            secs = sum(r["generate_seconds"] for r in done)
-            rate = sum(r["generated_tokens"] for r in done) / secs
-            base = base or rate
-            prompts = sum(r["generated_prompts"] for r in done)
+            wall = sum(r["generate_seconds"] for r in done)
+            cpu = sum(r["cpu_seconds"] for r in done)
+            tokens = sum(r["generated_tokens"] for r in done)
+            base = base or (tokens / wall, tokens / cpu)
             m, se = mean_se([s for r in done for s in r["scores"]])
             print(
-                f"| {name} | {path} | {batch} | {secs:.1f} | {100 * secs / prompts:.1f} | {rate:.1f} | "
-                f"{m:.2f} ± {se:.2f} | {rate / base:.2f}x |"
+                f"| {name} | {path} | {batch} | {wall:.1f} | {cpu:.1f} | {tokens / wall:.1f} | {tokens / cpu:.1f} | "
+                f"{m:.2f} ± {se:.2f} | {tokens / wall / base[0]:.2f}x, {tokens / cpu / base[1]:.2f}x |"
             )
     load = os.getloadavg()
     print(
