@@ -17,9 +17,9 @@ warpers on each model's logits, softmax, `(1 - mix_in_alpha) * probs + mix_in_al
 The same sampler serves SeqKD, GKD and evaluation (`evaluate/generate.py`, with α = 0). For the latter
 `no_repeat_ngram_size` n bans, before any warping (HF applies logits processors before warpers), every
 token x such that the row's last n − 1 tokens followed by x already occur in its prompt + response: HF's
-`NoRepeatNGramLogitsProcessor` on the unpadded row. (HF's `generate` runs it on left-padded rows, where
-n-grams through padding could in principle match too; a row shorter than n bans nothing either way.)
-A row whose every token is banned raises.
+`NoRepeatNGramLogitsProcessor` on the unpadded row. (HF's `generate` runs it on the left-padded batch, where
+an n-gram through padding could match too; here padding never takes part.) A row whose every token is
+banned raises (HF's draw would fail on it).
 
 What is recorded, and where we depart from the official code:
 - `logq_old`, `logp` are log-probs of the sampled token under the RAW models (temperature 1, nothing
@@ -379,9 +379,8 @@ def _ngram_ban(seq: Tensor, start: Tensor, n: int, V: int) -> Tensor:
     """
     B, L = seq.shape
     k = n - 1
-    W = (
-        L - k
-    )  # n-token windows, starts 0 .. L − n; window j's prefix is seq[j : j + k], its follower seq[j + k]
+    # n-token windows, starts 0 .. L − n: window j's prefix is seq[j : j + k], its follower seq[j + k]
+    W = L - k
     if W <= 0:
         return torch.zeros(B, V, dtype=torch.bool, device=seq.device)
     match = torch.arange(W, device=seq.device)[None, :] >= start[:, None]  # [B, W] windows inside the row
