@@ -12,7 +12,14 @@ are then mixed in probability space, p̃ = α·p_s + (1 − α)·q_s. At the pap
 are the raw model distributions. The official code does exactly this mixing (microsoft/LMOps,
 minillm/transformers/src/transformers/generation/utils.py @ 2986035, `sample()`: logits processors and
 warpers on each model's logits, softmax, `(1 - mix_in_alpha) * probs + mix_in_alpha * m_probs`, then
-`torch.multinomial`).
+`torch.multinomial`). Temperature 0 is greedy: the distribution is the point mass on the top token.
+
+The same sampler serves SeqKD, GKD and evaluation (`evaluate/generate.py`, with α = 0). For the latter
+`no_repeat_ngram_size` n bans, before any warping (HF applies logits processors before warpers), every
+token x such that the row's last n − 1 tokens followed by x already occur in its prompt + response: HF's
+`NoRepeatNGramLogitsProcessor` on the unpadded row. (HF's `generate` runs it on the left-padded batch, where
+an n-gram through padding could match too; here padding never takes part.) A row whose every token is
+banned raises (HF's draw would fail on it).
 
 What is recorded, and where we depart from the official code:
 - `logq_old`, `logp` are log-probs of the sampled token under the RAW models (temperature 1, nothing
@@ -63,6 +70,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, StaticCache
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from minillm.data.tokenize import length_groups, position_ids
 from minillm.models import check_same_vocab, decoder_layers, unwrap, vocab_size
@@ -185,6 +193,7 @@ def sample_rollout(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     fast: bool = True,
     compile: bool = False,
     score: bool = True,
@@ -200,7 +209,10 @@ def sample_rollout(
     attention_mask: [B, P] bool or 0/1, True on real tokens
     alpha:          teacher weight α in [0, 1]; 0 = student-only sampling, 1 = teacher-only
     generator:      the only randomness (one uniform per row per step); seed it from (seed, step, rank)
-    temperature, top_k, top_p: applied to each model's distribution before mixing (module docstring)
+    temperature, top_k, top_p: applied to each model's distribution before mixing (module docstring);
+                    temperature 0 is greedy (the most probable token after the n-gram ban)
+    no_repeat_ngram_size: n > 0 bans, in each row, every token that would repeat an n-gram of the prompt +
+                    response so far (HF's NoRepeatNGramLogitsProcessor; module docstring); 0 = off
     fast:           the static-cache fast path (default) or the eager reference; same tokens either way
                     up to rounding at CDF boundaries (module docstring)
     compile:        opt-in `torch.compile` of the fused sampling step of the fast path (module docstring)
@@ -225,8 +237,10 @@ def sample_rollout(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {no_repeat_ngram_size}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0.0 < top_p <= 1.0:
@@ -255,7 +269,7 @@ def sample_rollout(
             "draws its uniforms where the logits are, so create the generator there"
         )
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
-    sampling = _Sampling(alpha, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    sampling = _Sampling(alpha, temperature, top_k, top_p, no_repeat_ngram_size, eos_token_id, pad_token_id)
     modes = (student.training, teacher.training)
     student.eval()  # dropout off while sampling (official code: PPOModel sets eval() for RL)
     teacher.eval()
@@ -316,6 +330,7 @@ class _Sampling:
     temperature: float
     top_k: int
     top_p: float
+    ngram: int
     eos: int
     pad: int
 
@@ -360,6 +375,39 @@ def _inverse_cdf(probs: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     # rounding can put target past the block's last cumsum: take its last token of nonzero probability
     last = torch.where(vals > 0, torch.arange(bs, device=probs.device), -1).amax(-1, keepdim=True)
     return blk * bs + torch.minimum(pos, last), total
+
+
+def _ngram_ban(seq: Tensor, start: Tensor, n: int, V: int) -> Tensor:
+    """The tokens HF's NoRepeatNGramLogitsProcessor(n) bans next in each row, the row taken unpadded: x is
+    banned when the row's last n − 1 tokens followed by x already occur in it (prompt included).
+
+    seq:     [B, L] long, left-padded rows (prompt + response so far); row b is seq[b, start[b]:]
+    start:   [B] long, first real slot of each row
+    returns: [B, V] bool, True = banned; nothing in a row shorter than n
+    """
+    B, L = seq.shape
+    k = n - 1
+    # n-token windows, starts 0 .. L − n: window j's prefix is seq[j : j + k], its follower seq[j + k]
+    W = L - k
+    if W <= 0:
+        return torch.zeros(B, V, dtype=torch.bool, device=seq.device)
+    match = torch.arange(W, device=seq.device)[None, :] >= start[:, None]  # [B, W] windows inside the row
+    for i in range(k):  # window j's i-th token equals the row's i-th of its last k
+        match &= seq[:, i : i + W] == seq[:, L - k + i, None]
+    banned = torch.zeros(B, V + 1, dtype=torch.bool, device=seq.device)
+    banned.scatter_(1, torch.where(match, seq[:, k:], V), True)  # windows that do not match write column V
+    return banned[:, :V]
+
+
+def _check_ban(banned: Tensor) -> None:
+    if bool(banned.all(-1).any()):
+        raise RuntimeError("no_repeat_ngram_size bans every token of a row; use a larger n")
+
+
+def _greedy(scores: Tensor) -> Tensor:
+    """The point mass on each row's most probable token (the first on ties, as HF's greedy search), as
+    log-probs [B, V]: 0 there, −inf elsewhere."""
+    return torch.full_like(scores, -math.inf).scatter_(-1, scores.argmax(-1, keepdim=True), 0.0)
 
 
 def _log_mix(logp_s: Tensor, logq_s: Tensor, alpha: float) -> Tensor:
@@ -444,6 +492,8 @@ def _score(teacher: nn.Module, batch: Rollout) -> Tensor:
 
 def _warp_reference(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
     """Sampling log-distribution of one model, the plain way: logits [B, V] → log-probs [B, V] (−inf = cut)."""
+    if temperature == 0.0:
+        return _greedy(logits)
     scores = logits / temperature
     if top_k > 0:
         kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]  # [B, 1]
@@ -456,6 +506,12 @@ def _warp_reference(logits: Tensor, temperature: float, top_k: int, top_p: float
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         scores = scores.masked_fill(~keep, -math.inf)
     return scores.log_softmax(-1)
+
+
+def _ban_reference(rows: list[list[int]], n: int, V: int) -> Tensor:
+    """HF's NoRepeatNGramLogitsProcessor(n) itself, applied to each unpadded row alone: [B, V] bool, True = banned."""
+    proc = NoRepeatNGramLogitsProcessor(n)
+    return torch.cat([proc(torch.tensor([row]), torch.zeros(1, V)).isinf() for row in rows])
 
 
 def _decode_eager(model: nn.Module, ids: Tensor, attn: Tensor, pos: Tensor, cache: DynamicCache) -> Tensor:
@@ -489,14 +545,22 @@ def _sample_eager(
         t_logits = _prefill(teacher, input_ids, attn, t_cache)
     pos = attn.sum(-1, keepdim=True)  # [B, 1] position of the first response token
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    rows = [row[keep].tolist() for row, keep in zip(input_ids, prompt_mask, strict=True)]  # unpadded
     ids, masks, logqs, logps, logmixes = [], [], [], [], []
     for t in range(max_new_tokens):
         if logits_out is not None:
             logits_out[:, t] = s_logits
         logq = s_logits.log_softmax(-1)  # [B, V] raw student
-        logq_s = _warp_reference(s_logits, s.temperature, s.top_k, s.top_p)
         logp = t_logits.log_softmax(-1) if run_teacher else None
-        logp_s = _warp_reference(t_logits, s.temperature, s.top_k, s.top_p) if run_teacher else None
+        s_in, t_in = s_logits, t_logits if run_teacher else None
+        if s.ngram:  # the ban comes first, as in HF's generate (logits processors before warpers)
+            banned = _ban_reference(rows, s.ngram, s_logits.shape[-1]).to(s_logits.device)
+            banned[finished] = False
+            _check_ban(banned)
+            s_in = s_in.masked_fill(banned, -math.inf)
+            t_in = t_in.masked_fill(banned, -math.inf) if run_teacher else None
+        logq_s = _warp_reference(s_in, s.temperature, s.top_k, s.top_p)
+        logp_s = _warp_reference(t_in, s.temperature, s.top_k, s.top_p) if run_teacher else None
         tok = _draw(_mix_probs(logp_s, logq_s, s.alpha), generator)  # [B]
 
         alive = ~finished
@@ -509,6 +573,8 @@ def _sample_eager(
         )
         lp = logp.gather(-1, pick).squeeze(-1) if run_teacher else torch.zeros_like(lq)
         ids.append(torch.where(alive, tok, s.pad))
+        for row, x in zip(rows, ids[-1].tolist(), strict=True):
+            row.append(x)
         masks.append(alive)
         logqs.append(lq.masked_fill(finished, 0.0))
         logps.append(lp.masked_fill(finished, 0.0))
@@ -539,6 +605,8 @@ def _warp_fast(logits: Tensor, raw: Tensor, temperature: float, top_k: int, top_
     """
     if temperature == 1.0 and top_k == 0 and top_p == 1.0:
         return raw
+    if temperature == 0.0:
+        return _greedy(logits)
     scores = logits if temperature == 1.0 else logits / temperature
     V = scores.shape[-1]
     if top_k > 0:
@@ -571,25 +639,32 @@ class _Buffers:
 
 
 def _fast_step(
-    s_logits: Tensor, t_logits: Tensor | None, u: Tensor, finished: Tensor, s: _Sampling
+    s_logits: Tensor,
+    t_logits: Tensor | None,
+    u: Tensor,
+    finished: Tensor,
+    s: _Sampling,
+    banned: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Warp, mix, draw and do the EOS bookkeeping of one step in one function (compilable: no Python
+    """Ban, warp, mix, draw and do the EOS bookkeeping of one step in one function (compilable: no Python
     state, fixed shapes).
 
     s_logits, t_logits: [B, V] fp32 next-token logits (t_logits None when α = 0)
     u:                  [B, 1] float64 uniforms (drawn by the caller, as `_draw` does)
     finished:           [B] bool, rows that emitted EOS at an earlier step
+    banned:             [B, V] bool, tokens the n-gram ban forbids (None = no ban)
     returns:            ids, logq, logp, log p̃ of this step ([B]; pad / 0 on finished rows) and the
                         updated finished [B]
     """
-    if t_logits is None and s.temperature == 1.0 and s.top_k == 0 and s.top_p == 1.0:
+    plain = banned is None and s.temperature == 1.0 and s.top_k == 0 and s.top_p == 1.0
+    if t_logits is None and plain:
         # the student's own distribution, unwarped: one exp pass, no [B, V] log-softmax
         top = s_logits.amax(-1, keepdim=True)  # [B, 1]
         tok, total = _inverse_cdf(torch.sub(s_logits, top).exp_(), u)
         lq = (s_logits.gather(-1, tok) - top - total.log()).squeeze(-1).float()
         lp, lmix = torch.zeros_like(lq), lq
     else:
-        tok, lq, lp, lmix = _mixed_draw(s_logits, t_logits, u, s)
+        tok, lq, lp, lmix = _mixed_draw(s_logits, t_logits, u, s, banned)
     tok = tok.squeeze(-1)
     ids = torch.where(finished, s.pad, tok)
     zero = torch.zeros_like(lq)
@@ -603,22 +678,31 @@ def _fast_step(
 
 
 def _mixed_draw(
-    s_logits: Tensor, t_logits: Tensor | None, u: Tensor, s: _Sampling
+    s_logits: Tensor, t_logits: Tensor | None, u: Tensor, s: _Sampling, banned: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`_fast_step`'s draw from the warped mixture: token [B, 1], log q, log p (0 without a teacher) and
     log p̃ of it, each [B]."""
     logq = s_logits.log_softmax(-1)  # [B, V] raw student
-    logq_s = _warp_fast(s_logits, logq, s.temperature, s.top_k, s.top_p)
+    logq_s = _sampling_dist(s_logits, logq, s, banned)
     logp = logp_s = None
     if t_logits is not None:
         logp = t_logits.log_softmax(-1)
-        logp_s = _warp_fast(t_logits, logp, s.temperature, s.top_k, s.top_p)
+        logp_s = _sampling_dist(t_logits, logp, s, banned)
     tok, _ = _inverse_cdf(_mix_probs(logp_s, logq_s, s.alpha), u)  # [B, 1]
     lq = logq.gather(-1, tok).squeeze(-1)
     lq_s = logq_s.gather(-1, tok).squeeze(-1)
     lp = logp.gather(-1, tok).squeeze(-1) if logp is not None else torch.zeros_like(lq)
     lmix = _log_mix(logp_s.gather(-1, tok).squeeze(-1) if logp_s is not None else lq_s, lq_s, s.alpha)
     return tok, lq, lp, lmix
+
+
+def _sampling_dist(logits: Tensor, raw: Tensor, s: _Sampling, banned: Tensor | None) -> Tensor:
+    """One model's sampling log-distribution [B, V]: the n-gram ban first (as HF's generate applies its
+    logits processors before its warpers), then `_warp_fast`. raw = logits.log_softmax(-1)."""
+    if banned is not None:
+        logits = logits.masked_fill(banned, -math.inf)
+        raw = logits.log_softmax(-1)
+    return _warp_fast(logits, raw, s.temperature, s.top_k, s.top_p)
 
 
 @contextlib.contextmanager
@@ -809,9 +893,13 @@ def _sample_fast(
     teacher_rows_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fast loop; the outputs of `_sample_eager` (the same tokens under one generator, up to rounding)."""
-    B, N = input_ids.shape[0], max_new_tokens
+    (B, P), N = input_ids.shape, max_new_tokens
     device = input_ids.device
     run_teacher = s.alpha > 0.0
+    if s.ngram:  # prompt + response so far for the n-gram ban, in the decode mask's layout
+        seq = torch.full((B, P + N), s.pad, dtype=torch.long, device=device)  # [B, P+N]
+        seq[:, :P] = input_ids
+        start = P - prompt_mask.sum(-1)  # [B] first real slot of each row
     step = _compiled_step() if compile else _fast_step
     buf = _Buffers(
         ids=torch.full((B, N), s.pad, dtype=torch.long, device=device),
@@ -848,7 +936,14 @@ def _sample_fast(
             if teacher_rows_out is not None:
                 teacher_rows_out[:, t] = t_dec.head_in
             u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=device)  # as `_draw`
-            nxt, lq, lp, lmix, done = step(s_logits, t_logits, u, finished, s)
+            banned = None
+            if s.ngram:
+                banned = _ngram_ban(seq[:, : P + t], start, s.ngram, s_logits.shape[-1])
+                banned &= ~finished[:, None]
+                _check_ban(banned)
+            nxt, lq, lp, lmix, done = step(s_logits, t_logits, u, finished, s, banned)
+            if s.ngram:
+                seq[:, P + t] = nxt
             buf.ids[:, t] = nxt
             buf.mask[:, t] = ~finished
             buf.logq[:, t] = lq

@@ -215,6 +215,14 @@ def test_run_eval_resumes_exactly_and_reads_hf_sets(tiny_llama, tmp_path, monkey
     with pytest.raises(ConfigError, match="max_new_tokens: 5 -> 7"):
         protocol.run_eval(EvalConfig(**{**cfg.__dict__, "max_new_tokens": 7}))
 
+    # generations from another sampler (a folder HF `generate` filled, before minillm.rollout) are not resumed
+    settings = out / "settings.json"
+    saved = settings.read_text()
+    settings.write_text(json.dumps({k: v for k, v in json.loads(saved).items() if k != "sampler"}))
+    with pytest.raises(ConfigError, match="sampler: None -> "):
+        protocol.run_eval(cfg)
+    settings.write_text(saved)
+
     # the report reads what run_eval wrote
     report = make_report([str(tmp_path / "out")], str(tmp_path / "report"), None).read_text()
     assert f"| model | user | {hf_name} | Avg |" in report

@@ -1,19 +1,23 @@
-"""Batched sampling with HF `generate` (left padding, KV cache) and the LM loss on gold responses.
+"""Batched sampling for evaluation (the project's one sampler, `minillm.rollout`) and the LM loss on gold responses.
 
-Seeding: every call to `sample` runs inside `torch.random.fork_rng` seeded with the caller's seed, so its
-output depends only on (model, prompts, seed, decoding settings, device), never on what ran before, and it
-leaves the global RNG as it found it. HF samples with the global generator (`torch.multinomial`), so a seed
-covers one batch as a whole: the same prompt in another batch composition gets another sample. The protocol
-therefore fixes the batch partition and derives one seed per batch (`batch_seed`).
+`sample` draws from one model alone (α = 0) with `rollout.sample_rollout`: static KV cache, prompts
+prefilled in groups of similar length, one inverse-CDF draw per row and step. Decoding is exactly what the
+caller passes (temperature, 0 = greedy; top_k; top_p; no_repeat_ngram_size, HF's n-gram ban); the model's
+own `generation_config` (which may carry top_k=50, repetition penalties, ...) is never read, as the official
+code builds its GenerationConfig from scratch (LMOps `minillm/evaluate_main.py`).
 
-Decoding is exactly what the caller passes: the model's own `generation_config` (which may carry top_k=50,
-repetition penalties, ...) is swapped for an empty one during the call, as the official code builds its
-GenerationConfig from scratch (LMOps `minillm/evaluate_main.py`).
+Seeding: every call draws its uniforms from its own `torch.Generator` seeded with the caller's seed, so its
+output depends only on (model, prompts, seed, decoding settings, device), never on what ran before, and the
+global RNG is not touched. Row b takes the b-th uniform of each step, so a seed covers one batch as a whole:
+the same prompt in another batch composition gets another sample. The protocol therefore fixes the batch
+partition and derives one seed per batch (`batch_seed`). HF `generate` under the same seed gives other
+tokens (it draws with `torch.multinomial` from the global generator), from the same distribution.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +28,7 @@ from transformers import GenerationConfig
 
 from minillm import models
 from minillm.data.tokenize import Example, collate, collate_prompts
+from minillm.rollout import sample_rollout
 
 
 def batch_seed(*parts: Any) -> int:
@@ -32,17 +37,6 @@ def batch_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-@contextmanager
-def _plain_generation_config(model: Any):
-    saved = model.generation_config
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = saved
-
-
-@torch.no_grad()
 def sample(
     model: Any,
     prompts: list[list[int]],
@@ -57,31 +51,51 @@ def sample(
     no_repeat_ngram_size: int = 0,
     num_return_sequences: int = 1,
 ) -> Tensor:
-    """Sampled continuations of left-padded `prompts`.
+    """Sampled continuations of `prompts` (left-padded together; dropout off, the model's mode restored).
 
     prompts: B lists of token ids (no padding)
-    returns: [B * num_return_sequences, T] long response ids, T <= max_new_tokens, rows in prompt order (the
-             samples of prompt b are rows b*S .. b*S+S-1); after a row's first EOS every id is `pad_id`.
+    returns: [B * num_return_sequences, T] long response ids on the CPU, T <= max_new_tokens (the batch stops
+             once every row has ended), rows in prompt order (the samples of prompt b are rows b*S ..
+             b*S+S-1); after a row's first EOS every id is `pad_id`.
     """
-    gen = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
+    device = next(model.parameters()).device
+    rows = [p for p in prompts for _ in range(num_return_sequences)]
+    batch = collate_prompts(rows, pad_id)  # [B*S, P] each
+    rollout = sample_rollout(
+        model,
+        model,  # the mixing partner, never run: α = 0 and score=False
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        alpha=0.0,
         max_new_tokens=max_new_tokens,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        num_return_sequences=num_return_sequences,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        use_cache=True,
+        generator=torch.Generator(device=device).manual_seed(seed),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        score=False,
     )
-    return decode(model, prompts, gen, seed=seed)
+    return rollout.response_ids.cpu()
+
+
+@contextmanager
+def _plain_generation_config(model: Any) -> Iterator[None]:
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 @torch.no_grad()
 def decode(model: Any, prompts: list[list[int]], gen: GenerationConfig, *, seed: int) -> Tensor:
-    """Continuations of left-padded `prompts` decoded by exactly `gen` (the model's own generation config
-    is set aside during the call), seeded as `sample`.
+    """Continuations of left-padded `prompts` decoded by Hugging Face `generate` with exactly `gen` (the
+    model's own generation config is set aside during the call), under `torch.manual_seed(seed)`. For
+    `minillm generate`, which honours whatever a model's generation config asks (repetition penalties, ...);
+    evaluation and training sample with `sample`.
 
     returns: [B * gen.num_return_sequences, T] long response ids, T <= gen.max_new_tokens
     """

@@ -8,14 +8,21 @@ as the spread. Also: the LM loss on the gold responses (once per set: it has no 
 answers (per seed, then averaged) and Rouge-L per gold-length bucket ([0,5], [6,10], [11,inf) tokens of the
 first reference in the evaluated model's tokenizer, EOS excluded).
 
+Sampling is the project's one sampler (`minillm.rollout`, through `generate.sample`): static KV cache,
+inverse-CDF draws, HF's n-gram ban. Its randomness is a `torch.Generator` per batch: prompts are batched in a
+fixed partition (sorted by prompt length, ties in file order), batch k of seed s of a set draws from a
+generator seeded with `generate.batch_seed(s, set, k)`, one uniform per row and step, and nothing else. So a
+(set, batch, seed) gives the same tokens whatever ran before it in the process (other sets, seeds, models, the
+global RNG), on a given device and batch size (fp32 rounding of another batch shape could move a draw that
+falls within rounding of a CDF boundary).
+
 Files under `output_dir/<model slug>/`:
 - `generations.jsonl`: one line per (set, id, seed): prompt, output, reference(s), score and lengths. A rerun
-  skips every (set, id, seed) already there. Prompts are batched in a fixed partition (sorted by prompt length,
-  which cuts the padding to prefill, ties in file order) with one seed per batch (`generate.batch_seed(seed,
-  set, batch index)`), and a batch with any missing line is regenerated whole, so a resumed run writes exactly
-  what an uninterrupted one would.
-- `settings.json`: the decoding-relevant settings of the first run; a rerun that changes any raises instead of
-  mixing generations made under two settings.
+  skips every (set, id, seed) already there; a batch with any missing line is regenerated whole, so a resumed
+  run writes exactly what an uninterrupted one would.
+- `settings.json`: the decoding-relevant settings of the first run and the sampler that made its generations;
+  a rerun that changes any raises instead of mixing generations made under two settings (a folder made by HF
+  `generate`, before this sampler, has no sampler entry and raises too).
 - `lm_loss.json`: the cached gold loss per set; `results.json`: the summary (what `minillm report` reads).
 
 Departures from the official code (LMOps `minillm/evaluate_main.py`, `rouge_metric.py`):
@@ -77,6 +84,8 @@ FROZEN_FIELDS = (
     "max_new_tokens",
     "no_repeat_ngram_size",
 )
+# Names the sampler behind generations.jsonl; change it whenever the tokens a seed gives change.
+SAMPLER = "minillm.rollout inverse-CDF"
 
 
 @dataclass
@@ -237,18 +246,77 @@ def read_generations(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
 def check_settings(out_dir: Path, cfg: EvalConfig) -> None:
     """Write settings.json on the first run; on a rerun, raise if a generation-relevant field changed."""
     path = out_dir / SETTINGS
-    now = {k: getattr(cfg, k) for k in FROZEN_FIELDS}
+    now = {k: getattr(cfg, k) for k in FROZEN_FIELDS} | {"sampler": SAMPLER}
     if path.is_file():
         before = json.loads(path.read_text())
         changed = [k for k in FROZEN_FIELDS if k in before and before[k] != now[k]]
+        if before.get("sampler") != SAMPLER:
+            changed.append("sampler")
         if changed:
-            diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
+            diff = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
             raise ConfigError(
                 f"{out_dir} holds generations made with other settings ({diff}); "
                 "use another output_dir or delete that folder"
             )
     else:
         write_json(path, now)
+
+
+# ------------------------------------------------------------------------------------------------
+# answers
+
+
+def answer(
+    model: Any, tokenizer: Any, prompts: list[list[int]], seed: int, cfg: EvalConfig
+) -> list[tuple[str, int, bool]]:
+    """The protocol's answer to each prompt, sampled as one batch under `seed` with cfg's decoding: its text
+    (cut at the first EOS, special tokens dropped, stripped), its token count before that EOS and whether an
+    EOS came."""
+    eos = tokenizer.eos_token_id
+    responses = generate.sample(
+        model,
+        prompts,
+        seed=seed,
+        eos_id=eos,
+        pad_id=tokenizer.pad_token_id,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        max_new_tokens=cfg.max_new_tokens,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+    )  # [len(prompts), T]
+    out = []
+    for ids in responses.tolist():
+        tokens, finished = generate.trim_at_eos(ids, eos)
+        out.append((tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens), finished))
+    return out
+
+
+def validation_rouge_l(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    references: list[str],
+    *,
+    seed: int,
+    rank: int,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[float]:
+    """Rouge-L of each prompt's answer under `minillm eval`'s decoding (EvalConfig's defaults, the paper's:
+    temperature 1, top_p 1, top_k 0, no_repeat_ngram_size 6), so that training picks its best checkpoint by
+    the protocol's own metric. Batches of batch_size in the given order; batch k draws from
+    batch_seed(seed, "valid", rank, k), the same answers at every evaluation of the same weights."""
+    cfg = EvalConfig(max_new_tokens=max_new_tokens)
+    scores = []
+    for k, start in enumerate(range(0, len(prompts), batch_size)):
+        seed_k = generate.batch_seed(seed, "valid", rank, k)
+        texts = [
+            text for text, _, _ in answer(model, tokenizer, prompts[start : start + batch_size], seed_k, cfg)
+        ]
+        refs = references[start : start + batch_size]
+        scores += [metrics.rouge_l(text, [ref]) for text, ref in zip(texts, refs, strict=True)]
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,7 +414,6 @@ def evaluate_model(
         raise ConfigError(f"two sets share a name: {names}; rename a file")
     gen_path = out_dir / GENERATIONS
     rows = read_generations(gen_path)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     B = cfg.batch_size
 
     todo = []  # (set, seed, batch index, items) for every batch with a missing line
@@ -364,27 +431,20 @@ def evaluate_model(
         for s, seed, index, part in bar:
             bar.set_postfix_str(f"{s.name} seed {seed}")
             t0 = time.perf_counter()
-            responses = generate.sample(
+            answers = answer(
                 model,
+                tokenizer,
                 [it.prompt_ids for it in part],
-                seed=generate.batch_seed(seed, s.name, index),
-                eos_id=eos,
-                pad_id=pad,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                top_k=cfg.top_k,
-                max_new_tokens=cfg.max_new_tokens,
-                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-            )  # [len(part), T]
+                generate.batch_seed(seed, s.name, index),
+                cfg,
+            )
             gen_seconds += time.perf_counter() - t0
             gen_prompts += len(part)
-            for it, ids in zip(part, responses.tolist(), strict=True):
-                tokens, finished = generate.trim_at_eos(ids, eos)
-                gen_tokens += len(tokens) + finished
+            for it, (text, n_tokens, finished) in zip(part, answers, strict=True):
+                gen_tokens += n_tokens + finished
                 key = (s.name, it.id, seed)
                 if key in rows:
                     continue
-                text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                 row = {
                     "set": s.name,
                     "id": it.id,
@@ -393,7 +453,7 @@ def evaluate_model(
                     "output": text,
                     "reference": it.references[0],
                     "score": metrics.rouge_l(text, it.references),
-                    "new_tokens": len(tokens),
+                    "new_tokens": n_tokens,
                     "finished": finished,
                     "gold_tokens": it.gold_tokens,
                     "bucket": metrics.length_bucket(it.gold_tokens),

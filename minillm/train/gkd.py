@@ -37,7 +37,7 @@ from minillm.data.tokenize import Example, collate
 from minillm.train import engine
 from minillm.train.kd import kd_loss, load_teacher, make_divergence, validation_metrics
 from minillm.train.seqkd import sample_responses
-from minillm.train.sft import load_examples, load_student
+from minillm.train.sft import load_examples, load_student, rouge_validation
 
 # Streams of engine.generator(seed, step, rank, stream): the coin (rank 0 on every rank) and the samples.
 COIN_STREAM, SAMPLE_STREAM = 1, 2
@@ -57,6 +57,7 @@ def train_gkd(cfg: GKDConfig) -> Path:
     teacher = load_teacher(cfg, tokenizer, model, acc)
     divergence = make_divergence(cfg)
     train, valid = load_examples(cfg, tokenizer, acc)
+    rouge = rouge_validation(cfg, tokenizer, acc)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     optimizer = engine.make_optimizer(model, cfg)
     total = engine.total_steps(len(train), cfg, acc.num_processes)
@@ -65,7 +66,7 @@ def train_gkd(cfg: GKDConfig) -> Path:
     state, _ = engine.resume(acc, cfg, model, optimizer, scheduler)
     log = engine.MetricsLog(acc, cfg, total, state.step)
     if state.step == 0:
-        log.log(0, validation_metrics(model, teacher, valid, pad, cfg, acc))
+        log.log(0, validation_metrics(model, teacher, valid, pad, cfg, acc) | rouge(model))
     per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
     nonfinite = engine.NonFiniteSteps()
     model.train()
@@ -109,7 +110,7 @@ def train_gkd(cfg: GKDConfig) -> Path:
         }
         evaluate = engine.is_eval_step(cfg, state.step, total)
         if evaluate:
-            metrics.update(validation_metrics(model, teacher, valid, pad, cfg, acc))
+            metrics.update(validation_metrics(model, teacher, valid, pad, cfg, acc) | rouge(model))
         if state.step % cfg.log_every == 0 or evaluate:
             log.log(state.step, metrics)
         log.advance()

@@ -34,7 +34,7 @@ from minillm.data.tokenize import Example, collate
 from minillm.objectives.divergences import get_divergence
 from minillm.objectives.lm import ce_sum, divergence_sum, target_rows
 from minillm.train import engine
-from minillm.train.sft import fit, load_examples, load_student, validation_loss
+from minillm.train.sft import fit, load_examples, load_student, rouge_validation, validation_loss
 
 
 def make_divergence(cfg: KDConfig) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -174,7 +174,9 @@ def train_kd(cfg: KDConfig) -> Path:
     def loss(m: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         return kd_loss(m, teacher, batch, divergence, cfg)
 
+    rouge = rouge_validation(cfg, tokenizer, acc)
+
     def validate(m: nn.Module) -> dict[str, float]:
-        return validation_metrics(m, teacher, valid, pad, cfg, acc)
+        return validation_metrics(m, teacher, valid, pad, cfg, acc) | rouge(m)
 
     return fit(acc, cfg, tokenizer, model, train, loss, validate)

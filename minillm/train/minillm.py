@@ -48,11 +48,9 @@ from torch import Tensor
 
 from minillm import models
 from minillm.config import MiniLLMConfig
-from minillm.data.instructions import load_records
 from minillm.data.pretrain import load_pt_blocks
-from minillm.data.tokenize import collate_prompts, encode_prompt, length_groups
+from minillm.data.tokenize import collate_prompts, length_groups
 from minillm.errors import InputError
-from minillm.evaluate.metrics import rouge_l
 from minillm.objectives import policy
 from minillm.objectives.chunked import chunked_head_loss, take_rows
 from minillm.objectives.divergences import reverse_kl
@@ -61,7 +59,7 @@ from minillm.rollout import Rollout, sample_rollout
 from minillm.train import engine
 from minillm.train.kd import load_teacher
 from minillm.train.sampling_cache import SamplingCache, sampling_buffers
-from minillm.train.sft import load_student
+from minillm.train.sft import load_prompts, load_student, mean_validation_rouge_l
 
 ROLLOUT_FIELDS = (
     "prompt_ids",
@@ -73,30 +71,6 @@ ROLLOUT_FIELDS = (
     "logp",
     "log_w",
 )
-
-
-def load_prompts(
-    spec: str, limit: int | None, tokenizer: Any, cfg: MiniLLMConfig, acc: Accelerator
-) -> tuple[list[list[int]], list[dict[str, Any]]]:
-    """Prompt ids under the official length rule (long prompts dropped and counted), and their records."""
-    records = load_records(
-        spec,
-        field_instruction=cfg.field_instruction,
-        field_input=cfg.field_input,
-        field_output=cfg.field_output,
-        limit=limit,
-    )
-    kept = [(encode_prompt(r, tokenizer, cfg.template), r) for r in records]
-    kept = [(ids, r) for ids, r in kept if len(ids) <= cfg.max_prompt_length]
-    acc.print(
-        f"{spec}: {len(kept)} prompts, {len(records) - len(kept)} dropped (> {cfg.max_prompt_length} tokens)"
-    )
-    if not kept:
-        raise InputError(
-            f"{spec}: all {len(records)} prompts are longer than max_prompt_length={cfg.max_prompt_length} "
-            "tokens; raise max_prompt_length (and max_length) or shorten them"
-        )
-    return [ids for ids, _ in kept], [r for _, r in kept]
 
 
 def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache | None = None) -> Tensor:
@@ -390,16 +364,22 @@ def validate(
     cfg: MiniLLMConfig,
     acc: Accelerator,
 ) -> dict[str, float]:
-    """Rouge-L of sampled answers (paper decoding) and the reverse KL of the student on its own samples:
+    """Rouge-L of answers decoded exactly as `minillm eval` decodes (`mean_validation_rouge_l`), and the
+    reverse KL of the student on its own pure samples (no n-gram ban: they must come from q itself):
     Σ_t KL(q(·|y<t) ‖ p(·|y<t)) per response, an unbiased estimate of the sequence-level KL(q‖p)."""
     inner = acc.unwrap_model(student)
     # the same validation samples at every evaluation, drawn on the student's device (as the sampler does)
     g = engine.generator(cfg.seed, 0, acc.process_index, device=acc.device)
-    scores, kls, tokens = [], [], 0
+    kls, tokens = [], 0
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     mine = list(range(acc.process_index, len(prompts), acc.num_processes))
     was_training = student.training
     student.eval()
+    rouge = (
+        {"valid/rougeL": mean_validation_rouge_l(student, tokenizer, prompts, records, cfg, acc)}
+        if cfg.valid_rouge_l
+        else {}
+    )
     for idx in engine.chunks(mine, cfg.batch_size):
         enc = collate_prompts([prompts[i] for i in idx], pad)
         with acc.autocast():
@@ -416,9 +396,6 @@ def validate(
                 fast=cfg.fast_rollout,
                 score=False,
             )
-        for b, i in enumerate(idx):
-            text = tokenizer.decode(r.response_ids[b][r.mask[b]], skip_special_tokens=True)
-            scores.append(rouge_l(text, [records[i]["output"]]))
         s_rows = response_rows(inner, r)  # [N, H]
         t_rows = response_rows(teacher, r)  # [N, H_t]; log p of the samples is not needed here
         s_head, t_head = models.output_head(inner), models.output_head(teacher)
@@ -438,9 +415,9 @@ def validate(
         kls += per_token.sum(-1).tolist()
         tokens += int(r.mask.sum())
     student.train(was_training)
-    n = engine.global_count(acc, len(scores))
+    n = engine.global_count(acc, len(kls))
     return {
-        "valid/rougeL": engine.global_count(acc, sum(scores)) / n,
+        **rouge,
         "valid/reverse_kl": engine.global_count(acc, sum(kls)) / n,
         "valid/reverse_kl_per_token": engine.global_count(acc, sum(kls)) / engine.global_count(acc, tokens),
         "valid/length": engine.global_count(acc, tokens) / n,

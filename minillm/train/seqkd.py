@@ -48,7 +48,7 @@ from minillm.data.tokenize import Example, collate_prompts, encode_prompt
 from minillm.rollout import sample_rollout
 from minillm.train import engine
 from minillm.train.kd import kd_loss, load_teacher, make_divergence, validation_metrics
-from minillm.train.sft import ce_loss_sum, fit, load_split, load_student
+from minillm.train.sft import ce_loss_sum, fit, load_split, load_student, rouge_validation
 
 CACHE_FORMAT = 2  # 2: lines record their batch
 
@@ -260,7 +260,9 @@ def train_seqkd(cfg: SeqKDConfig) -> Path:
             return kd_loss(m, teacher, batch, divergence, cfg)
         return ce_loss_sum(m, batch, cfg.chunk_size), {}
 
+    rouge = rouge_validation(cfg, tokenizer, acc)
+
     def validate(m: nn.Module) -> dict[str, float]:
-        return validation_metrics(m, teacher, valid, pad, cfg, acc)
+        return validation_metrics(m, teacher, valid, pad, cfg, acc) | rouge(m)
 
     return fit(acc, cfg, tokenizer, model, train, loss, validate, start_metrics=generation)

@@ -2,7 +2,9 @@
 
 Used for the teacher's fine-tune on Dolly and for the student's initialisation before distillation
 (paper section 3.1: the student starts from the SFT checkpoint with the lowest validation loss, which is
-this stage's `best/` folder with the default best_metric valid/loss). The loop, `fit`, is KD's and SeqKD's
+this stage's `best/` folder with the default best_metric valid/loss). The teacher's fine-tune picks its
+checkpoint by validation Rouge-L instead (`valid_rouge_l`, best_metric valid/rougeL, best_mode max), with
+answers decoded exactly as `minillm eval` decodes them. The loop, `fit`, is KD's and SeqKD's
 too: they change only the loss and the validation metrics.
 """
 
@@ -19,8 +21,9 @@ from accelerate import Accelerator
 from minillm import models
 from minillm.config import SFTConfig, TrainConfig
 from minillm.data.instructions import load_records
-from minillm.data.tokenize import Example, collate, encode_records
+from minillm.data.tokenize import Example, collate, encode_prompt, encode_records
 from minillm.errors import InputError
+from minillm.evaluate import protocol
 from minillm.objectives.lm import ce_sum, target_rows
 from minillm.train import engine
 
@@ -48,18 +51,22 @@ def load_student(cfg: TrainConfig) -> tuple[Accelerator, Any, torch.nn.Module]:
     return acc, tokenizer, model
 
 
-def load_split(
-    spec: str, limit: int | None, cfg: TrainConfig, tokenizer: Any, acc: Accelerator
-) -> list[Example]:
-    """Tokenised examples of one data spec: records with an empty response are dropped (nothing to learn
-    but EOS), then the official length rule; both counts are reported."""
-    records = load_records(
+def _records(spec: str, limit: int | None, cfg: TrainConfig) -> list[dict[str, Any]]:
+    return load_records(
         spec,
         field_instruction=cfg.field_instruction,
         field_input=cfg.field_input,
         field_output=cfg.field_output,
         limit=limit,
     )
+
+
+def load_split(
+    spec: str, limit: int | None, cfg: TrainConfig, tokenizer: Any, acc: Accelerator
+) -> list[Example]:
+    """Tokenised examples of one data spec: records with an empty response are dropped (nothing to learn
+    but EOS), then the official length rule; both counts are reported."""
+    records = _records(spec, limit, cfg)
     answered = [r for r in records if r["output"].strip()]
     examples, dropped = encode_records(
         answered,
@@ -80,6 +87,58 @@ def load_split(
             "raise max_prompt_length (and max_length) or fix the data"
         )
     return examples
+
+
+def load_prompts(
+    spec: str, limit: int | None, tokenizer: Any, cfg: TrainConfig, acc: Accelerator
+) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """Prompt ids under the official length rule (long prompts dropped and counted), and their records."""
+    records = _records(spec, limit, cfg)
+    kept = [(encode_prompt(r, tokenizer, cfg.template), r) for r in records]
+    kept = [(ids, r) for ids, r in kept if len(ids) <= cfg.max_prompt_length]
+    acc.print(
+        f"{spec}: {len(kept)} prompts, {len(records) - len(kept)} dropped (> {cfg.max_prompt_length} tokens)"
+    )
+    if not kept:
+        raise InputError(
+            f"{spec}: all {len(records)} prompts are longer than max_prompt_length={cfg.max_prompt_length} "
+            "tokens; raise max_prompt_length (and max_length) or shorten them"
+        )
+    return [ids for ids, _ in kept], [r for _, r in kept]
+
+
+def mean_validation_rouge_l(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    records: list[dict[str, Any]],
+    cfg: TrainConfig,
+    acc: Accelerator,
+) -> float:
+    """valid/rougeL: Rouge-L of answers to the validation prompts decoded as `minillm eval` decodes them
+    (`protocol.validation_rouge_l`), averaged over all prompts; each rank answers every num_processes-th."""
+    mine = list(range(acc.process_index, len(prompts), acc.num_processes))
+    scores = protocol.validation_rouge_l(
+        acc.unwrap_model(model),
+        tokenizer,
+        [prompts[i] for i in mine],
+        [records[i]["output"] for i in mine],
+        seed=cfg.seed,
+        rank=acc.process_index,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.valid_max_new_tokens,
+    )
+    return engine.global_count(acc, sum(scores)) / engine.global_count(acc, len(scores))
+
+
+def rouge_validation(
+    cfg: TrainConfig, tokenizer: Any, acc: Accelerator
+) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """model -> {"valid/rougeL": ...} on cfg.valid_data's prompts when cfg.valid_rouge_l, else -> {}."""
+    if not cfg.valid_rouge_l:
+        return lambda m: {}
+    prompts, records = load_prompts(cfg.valid_data, cfg.max_valid_examples, tokenizer, cfg, acc)
+    return lambda m: {"valid/rougeL": mean_validation_rouge_l(m, tokenizer, prompts, records, cfg, acc)}
 
 
 def load_examples(cfg: TrainConfig, tokenizer: Any, acc: Accelerator) -> tuple[list[Example], list[Example]]:
@@ -168,7 +227,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return ce_loss_sum(m, batch, cfg.chunk_size), {}
 
+    rouge = rouge_validation(cfg, tokenizer, acc)
+
     def validate(m: torch.nn.Module) -> dict[str, float]:
-        return {"valid/loss": validation_loss(m, valid, pad, cfg, acc)}
+        return {"valid/loss": validation_loss(m, valid, pad, cfg, acc), **rouge(m)}
 
     return fit(acc, cfg, tokenizer, model, train, loss, validate)
