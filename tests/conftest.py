@@ -102,8 +102,9 @@ def model_config(
             decoder_sparse_step=1,
             **decoder,
         )
-    if family == "falcon":  # the new decoder architecture: grouped KV heads, parallel attention and MLP
+    if family == "falcon":  # the new decoder architecture; dropout in the layer's own forward, as GPT-2 has
         return FalconConfig(
+            hidden_dropout=0.1,
             hidden_size=hidden,
             num_hidden_layers=layers,
             num_attention_heads=4,

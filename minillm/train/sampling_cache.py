@@ -86,12 +86,14 @@ class SamplingCache:
             for layer in layers
         ]
         calls: list[bool] = []  # one entry per layer forward routed here: True where it was replayed
-        for layer, kept in zip(layers, self.layers, strict=True):
+        for layer, kept, (_, training, _) in zip(layers, self.layers, before, strict=True):
             # with both flags on, HF routes the layer's forward through `_gradient_checkpointing_func`; the
             # layer's own train flag only (the RL update runs in eval mode): the replayed forward computes
             # nothing, and backward's recompute runs after the flag is restored, so no dropout is drawn
             layer.gradient_checkpointing = layer.training = True
-            layer._gradient_checkpointing_func = functools.partial(_replay, kept[rows, slots], layer, calls)
+            layer._gradient_checkpointing_func = functools.partial(
+                _replay, kept[rows, slots], layer, training, calls
+            )
         try:
             yield
             if not calls:  # the forward ran every layer itself: right, but nothing was spared
@@ -113,17 +115,36 @@ class SamplingCache:
 
 
 def _replay(
-    kept: Tensor, layer: nn.Module, calls: list[bool], run: Callable[..., Tensor | tuple], *args: Tensor
+    kept: Tensor,
+    layer: nn.Module,
+    training: bool,
+    calls: list[bool],
+    run: Callable[..., Tensor | tuple],
+    *args: Tensor,
 ) -> Tensor | tuple:
     """A `_gradient_checkpointing_func` for HF decoder layers: `run(hidden, *args)` is the layer's forward.
     A layer that does not return its hidden states as one tensor of its input's shape (Falcon's returns a
-    tuple) runs in full: the replay could only return a tensor."""
-    replayed = bool(args) and args[0].shape == kept.shape and _returns_hidden(layer, run, args)
-    calls.append(replayed)
-    if not replayed:
-        return run(*args)
+    tuple) runs in full, in its own train mode (`training`; Falcon's reads it for dropout): the replay
+    could only return a tensor."""
+    with _own_mode(layer, training):
+        replayed = bool(args) and args[0].shape == kept.shape and _returns_hidden(layer, run, args)
+        calls.append(replayed)
+        if not replayed:
+            return run(*args)
     hidden, *rest = args  # GPT-2 passes mask etc. positionally
     return _Replay.apply(lambda h: run(h, *rest), hidden, kept, layer)
+
+
+@contextlib.contextmanager
+def _own_mode(layer: nn.Module, training: bool) -> Iterator[None]:
+    """The layer's own train flag as it was before `replay` set it to route the layer (submodules keep
+    theirs throughout)."""
+    routed = layer.training
+    layer.training = training
+    try:
+        yield
+    finally:
+        layer.training = routed
 
 
 # Per decoder layer class: whether its forward returns a bare tensor shaped like its input (`_returns_hidden`)
@@ -271,7 +292,6 @@ def sampling_buffers(
     N, S = cfg.max_new_tokens, cfg.max_prompt_length + cfg.max_new_tokens
     decoder = models.decoder_layers(student)
     checkpointable = all(isinstance(m, GradientCheckpointingLayer) for m in decoder)
-    keep = layers and cfg.fast_rollout and checkpointable
     if layers and cfg.fast_rollout and not checkpointable:
         models.note_path(
             student,
@@ -279,6 +299,9 @@ def sampling_buffers(
             "full layer forwards",
             "its decoder layers are not transformers GradientCheckpointingLayers",
         )
+    # nor are layers kept once their class is known to return more than its hidden states (`_replay`)
+    replayable = checkpointable and all(_RETURNS_HIDDEN.get(type(m), True) for m in decoder)
+    keep = layers and cfg.fast_rollout and replayable
     size = rollouts * N * V * 4 + (len(decoder) * rollouts * S * H * param.element_size() if keep else 0)
     if size > cfg.sampling_cache_mib * 2**20:
         return None
