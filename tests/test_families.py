@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import FAMILIES, read_metrics, save_tiny_model, stage_config
 from tolerances import assert_close_verbose
+from transformers import PreTrainedTokenizerFast
 
 from minillm import models, rollout
 from minillm.config import GKDConfig, KDConfig, MiniLLMConfig, SeqKDConfig, SFTConfig
@@ -36,7 +37,7 @@ IDS = [f if pad == "eos" else f"{f}-pad-{pad}" for f, pad in CASES]
 REPLAY = "the sampling cache's layer replay"
 
 
-def with_pad(tokenizer, pad: str):
+def with_pad(tokenizer: PreTrainedTokenizerFast, pad: str) -> PreTrainedTokenizerFast:
     tok = copy.deepcopy(tokenizer)
     if pad == "own":
         tok.add_special_tokens({"pad_token": "<pad>"})
@@ -222,6 +223,8 @@ class _NoStaticCache:
 
 
 class _BareLayer:
+    """A cache layer with `update` only."""
+
     def update(self, *a: object) -> None: ...
 
 
@@ -273,12 +276,9 @@ def test_layer_replay_not_routed_falls_back_and_logs_once(
     real = sampling_cache.SamplingCache.replay
 
     def unrouted(self, model, *args):
-        context = real(self, model, *args)
-        for layer in models.decoder_layers(model):
-            layer.__dict__["forward"] = type(layer).forward.__wrapped__.__get__(
-                layer
-            )  # no checkpoint routing
-        return context
+        for layer in models.decoder_layers(model):  # the layer's own forward, without HF's routing wrapper
+            layer.forward = type(layer).forward.__wrapped__.__get__(layer)
+        return real(self, model, *args)
 
     monkeypatch.setattr(sampling_cache.SamplingCache, "replay", unrouted)
     train_minillm(stage_config(MiniLLMConfig, student, tmp_path / "unrouted", **cfg))
