@@ -20,6 +20,16 @@ def test_gpu_check_runs_every_stage_tiny_on_cpu(capsys, monkeypatch):
     want |= {("seqkd", "0", "teacher answers")} | {("gkd", str(k), "sampling") for k in (1, 2, 3)}
     want |= {("minillm", str(k), p) for k in (1, 2, 3) for p in ("mixed sampling", "teacher pass")}
     assert phases == want
+    walls = [r[0].strip("| ") for r in rows if len(r) == 2][1:]  # after the header
+    assert walls == [
+        "random models and data",
+        "sft",
+        "kd",
+        "seqkd",
+        "gkd",
+        "minillm",
+        "all (budget on one H100: 480)",
+    ]
     figures = [
         r[0].strip("| ") for r in rows if r[-1].strip(" |") == "n/a"
     ]  # targets hold at full shape only
