@@ -34,7 +34,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFa
 
 from minillm.config import GKDConfig, KDConfig, MiniLLMConfig, SeqKDConfig, SFTConfig
 from minillm.data.template import ALPACA_NO_INPUT, build_prompt
-from minillm.train import engine, gkd, kd, minillm, seqkd, sft
+from minillm.train import engine, gkd, kd, seqkd, sft
+from minillm.train import minillm as minillm_train
 
 EOS, UNK = "<|endoftext|>", "<unk>"
 
@@ -218,7 +219,7 @@ def run_stage(
             [(gkd, "sample_responses", "sampling"), update],
         ),
         "minillm": (
-            minillm.train_minillm,
+            minillm_train.train_minillm,
             MiniLLMConfig(
                 **common,
                 teacher=str(teacher),
@@ -228,7 +229,7 @@ def run_stage(
                 pt_block_length=shape.pt_block,
                 valid_max_new_tokens=shape.valid_tokens,
             ),
-            [(minillm, "collect", "sampling + teacher"), update],
+            [(minillm_train, "collect", "sampling + teacher"), update],
         ),
     }[stage]
     memory = PeakMemory("cuda" if torch.cuda.is_available() else "cpu")
