@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config
+from gpu_check import DESIGN, TINY, gpt2_config
+from transformers import AutoModelForCausalLM
 
 from minillm.config import MiniLLMConfig
 from minillm.objectives import policy
@@ -24,19 +25,9 @@ from minillm.rollout import Rollout, sample_rollout
 from minillm.train.minillm import TeacherStore, minibatch_loss, teacher_cache, teacher_pass
 
 
-def build(
-    layers: int, hidden: int, heads: int, vocab: int, dtype: torch.dtype, device: str
-) -> torch.nn.Module:
-    cfg = GPT2Config(
-        vocab_size=vocab,
-        n_embd=hidden,
-        n_layer=layers,
-        n_head=heads,
-        n_positions=1024,
-        eos_token_id=0,
-        bos_token_id=0,
-    )
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
+def build(dims: tuple[int, int, int], vocab: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """A random GPT-2 of (layers, width, heads) `dims`, in eval mode."""
+    return AutoModelForCausalLM.from_config(gpt2_config(*dims, vocab), dtype=dtype).to(device).eval()
 
 
 def timed(fn: Callable[[], object], device: str, reps: int) -> tuple[float, float, object]:
@@ -64,15 +55,12 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.2)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    if args.small:
-        V, B, P, T = 512, 4, 16, 16
-        teacher, student = build(4, 64, 4, V, dtype, args.device), build(2, 32, 4, V, dtype, args.device)
-    else:
-        V, B, P, T = 50257, 64, 128, 256
-        teacher, student = (
-            build(48, 1600, 25, V, dtype, args.device),
-            build(12, 768, 12, V, dtype, args.device),
-        )
+    shape = TINY if args.small else DESIGN
+    V, B, P, T = shape.vocab, shape.prompts, shape.prompt_tokens, shape.new_tokens
+    teacher, student = (
+        build(shape.teacher, V, dtype, args.device),
+        build(shape.student, V, dtype, args.device),
+    )
     g = torch.Generator(device=args.device)
     ids = torch.randint(1, V, (B, P), device=args.device, generator=g.manual_seed(0))
     attn = torch.ones_like(ids)

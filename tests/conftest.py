@@ -17,11 +17,18 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    FalconConfig,
+    Gemma2Config,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     OPTConfig,
+    Phi3Config,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
 )
 
 from minillm import config as config_lib
@@ -45,16 +52,64 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
 
-def model_config(family: str, vocab_size: int, layers: int = 2, hidden: int = 32):
-    common = dict(vocab_size=vocab_size, eos_token_id=0, bos_token_id=0, pad_token_id=0)
-    if family in ("llama", "qwen2"):  # the same decoder shape; Qwen2 adds attention biases
-        return (LlamaConfig if family == "llama" else Qwen2Config)(
+# Every family the suite builds (tests/test_families.py runs each stage on each): dense decoders with and
+# without attention biases, GPT-2's and OPT's learned positions, Mistral's sliding window, Qwen3's q/k norms,
+# Gemma 2's soft-capped head and sliding layers, Phi-3's fused projections, Qwen2-MoE's routed experts,
+# Falcon's decoder layers that return tuples.
+FAMILIES = ("gpt2", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "qwen2_moe", "falcon")
+
+
+def model_config(
+    family: str, vocab_size: int, layers: int = 2, hidden: int = 32, eos: int = 0, pad: int | None = 0
+) -> PretrainedConfig:
+    """A tiny random config of `family` (ids: `eos` is also BOS; `pad` None for a model without one)."""
+    common = dict(vocab_size=vocab_size, eos_token_id=eos, bos_token_id=eos, pad_token_id=pad)
+    decoder = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        **common,
+    )
+    head_dim = hidden // 4
+    if family == "llama":
+        return LlamaConfig(**decoder)
+    if family == "qwen2":  # Llama's shape with attention biases
+        return Qwen2Config(**decoder)
+    if family == "mistral":  # a window shorter than a test prompt, so it cuts
+        return MistralConfig(sliding_window=8, **decoder)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=head_dim, **decoder)
+    if family == "gemma2":  # alternating sliding / full layers, soft-capped attention and head
+        return Gemma2Config(
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=8,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            **decoder,
+        )
+    if family == "phi3":
+        return Phi3Config(**decoder)
+    if family == "qwen2_moe":  # every layer routed: 4 experts, 2 per token, plus the shared expert
+        return Qwen2MoeConfig(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=hidden,
+            shared_expert_intermediate_size=hidden,
+            decoder_sparse_step=1,
+            **decoder,
+        )
+    if family == "falcon":  # the new decoder architecture; dropout in the layer's own forward, as GPT-2 has
+        return FalconConfig(
+            hidden_dropout=0.1,
             hidden_size=hidden,
-            intermediate_size=2 * hidden,
             num_hidden_layers=layers,
             num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
             **common,
         )
     if family == "gpt2":
@@ -75,8 +130,12 @@ def model_config(family: str, vocab_size: int, layers: int = 2, hidden: int = 32
 def save_tiny_model(
     path: Path, family: str, tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0
 ) -> Path:
+    """A random `family` model with `tokenizer`'s vocabulary and special ids, saved with it to `path`."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(family, len(tokenizer), layers, hidden))
+    config = model_config(
+        family, len(tokenizer), layers, hidden, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id
+    )
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

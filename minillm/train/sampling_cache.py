@@ -85,14 +85,26 @@ class SamplingCache:
             (layer.gradient_checkpointing, layer.training, layer.__dict__.get("_gradient_checkpointing_func"))
             for layer in layers
         ]
-        for layer, kept in zip(layers, self.layers, strict=True):
+        calls: list[bool] = []  # one entry per layer forward routed here: True where it was replayed
+        for layer, kept, (_, training, _) in zip(layers, self.layers, before, strict=True):
             # with both flags on, HF routes the layer's forward through `_gradient_checkpointing_func`; the
             # layer's own train flag only (the RL update runs in eval mode): the replayed forward computes
             # nothing, and backward's recompute runs after the flag is restored, so no dropout is drawn
             layer.gradient_checkpointing = layer.training = True
-            layer._gradient_checkpointing_func = functools.partial(_replay, kept[rows, slots], layer)
+            layer._gradient_checkpointing_func = functools.partial(
+                _replay, kept[rows, slots], layer, training, calls
+            )
         try:
             yield
+            if not calls:  # the forward ran every layer itself: right, but nothing was spared
+                models.note_path(
+                    model,
+                    "the sampling cache's layer replay",
+                    "full layer forwards",
+                    "transformers did not route the decoder layers through _gradient_checkpointing_func",
+                )
+            elif all(calls):
+                models.note_path(model, "the sampling cache's layer replay", "replayed layer outputs")
         finally:
             for layer, (flag, training, func) in zip(layers, before, strict=True):
                 layer.gradient_checkpointing, layer.training = flag, training
@@ -103,10 +115,58 @@ class SamplingCache:
 
 
 def _replay(
-    kept: Tensor, layer: nn.Module, run: Callable[..., Tensor | tuple], hidden: Tensor, *args: Tensor
-) -> Tensor:
-    """A `_gradient_checkpointing_func` for HF decoder layers: `run(hidden, *args)` is the layer's forward."""
-    return _Replay.apply(lambda h: run(h, *args), hidden, kept, layer)  # GPT-2 passes mask etc. positionally
+    kept: Tensor,
+    layer: nn.Module,
+    training: bool,
+    calls: list[bool],
+    run: Callable[..., Tensor | tuple],
+    *args: Tensor,
+) -> Tensor | tuple:
+    """A `_gradient_checkpointing_func` for HF decoder layers: `run(hidden, *args)` is the layer's forward.
+    A layer that does not return its hidden states as one tensor of its input's shape (Falcon's returns a
+    tuple) runs in full, in its own train mode (`training`; Falcon's reads it for dropout): the replay
+    could only return a tensor."""
+    with _own_mode(layer, training):
+        replayed = bool(args) and args[0].shape == kept.shape and _returns_hidden(layer, run, args)
+        calls.append(replayed)
+        if not replayed:
+            return run(*args)
+    hidden, *rest = args  # GPT-2 passes mask etc. positionally
+    return _Replay.apply(lambda h: run(h, *rest), hidden, kept, layer)
+
+
+@contextlib.contextmanager
+def _own_mode(layer: nn.Module, training: bool) -> Iterator[None]:
+    """The layer's own train flag as it was before `replay` set it to route the layer (submodules keep
+    theirs throughout)."""
+    routed = layer.training
+    layer.training = training
+    try:
+        yield
+    finally:
+        layer.training = routed
+
+
+# Per decoder layer class: whether its forward returns a bare tensor shaped like its input (`_returns_hidden`)
+_RETURNS_HIDDEN: dict[type, bool] = {}
+
+
+def _returns_hidden(layer: nn.Module, run: Callable[..., Tensor | tuple], args: tuple[Tensor, ...]) -> bool:
+    """Whether `layer`'s forward returns one tensor shaped like its input, found by running it once per
+    layer class without grad; a fallback is logged once (`models.note_path`)."""
+    cls = type(layer)
+    if cls not in _RETURNS_HIDDEN:
+        with torch.no_grad():
+            out = run(*args)
+        _RETURNS_HIDDEN[cls] = isinstance(out, Tensor) and out.shape == args[0].shape
+        if not _RETURNS_HIDDEN[cls]:
+            models.note_path(
+                layer,
+                "the sampling cache's layer replay",
+                "full layer forwards",
+                f"the layer returns {type(out).__name__}, not its hidden states alone",
+            )
+    return _RETURNS_HIDDEN[cls]
 
 
 class _Replay(torch.autograd.Function):
@@ -231,7 +291,17 @@ def sampling_buffers(
     V, H = models.output_head(student).weight.shape
     N, S = cfg.max_new_tokens, cfg.max_prompt_length + cfg.max_new_tokens
     decoder = models.decoder_layers(student)
-    keep = layers and cfg.fast_rollout and all(isinstance(m, GradientCheckpointingLayer) for m in decoder)
+    checkpointable = all(isinstance(m, GradientCheckpointingLayer) for m in decoder)
+    if layers and cfg.fast_rollout and not checkpointable:
+        models.note_path(
+            student,
+            "the sampling cache's layer replay",
+            "full layer forwards",
+            "its decoder layers are not transformers GradientCheckpointingLayers",
+        )
+    # nor are layers kept once their class is known to return more than its hidden states (`_replay`)
+    replayable = checkpointable and all(_RETURNS_HIDDEN.get(type(m), True) for m in decoder)
+    keep = layers and cfg.fast_rollout and replayable
     size = rollouts * N * V * 4 + (len(decoder) * rollouts * S * H * param.element_size() if keep else 0)
     if size > cfg.sampling_cache_mib * 2**20:
         return None
