@@ -2,8 +2,8 @@
 
 The commands run in the README's order through `minillm.cli.main`, in a temp folder that holds `configs/`,
 so each stage reads what the one before it wrote (`runs/student-init`, `runs/sft/best`, ...). Two things
-make that take seconds: the embedded teacher's alias is replaced by a tiny random Llama (8 layers, so
-`--num-layers 6` still cuts a student from it), and flags appended after the README's own shrink every
+make that take seconds: the embedded teacher's alias is replaced by a tiny random Llama (30 layers, as the
+real one, so the README's cut works on it), and flags appended after the README's own shrink every
 workload (one optimizer step, a few examples, a few new tokens). Flags override the YAML file, so the
 file's keys, types and values are still parsed and validated. `make` targets are checked to exist.
 """
@@ -46,7 +46,10 @@ TINY = {
     "samples_per_prompt": 1,
     "max_examples": 4,
 }
-TOOL_TINY = {"generate": ["--max-new-tokens", "4"]}
+TOOL_TINY = {
+    "generate": ["--max-new-tokens", "4"],
+    "derive-student": ["--heal-steps", "2", "--heal-batch-size", "2", "--heal-block-length", "32"],
+}
 
 
 def readme_commands() -> list[str]:
@@ -113,7 +116,7 @@ def test_every_config_file_parses_and_says_what_it_runs(path):
 
 
 def test_readme_commands_run(tmp_path, monkeypatch, tokenizer):
-    teacher = save_tiny_model(tmp_path / "teacher", "llama", tokenizer, layers=8, hidden=32, seed=1)
+    teacher = save_tiny_model(tmp_path / "teacher", "llama", tokenizer, layers=30, hidden=32, seed=1)
     work = tmp_path / "work"
     shutil.copytree(ROOT / "configs", work / "configs")
     # What `make demo` leaves behind, for the commands that continue from it.
