@@ -35,11 +35,15 @@ CKPT_PREFIX = "ckpt-"
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's accelerator. Under a launcher (WORLD_SIZE > 1) on a machine without an accelerator it
+    asks for the CPU: accelerate sets up a gloo process group only then, and otherwise gives every process
+    DistributedType.NO, i.e. independent runs racing on one output folder (docs/distributed.md)."""
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    acc = Accelerator(mixed_precision=mp, log_with="tensorboard", project_dir=cfg.output_dir)
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    acc = Accelerator(mixed_precision=mp, cpu=cpu, log_with="tensorboard", project_dir=cfg.output_dir)
     acc.init_trackers(
         "tb",
         config={
@@ -120,6 +124,13 @@ def global_count(acc: Accelerator, count: Tensor | int) -> float:
     return float(acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else float(t)
 
 
+def loss_scale(acc: Accelerator, n_tokens: float) -> float:
+    """The factor of a rank's token-loss sum: processes / the step's global token count. DDP averages
+    gradients over ranks, so the averaged gradient is then the single-process gradient of the global
+    batch (and `max_grad_norm` clips the same norm)."""
+    return acc.num_processes / n_tokens
+
+
 def clip_and_step(
     acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any, cfg: TrainConfig
 ) -> float:
@@ -148,18 +159,19 @@ def supervised_step(
 ) -> dict[str, float]:
     """Optimizer step `step` on this rank's collated micro-batches (SFT, KD, SeqKD, GKD).
 
-    The micro-batches' loss sums and parts are divided by the step's global target-token count (STYLE 7);
-    gradients sync on the last micro-batch only. Returns "loss", the parts (per token), "lr", "grad_norm"
+    The micro-batches' loss sums and parts are divided by the step's global target-token count (STYLE 7),
+    the backward sums scaled by `loss_scale`; gradients sync on the last micro-batch only. Returns "loss", the parts (per token), "lr", "grad_norm"
     and "tokens".
     """
     n_tokens = global_count(acc, sum(int(b["target_mask"].sum()) for b in micro))
+    scale = loss_scale(acc, n_tokens)
     seed_step(cfg.seed, step, acc.process_index)
     sums: dict[str, float] = {"loss": 0.0}
     for k, batch in enumerate(micro):
         batch = {key: v.to(acc.device) for key, v in batch.items()}
         with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
             micro_sum, parts = loss(model, batch)
-        acc.backward(micro_sum / n_tokens)
+        acc.backward(micro_sum * scale)
         for key, value in {"loss": float(micro_sum.detach()), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value / n_tokens
     lr = scheduler.get_last_lr()[0]
@@ -201,20 +213,29 @@ def save_checkpoint(
 ) -> Path:
     """Write `ckpt-STEP/` atomically, point `latest.json` at it, prune older periodic checkpoints.
 
-    `extra` tensors (e.g. MiniLLM's rollout store mid-collection) go to `extra.safetensors`."""
+    `extra` tensors (e.g. MiniLLM's rollout store mid-collection) are this rank's own: every rank writes
+    its `extra-rank{r}.safetensors` into the temp folder before the main process renames it."""
     out = Path(cfg.output_dir)
     final = out / f"{CKPT_PREFIX}{state.step}"
+    tmp = out / f".{CKPT_PREFIX}{state.step}.tmp"
     if acc.is_main_process:
-        tmp = out / f".{CKPT_PREFIX}{state.step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    acc.wait_for_everyone()
+    if extra:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in extra.items()},
+            tmp / f"extra-rank{acc.process_index}.safetensors",
+        )
+    if acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         _atomic_write_json(tmp / "trainer_state.json", state.__dict__)
-        if extra:
-            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, tmp / "extra.safetensors")
         config_lib.save(cfg, tmp / "minillm_config.json")
+    acc.wait_for_everyone()  # every rank's extra is in tmp
+    if acc.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_json(out / "latest.json", {"checkpoint": final.name, "step": state.step})
@@ -263,10 +284,17 @@ def load_checkpoint(
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 
 
-def load_extra(path: Path) -> dict[str, Tensor]:
-    """The `extra` tensors saved with a checkpoint (empty when there were none)."""
-    f = path / "extra.safetensors"
-    return load_file(f) if f.is_file() else {}
+def load_extra(path: Path, acc: Accelerator) -> dict[str, Tensor]:
+    """This rank's `extra` tensors saved with a checkpoint (empty when there were none)."""
+    files = sorted(path.glob("extra-rank*.safetensors"))
+    if not files:
+        return {}
+    if len(files) != acc.num_processes:
+        raise ValueError(
+            f"{path} was written mid-collection by {len(files)} processes; resume it with as many, "
+            f"not {acc.num_processes}"
+        )
+    return load_file(path / f"extra-rank{acc.process_index}.safetensors")
 
 
 def resume(
@@ -327,7 +355,7 @@ def mark_best(cfg: TrainConfig, state: TrainerState) -> None:
     tmp = out / ".best.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(
-        src, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "extra.safetensors")
+        src, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "extra-rank*.safetensors")
     )
     shutil.rmtree(out / "best", ignore_errors=True)
     os.replace(tmp, out / "best")

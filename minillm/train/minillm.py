@@ -94,7 +94,8 @@ def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache 
 
     Each sequence is its prompt's real tokens and its response up to the last valid token, forwarded
     unpadded in `length_groups`, right-padded within a group: causality keeps the pads out of every row
-    used, so no attention mask is needed. With `replay` (batch's rows of a collection sampled at the
+    used, so no attention mask is needed. A wrapped (DDP) model gets all sequences in one forward: DDP
+    broadcasts buffers in every forward, so each rank must run as many as the others, whatever its lengths. With `replay` (batch's rows of a collection sampled at the
     current weights) the decoder layers' outputs come from sampling (`SamplingCache.replay`).
     """
     prompt_len = batch.prompt_mask.sum(-1).tolist()  # [B]
@@ -109,7 +110,8 @@ def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache 
     out: list[Tensor] = [batch.prompt_ids.new_empty(0)] * len(seqs)
     seq_len = [len(x) for x in seqs]
     inner = getattr(model, "module", model)
-    for group in length_groups(seq_len):
+    groups = [list(range(len(seqs)))] if hasattr(model, "module") else length_groups(seq_len)
+    for group in groups:
         ids = torch.nn.utils.rnn.pad_sequence([seqs[i] for i in group], batch_first=True)  # [G, L]
         with nullcontext() if replay is None else replay.replay(inner, group, prompt_len, seq_len):
             hidden = models.final_hidden(model, ids, torch.ones_like(ids))  # [G, L, H]
@@ -300,7 +302,8 @@ def minibatch_loss(
     cfg: MiniLLMConfig,
     sampled: SamplingCache | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """(Σ PG loss + Σ single-step KL) / n_tokens for one micro-batch, in one chunked head pass whose
+    """(Σ PG loss + Σ single-step KL) / n_tokens for one micro-batch (n_tokens: 1 / `engine.loss_scale`
+    in training, which folds in the number of processes), in one chunked head pass whose
     gradient w.r.t. the logits is closed-form (`policy.policy_logit_grad`). t_store: the teacher's side of
     mb's valid positions, in mb's row-major order; sampled: what sampling computed for mb, read instead of
     the student's head (and layer) forwards, only while the weights are the sampling weights."""
@@ -467,7 +470,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
     # it, so backward does not hold it (backward's RSS is the run's peak on a CPU)
     sampled: SamplingCache | None = None
     keep_layers = acc.num_processes == 1 and acc.mixed_precision == "no"  # see sampling_buffers
-    extra = engine.load_extra(ckpt) if ckpt is not None else {}
+    extra = engine.load_extra(ckpt, acc) if ckpt is not None else {}
     if extra:  # resumed mid-collection: the very rollouts the killed run was training on
         store = Rollout(**{f: extra[f].to(acc.device) for f in ROLLOUT_FIELDS}, pad_token_id=pad)
         t_store = TeacherStore(extra["teacher_rows"].to(acc.device))
@@ -511,6 +514,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), store.mask.sum(-1).cumsum(0)]).tolist()
         rewards, adv = rewards_and_advantages(mb, cfg, all_reduce)
         n_tokens = engine.global_count(acc, int(mb.mask.sum()))
+        scale = engine.loss_scale(acc, n_tokens)
         engine.seed_step(cfg.seed, state.step, acc.process_index)
         sums = {"pg": 0.0, "single": 0.0, "clipped": 0.0, "pt": 0.0}
         for j in range(cfg.grad_accum):
@@ -524,7 +528,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 sampled = None  # this step's last forward is its last reader: the weights move next
             with acc.no_sync(student) if not last else nullcontext(), acc.autocast():
                 loss, stats = minibatch_loss(
-                    student, teacher, micro, t_micro, adv[sel], n_tokens, cfg, s_micro
+                    student, teacher, micro, t_micro, adv[sel], 1.0 / scale, cfg, s_micro
                 )
                 s_micro = None  # frees the sampling cache before backward
                 if pt_blocks is not None:
@@ -537,7 +541,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                     pt_tokens = (
                         cfg.batch_size * (cfg.pt_block_length - 1) * cfg.grad_accum * acc.num_processes
                     )
-                    loss = loss + cfg.pt_coef * pt / pt_tokens
+                    loss = loss + cfg.pt_coef * pt * engine.loss_scale(acc, pt_tokens)
                     stats["pt"] = float(pt.detach()) / pt_tokens
             acc.backward(loss)
             for key, value in stats.items():

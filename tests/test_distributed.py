@@ -1,0 +1,129 @@
+"""Two CPU processes (gloo), launched as docs/distributed.md says, train exactly as one process does.
+
+Each stage runs k optimizer steps under `accelerate launch --config_file configs/accelerate/cpu-2proc.yaml`
+with batch_size b per process, and in this process with batch_size 2b: the same global batch. Per step the
+loss and the gradient norm (of the DDP-averaged gradient, before clipping) must agree, and so must the
+final weights (tolerances.DISTRIBUTED). A 2-process MiniLLM run killed with SIGKILL mid-collection must
+resume to the weights of the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import read_metrics, stage_config
+from safetensors.torch import load_file
+from tolerances import DISTRIBUTED
+
+from minillm import config as config_lib
+from minillm.config import KDConfig, SFTConfig
+from minillm.train.kd import train_kd
+from minillm.train.sft import train_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIG = ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(stage: str, cfg: Any) -> subprocess.Popen:
+    """`accelerate launch` of `minillm <stage>` on 2 CPU processes, in its own process group (so that a kill
+    reaches the workers too)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--config_file", str(ACCELERATE_CONFIG)]
+    cmd += ["--main_process_port", str(free_port()), "-m", "minillm.cli", stage, *config_lib.to_argv(cfg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+
+
+def finish(run: subprocess.Popen) -> None:
+    try:
+        _, err = run.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        _, err = run.communicate()
+        raise AssertionError(f"still running after {TIMEOUT_S} s:\n{err.decode()[-3000:]}") from None
+    assert run.returncode == 0, err.decode()[-3000:]
+
+
+def run_both(stage: str, two: Any, one: Any, train: Callable[[Any], Path]) -> None:
+    """The 2-process run in the background while this process trains the 1-process one."""
+    run = launch_two(stage, two)
+    try:
+        train(one)
+    except BaseException:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        raise
+    finish(run)
+
+
+def final_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(out / f"ckpt-{step}" / "model.safetensors")
+
+
+def assert_same_run(two: Path, one: Path, steps: int) -> None:
+    """Per-step loss and gradient norm, then every weight, within tolerances.DISTRIBUTED."""
+    tol = DISTRIBUTED
+    got = {m["step"]: m for m in read_metrics(two)}
+    want = {m["step"]: m for m in read_metrics(one)}
+    assert sorted(got) == sorted(want) and steps in got, (sorted(got), sorted(want))
+    for step in range(1, steps + 1):
+        for key in ("loss", "grad_norm"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=tol["metric_rtol"]), (step, key)
+    a, b = final_weights(two, steps), final_weights(one, steps)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(
+            a[name], b[name], rtol=tol["weight_rtol"], atol=tol["weight_atol"], msg=name
+        )
+
+
+def supervised_configs(cls: type, model: Path, tmp: Path, **kw: Any) -> tuple[Any, Any]:
+    """(2-process config with batch_size 2, 1-process config with batch_size 4): 8 examples per step."""
+    two = stage_config(
+        cls,
+        model,
+        tmp / "two",
+        max_train_examples=24,
+        max_valid_examples=4,
+        batch_size=2,
+        grad_accum=2,
+        max_steps=3,
+        eval_every=0,
+        lr=1e-2,
+        warmup_steps=0,
+        max_prompt_length=160,
+        max_length=192,
+        **kw,
+    )
+    return two, replace(two, output_dir=str(tmp / "one"), batch_size=4)
+
+
+def test_sft_two_processes_equal_one(tiny_llama, tmp_path):
+    two, one = supervised_configs(SFTConfig, tiny_llama, tmp_path)
+    run_both("sft", two, one, train_sft)
+    assert_same_run(tmp_path / "two", tmp_path / "one", 3)
+
+
+def test_kd_two_processes_equal_one(tiny_llama, teacher, tmp_path):
+    two, one = supervised_configs(KDConfig, tiny_llama, tmp_path, teacher=str(teacher))
+    run_both("kd", two, one, train_kd)
+    assert_same_run(tmp_path / "two", tmp_path / "one", 3)
