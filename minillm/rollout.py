@@ -22,8 +22,8 @@ What is recorded, and where we depart from the official code:
   −inf mask applied to both models, and mixes those (LMOps minillm/minillm/trainer.py @ 0b335e4
   `compute_logits_and_log_probs`, minillm/minillm/sampler.py @ 19f288d `run_sample`). Identical at the
   paper defaults.
-- The draw is an inverse-CDF draw with one uniform per row from the caller's generator (float64 cumsum,
-  searchsorted), not `torch.multinomial`, which draws V exponentials per row (12 ms a step at V = 49152 on
+- The draw is an inverse-CDF draw with one uniform per row per step from the caller's generator, or
+  from the row's own generator when given one per row (float64 cumsum, searchsorted), not `torch.multinomial`, which draws V exponentials per row (12 ms a step at V = 49152 on
   2 CPU cores). Same distribution, different random stream: HF `generate` under the same seed gives other
   tokens.
 - With α = 0 the teacher is not run while sampling; `logp` comes from one scoring forward afterwards
@@ -77,6 +77,8 @@ _CDF_BLOCK = 1024
 _SCORE_CHUNK = 32
 # Reordering costs about one decode step's weight reads; shorter generations keep the plain kernels.
 _PACK_MIN_TOKENS = 8
+# The sampler's randomness: one generator for the batch, or one per row
+Generators = torch.Generator | list[torch.Generator]
 
 
 @dataclass
@@ -181,7 +183,7 @@ def sample_rollout(
     max_new_tokens: int,
     eos_token_id: int,
     pad_token_id: int,
-    generator: torch.Generator,
+    generator: Generators,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -199,7 +201,10 @@ def sample_rollout(
     input_ids:      [B, P] long, LEFT-padded prompts (every row needs at least one real token)
     attention_mask: [B, P] bool or 0/1, True on real tokens
     alpha:          teacher weight α in [0, 1]; 0 = student-only sampling, 1 = teacher-only
-    generator:      the only randomness (one uniform per row per step); seed it from (seed, step, rank)
+    generator:      the only randomness (one uniform per row per step); seed it from (seed, step, rank).
+                    A list gives each row its own stream: a row's tokens then do not depend on the rows
+                    sampled beside it, so any split of the prompts over batches or processes samples the
+                    same responses
     temperature, top_k, top_p: applied to each model's distribution before mixing (module docstring)
     fast:           the static-cache fast path (default) or the eager reference; same tokens either way
                     up to rounding at CDF boundaries (module docstring)
@@ -312,7 +317,16 @@ class _Sampling:
     pad: int
 
 
-def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+def _uniforms(generator: Generators, B: int, device: torch.device) -> Tensor:
+    """One float64 uniform per row, [B, 1]: B from the one generator, or one from each row's own."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand(B, 1, generator=generator, dtype=torch.float64, device=device)
+    if len(generator) != B:
+        raise ValueError(f"{len(generator)} generators for {B} rows")
+    return torch.cat([torch.rand(1, 1, generator=g, dtype=torch.float64, device=device) for g in generator])
+
+
+def _draw(probs: Tensor, generator: Generators) -> Tensor:
     """One token per row by inverse CDF: probs [B, V] (unnormalised, ≥ 0) → [B] long.
 
     One float64 uniform per row; float64 cumsum so tokens of probability ~1e-9 keep their share.
@@ -320,7 +334,7 @@ def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
     """
     B, V = probs.shape
     cdf = probs.double().cumsum(-1)  # [B, V]
-    u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=probs.device)
+    u = _uniforms(generator, B, probs.device)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [B, 1]
     return idx.squeeze(1).clamp_(max=V - 1)
 
@@ -465,7 +479,7 @@ def _sample_eager(
     prompt_mask: Tensor,
     max_new_tokens: int,
     s: _Sampling,
-    generator: torch.Generator,
+    generator: Generators,
     compile: bool,
     logits_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -788,7 +802,7 @@ def _sample_fast(
     prompt_mask: Tensor,
     max_new_tokens: int,
     s: _Sampling,
-    generator: torch.Generator,
+    generator: Generators,
     compile: bool,
     logits_out: Tensor | None,
     layers_out: list[Tensor] | None,
@@ -833,7 +847,7 @@ def _sample_fast(
                 logits_out[:, t] = s_logits
             if teacher_rows_out is not None:
                 teacher_rows_out[:, t] = t_dec.head_in
-            u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=device)  # as `_draw`
+            u = _uniforms(generator, B, device)  # as `_draw`
             nxt, lq, lp, lmix, done = step(s_logits, t_logits, u, finished, s)
             buf.ids[:, t] = nxt
             buf.mask[:, t] = ~finished

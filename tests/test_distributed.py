@@ -9,11 +9,13 @@ resume to the weights of the uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -24,15 +26,19 @@ import torch
 from conftest import read_metrics, stage_config
 from safetensors.torch import load_file
 from tolerances import DISTRIBUTED
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minillm import config as config_lib
-from minillm.config import KDConfig, SFTConfig
+from minillm.config import GKDConfig, KDConfig, MiniLLMConfig, SFTConfig
+from minillm.train.gkd import train_gkd
 from minillm.train.kd import train_kd
+from minillm.train.minillm import train_minillm
 from minillm.train.sft import train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIG = ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"
 TIMEOUT_S = 240
+EOS_ID = 0  # conftest's tokenizer: its only special token
 
 
 def free_port() -> int:
@@ -127,3 +133,94 @@ def test_kd_two_processes_equal_one(tiny_llama, teacher, tmp_path):
     two, one = supervised_configs(KDConfig, tiny_llama, tmp_path, teacher=str(teacher))
     run_both("kd", two, one, train_kd)
     assert_same_run(tmp_path / "two", tmp_path / "one", 3)
+
+
+@pytest.fixture(scope="module")
+def eos_pair(tiny_llama, teacher, tmp_path_factory) -> tuple[Path, Path]:
+    """tiny_llama and teacher with their EOS head row scaled 20x: EOS is near-certain after some contexts
+    and near-impossible after others, so sampled responses end at ragged lengths."""
+    out = []
+    for name, path in (("student", tiny_llama), ("teacher", teacher)):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            model.get_output_embeddings().weight[EOS_ID] *= 20.0
+        dest = tmp_path_factory.mktemp(f"eos-{name}")
+        model.save_pretrained(dest)
+        AutoTokenizer.from_pretrained(path).save_pretrained(dest)
+        out.append(dest)
+    return out[0], out[1]
+
+
+def test_gkd_two_processes_equal_one(eos_pair, tmp_path):
+    student, teacher = eos_pair
+    two, one = supervised_configs(
+        GKDConfig, student, tmp_path, teacher=str(teacher), lmbda=1.0, max_new_tokens=8
+    )
+    run_both("gkd", two, one, train_gkd)
+    assert_same_run(tmp_path / "two", tmp_path / "one", 3)
+
+
+def kill_at_checkpoint(run: subprocess.Popen, out: Path, step: int) -> None:
+    """SIGKILL the launcher and its workers once `out` holds the checkpoint of `step`."""
+    deadline = time.time() + TIMEOUT_S
+    while time.time() < deadline:
+        latest = out / "latest.json"
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= step:
+            break
+        if run.poll() is not None:
+            break  # finished or failed: the checks after the kill say which
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+
+
+def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
+    """Teacher mixing on, ragged responses, 2 inner epochs of one mini-batch each (num_rollouts = the
+    processes' batch_size x grad_accum), 2 collections, the PT loss; and a 2-process run killed
+    mid-collection (step 3 of 4; collections start at steps 0 and 2) resumes to the same weights."""
+    student, teacher = eos_pair
+    two = stage_config(
+        MiniLLMConfig,
+        student,
+        tmp_path / "two",
+        teacher=str(teacher),
+        max_train_examples=16,
+        max_valid_examples=4,
+        num_rollouts=8,
+        batch_size=2,
+        grad_accum=2,
+        ppo_epochs=2,
+        max_steps=4,
+        max_new_tokens=8,
+        valid_max_new_tokens=4,
+        pt_loss="ce+kd",
+        pt_block_length=32,
+        teacher_mix_alpha=0.2,
+        eval_every=0,
+        save_every=3,
+        lr=1e-2,
+        warmup_steps=0,
+        max_prompt_length=160,
+        max_length=192,
+        chunk_size=16,
+    )
+    killed = replace(two, output_dir=str(tmp_path / "killed"))
+    runs = [launch_two("distill", two), launch_two("distill", killed)]
+    try:
+        kill_at_checkpoint(runs[1], tmp_path / "killed", 3)
+        latest = json.loads((tmp_path / "killed" / "latest.json").read_text())["checkpoint"]
+        assert len(list((tmp_path / "killed" / latest).glob("extra-rank*.safetensors"))) == 2, latest
+        runs[1] = launch_two("distill", replace(killed, resume=True))
+        train_minillm(replace(two, output_dir=str(tmp_path / "one"), batch_size=4))
+    except BaseException:
+        for run in runs:
+            os.killpg(run.pid, signal.SIGKILL)
+        raise
+    for run in runs:
+        finish(run)
+    assert_same_run(tmp_path / "two", tmp_path / "one", 4)
+    lengths = [[m["length"] for m in read_metrics(tmp_path / run)[1:]] for run in ("two", "one")]
+    assert lengths[0] != lengths[1], f"rank 0's responses are as long as everyone's: {lengths}"
+    a, b = final_weights(tmp_path / "killed", 4), final_weights(tmp_path / "two", 4)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0.0, atol=0.0, msg=name)

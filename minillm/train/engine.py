@@ -270,8 +270,10 @@ def load_checkpoint(
     if not files:
         raise FileNotFoundError(f"{path} holds no .safetensors weights")
     weights: dict[str, Tensor] = {}
+    # gloo ranks run on "cpu:0", which safetensors and torch.load refuse as a target
+    device = "cpu" if acc.device.type == "cpu" else str(acc.device)
     for f in files:
-        weights.update(load_file(f, device=str(acc.device)))
+        weights.update(load_file(f, device=device))
     missing, unexpected = inner.load_state_dict(weights, strict=False)
     tied = set(getattr(inner, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
@@ -279,7 +281,7 @@ def load_checkpoint(
             f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
         )
     inner.tie_weights()
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 

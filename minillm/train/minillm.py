@@ -49,7 +49,7 @@ from minillm.objectives import policy
 from minillm.objectives.chunked import chunked_head_loss, take_rows
 from minillm.objectives.divergences import reverse_kl
 from minillm.objectives.lm import ce_kd_sum, fill_log_probs, head_log_probs_into, token_logprobs
-from minillm.rollout import Rollout, sample_rollout
+from minillm.rollout import Generators, Rollout, sample_rollout
 from minillm.train import engine
 from minillm.train.kd import load_teacher
 from minillm.train.sampling_cache import SamplingCache, sampling_buffers
@@ -205,11 +205,12 @@ def collect(
     eos: int,
     cfg: MiniLLMConfig,
     acc: Accelerator,
-    g: torch.Generator,
+    g: Generators,
     cache: Tensor | None = None,
     sampling: tuple[Tensor, list[Tensor] | None] | None = None,
 ) -> tuple[Rollout, TeacherStore, SamplingCache | None, float]:
-    """Sample this rank's rollouts in batches; returns the store, the teacher's side of it (its
+    """Sample this rank's rollouts in batches (g: one generator, or one per prompt); returns the store, the
+    teacher's side of it (its
     log-probs in `cache`, from `teacher_cache`, when given), what the sampler computed (in `sampling`, from
     `sampling_buffers`, when given) and the seconds spent in teacher passes."""
     inner = acc.unwrap_model(student)
@@ -235,7 +236,7 @@ def collect(
             max_new_tokens=N,
             eos_token_id=eos,
             pad_token_id=pad,
-            generator=g,
+            generator=g[at] if isinstance(g, list) else g,
             temperature=cfg.sample_temperature,
             top_k=cfg.top_k,
             top_p=cfg.top_p,
@@ -386,7 +387,6 @@ def validate(
     """Rouge-L of sampled answers (paper decoding) and the reverse KL of the student on its own samples:
     Σ_t KL(q(·|y<t) ‖ p(·|y<t)) per response, an unbiased estimate of the sequence-level KL(q‖p)."""
     inner = acc.unwrap_model(student)
-    g = engine.generator(cfg.seed, 0, acc.process_index)  # the same validation samples at every evaluation
     scores, kls, tokens = [], [], 0
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     mine = list(range(acc.process_index, len(prompts), acc.num_processes))
@@ -403,7 +403,8 @@ def validate(
             max_new_tokens=cfg.valid_max_new_tokens,
             eos_token_id=eos,
             pad_token_id=pad,
-            generator=g,
+            # one stream per prompt: the same samples at every evaluation, on any number of processes
+            generator=[engine.generator(cfg.seed, 0, i) for i in idx],
             fast=cfg.fast_rollout,
             score=False,
         )
@@ -489,16 +490,18 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             engine.release_freed_memory()
             t0 = time.perf_counter()
             idx = engine.step_indices(len(prompts), cfg.num_rollouts, cfg.seed, collection)
-            mine = [prompts[i] for i in idx[acc.process_index :: acc.num_processes]]
+            mine = range(acc.process_index, cfg.num_rollouts, acc.num_processes)  # places in idx
             store, t_store, sampled, time_teacher = collect(
                 student,
                 teacher,
-                mine,
+                [prompts[idx[i]] for i in mine],
                 pad,
                 eos,
                 cfg,
                 acc,
-                engine.generator(cfg.seed, collection, acc.process_index),
+                # one stream per rollout, by its place in the collection: the same rollouts on any
+                # number of processes
+                [engine.generator(cfg.seed, collection, i) for i in mine],
                 cache,
                 sampling_buffers(acc.unwrap_model(student), per_rank, cfg, layers=keep_layers),
             )
@@ -517,6 +520,12 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         scale = engine.loss_scale(acc, n_tokens)
         engine.seed_step(cfg.seed, state.step, acc.process_index)
         sums = {"pg": 0.0, "single": 0.0, "clipped": 0.0, "pt": 0.0}
+        if (
+            pt_blocks is not None
+        ):  # the step's blocks for all ranks, so any number of processes takes the same
+            pt_picks = torch.randint(
+                len(pt_blocks), (mini * acc.num_processes,), generator=engine.generator(cfg.seed, state.step)
+            )[acc.process_index :: acc.num_processes]
         for j in range(cfg.grad_accum):
             sel = list(range(j * cfg.batch_size, (j + 1) * cfg.batch_size))
             micro = mb[sel]
@@ -532,15 +541,9 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 )
                 s_micro = None  # frees the sampling cache before backward
                 if pt_blocks is not None:
-                    pick = torch.randint(
-                        len(pt_blocks),
-                        (cfg.batch_size,),
-                        generator=engine.generator(cfg.seed, state.step, acc.process_index, j),
-                    )
+                    pick = pt_picks[j * cfg.batch_size : (j + 1) * cfg.batch_size]
                     pt = pt_loss_sum(student, teacher, pt_blocks[pick].to(acc.device), cfg)
-                    pt_tokens = (
-                        cfg.batch_size * (cfg.pt_block_length - 1) * cfg.grad_accum * acc.num_processes
-                    )
+                    pt_tokens = len(pt_picks) * acc.num_processes * (cfg.pt_block_length - 1)
                     loss = loss + cfg.pt_coef * pt * engine.loss_scale(acc, pt_tokens)
                     stats["pt"] = float(pt.detach()) / pt_tokens
             acc.backward(loss)
