@@ -9,6 +9,7 @@ resume to the weights of the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 from conftest import read_metrics, stage_config
@@ -30,6 +32,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minillm import config as config_lib
 from minillm.config import GKDConfig, KDConfig, MiniLLMConfig, SFTConfig
+from minillm.data.instructions import load_records
+from minillm.data.tokenize import encode_prompt, length_groups
+from minillm.train import engine
 from minillm.train.gkd import train_gkd
 from minillm.train.kd import train_kd
 from minillm.train.minillm import train_minillm
@@ -48,22 +53,32 @@ def free_port() -> int:
 
 
 def launch_two(stage: str, cfg: Any) -> subprocess.Popen:
-    """`accelerate launch` of `minillm <stage>` on 2 CPU processes, in its own process group (so that a kill
-    reaches the workers too)."""
+    """`accelerate launch` of `minillm <stage>` on 2 CPU processes."""
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--config_file", str(ACCELERATE_CONFIG)]
     cmd += ["--main_process_port", str(free_port()), "-m", "minillm.cli", stage, *config_lib.to_argv(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def kill(run: subprocess.Popen) -> None:
+    """SIGKILL the launcher and its workers, which torchrun starts in sessions of their own (a kill of the
+    launcher alone leaves them running)."""
+    procs = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        launcher = psutil.Process(run.pid)
+        procs = [launcher, *launcher.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    run.wait()
 
 
 def finish(run: subprocess.Popen) -> None:
     try:
         _, err = run.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(run.pid, signal.SIGKILL)
+        kill(run)
         _, err = run.communicate()
         raise AssertionError(f"still running after {TIMEOUT_S} s:\n{err.decode()[-3000:]}") from None
     assert run.returncode == 0, err.decode()[-3000:]
@@ -75,8 +90,7 @@ def run_both(stage: str, two: Any, one: Any, train: Callable[[Any], Path]) -> No
     try:
         train(one)
     except BaseException:
-        os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
+        kill(run)
         raise
     finish(run)
 
@@ -170,21 +184,46 @@ def kill_at_checkpoint(run: subprocess.Popen, out: Path, step: int) -> None:
         if run.poll() is not None:
             break  # finished or failed: the checks after the kill say which
         time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    kill(run)
+
+
+def ragged_prompts(path: Path) -> Path:
+    """16 instructions, short or long at random: a micro-batch of 2 is one length group (two alike) or two,
+    so the ranks' micro-batches of one step often differ in their number of groups."""
+    g = torch.Generator().manual_seed(0)
+    with open(path, "w") as fh:
+        for _ in range(16):
+            words = " yes" * (28 if bool(torch.rand((), generator=g) < 0.5) else 1)  # ~150 or ~100 tokens
+            fh.write(json.dumps({"instruction": f"Say{words}.", "input": "", "output": "yes"}) + "\n")
+    return path
+
+
+def group_counts(cfg: MiniLLMConfig, collection: int) -> list[list[int]]:
+    """Per rank of 2, the number of length groups of each of its micro-batches' prompts in `collection`
+    (response_rows' forwards without the single-forward rule), as train_minillm picks them."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    prompts = [encode_prompt(r, tokenizer, cfg.template) for r in load_records(cfg.train_data)]
+    assert max(map(len, prompts)) <= cfg.max_prompt_length  # none dropped: train_minillm's prompt list
+    idx = engine.step_indices(len(prompts), cfg.num_rollouts, cfg.seed, collection)
+    lengths = [[len(prompts[i]) for i in idx[rank::2]] for rank in range(2)]
+    b = cfg.batch_size
+    return [[len(length_groups(x[j : j + b])) for j in range(0, len(x), b)] for x in lengths]
 
 
 def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
-    """Teacher mixing on, ragged responses, 2 inner epochs of one mini-batch each (num_rollouts = the
-    processes' batch_size x grad_accum), 2 collections, the PT loss; and a 2-process run killed
-    mid-collection (step 3 of 4; collections start at steps 0 and 2) resumes to the same weights."""
+    """Teacher mixing on, ragged responses and length groups across ranks, 2 inner epochs of one
+    mini-batch each (num_rollouts = the processes' batch_size x grad_accum), 2 collections, the PT loss;
+    and a 2-process run killed mid-collection (step 3 of 4; collections start at steps 0 and 2) resumes to
+    the same weights."""
     student, teacher = eos_pair
+    data = ragged_prompts(tmp_path / "prompts.jsonl")
     two = stage_config(
         MiniLLMConfig,
         student,
         tmp_path / "two",
         teacher=str(teacher),
-        max_train_examples=16,
+        train_data=str(data),
+        valid_data=str(data),
         max_valid_examples=4,
         num_rollouts=8,
         batch_size=2,
@@ -204,6 +243,8 @@ def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
         max_length=192,
         chunk_size=16,
     )
+    counts = [group_counts(two, c) for c in (0, 1)]
+    assert any(c[0] != c[1] for c in counts), f"every micro-batch pair has as many groups: {counts}"
     killed = replace(two, output_dir=str(tmp_path / "killed"))
     runs = [launch_two("distill", two), launch_two("distill", killed)]
     try:
@@ -214,7 +255,7 @@ def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
         train_minillm(replace(two, output_dir=str(tmp_path / "one"), batch_size=4))
     except BaseException:
         for run in runs:
-            os.killpg(run.pid, signal.SIGKILL)
+            kill(run)
         raise
     for run in runs:
         finish(run)
