@@ -265,3 +265,11 @@ def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
     a, b = final_weights(tmp_path / "killed", 4), final_weights(tmp_path / "two", 4)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0.0, atol=0.0, msg=name)
+
+
+@pytest.mark.parametrize("engine_name", ["FSDP", "DEEPSPEED"])
+def test_sharded_engines_refused(engine_name, tiny_llama, tmp_path, monkeypatch):
+    """On a CPU accelerate 1.15 would run plain DDP under an FSDP config: refused, as on a GPU for now."""
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine_name}", "true")
+    with pytest.raises(NotImplementedError, match=engine_name):
+        engine.make_accelerator(stage_config(SFTConfig, tiny_llama, tmp_path))

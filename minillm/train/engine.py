@@ -42,6 +42,12 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    for engine in ("FSDP", "DEEPSPEED"):  # on a CPU accelerate would quietly run DDP instead
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
+            raise NotImplementedError(
+                f"{engine} is not supported yet: the chunked losses read the LM head outside the forward and "
+                "checkpoints are one process's state_dict (docs/distributed.md)"
+            )
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
     acc = Accelerator(mixed_precision=mp, cpu=cpu, log_with="tensorboard", project_dir=cfg.output_dir)
     acc.init_trackers(
