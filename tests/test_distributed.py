@@ -9,23 +9,18 @@ resume to the weights of the uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import torch
-from conftest import read_metrics, stage_config
+from conftest import kill_after_checkpoint, kill_tree, read_metrics, stage_config
 from safetensors.torch import load_file
 from tolerances import DISTRIBUTED
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,38 +56,14 @@ def launch_two(stage: str, cfg: Any) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def kill(run: subprocess.Popen) -> None:
-    """SIGKILL the launcher and its workers, which torchrun starts in sessions of their own (a kill of the
-    launcher alone leaves them running)."""
-    procs = []
-    with contextlib.suppress(psutil.NoSuchProcess):
-        launcher = psutil.Process(run.pid)
-        procs = [launcher, *launcher.children(recursive=True)]
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-    run.wait()
-
-
 def finish(run: subprocess.Popen) -> None:
     try:
         _, err = run.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        kill(run)
+        kill_tree(run)
         _, err = run.communicate()
         raise AssertionError(f"still running after {TIMEOUT_S} s:\n{err.decode()[-3000:]}") from None
     assert run.returncode == 0, err.decode()[-3000:]
-
-
-def run_both(stage: str, two: Any, one: Any, train: Callable[[Any], Path]) -> None:
-    """The 2-process run in the background while this process trains the 1-process one."""
-    run = launch_two(stage, two)
-    try:
-        train(one)
-    except BaseException:
-        kill(run)
-        raise
-    finish(run)
 
 
 def final_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -137,18 +108,6 @@ def supervised_configs(cls: type, model: Path, tmp: Path, **kw: Any) -> tuple[An
     return two, replace(two, output_dir=str(tmp / "one"), batch_size=4)
 
 
-def test_sft_two_processes_equal_one(tiny_llama, tmp_path):
-    two, one = supervised_configs(SFTConfig, tiny_llama, tmp_path)
-    run_both("sft", two, one, train_sft)
-    assert_same_run(tmp_path / "two", tmp_path / "one", 3)
-
-
-def test_kd_two_processes_equal_one(tiny_llama, teacher, tmp_path):
-    two, one = supervised_configs(KDConfig, tiny_llama, tmp_path, teacher=str(teacher))
-    run_both("kd", two, one, train_kd)
-    assert_same_run(tmp_path / "two", tmp_path / "one", 3)
-
-
 @pytest.fixture(scope="module")
 def eos_pair(tiny_llama, teacher, tmp_path_factory) -> tuple[Path, Path]:
     """tiny_llama and teacher with their EOS head row scaled 20x: EOS is near-certain after some contexts
@@ -165,26 +124,32 @@ def eos_pair(tiny_llama, teacher, tmp_path_factory) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def test_gkd_two_processes_equal_one(eos_pair, tmp_path):
-    student, teacher = eos_pair
-    two, one = supervised_configs(
-        GKDConfig, student, tmp_path, teacher=str(teacher), lmbda=1.0, max_new_tokens=8
-    )
-    run_both("gkd", two, one, train_gkd)
-    assert_same_run(tmp_path / "two", tmp_path / "one", 3)
+@pytest.fixture(scope="module")
+def supervised_runs(tiny_llama, teacher, eos_pair, tmp_path_factory) -> dict[str, tuple]:
+    """stage -> (its 2-process run, launched, and the 2- and 1-process configs), for SFT, KD and GKD (every
+    step on-policy, ragged responses). All three are launched at once: start-up is most of their cost."""
+    root = tmp_path_factory.mktemp("supervised")
+    student, eos_teacher = eos_pair
+    configs = {
+        "sft": supervised_configs(SFTConfig, tiny_llama, root / "sft"),
+        "kd": supervised_configs(KDConfig, tiny_llama, root / "kd", teacher=str(teacher)),
+        "gkd": supervised_configs(
+            GKDConfig, student, root / "gkd", teacher=str(eos_teacher), lmbda=1.0, max_new_tokens=8
+        ),
+    }
+    runs = {stage: launch_two(stage, two) for stage, (two, _) in configs.items()}
+    yield {stage: (runs[stage], *configs[stage]) for stage in configs}
+    for run in runs.values():
+        if run.poll() is None:
+            kill_tree(run)
 
 
-def kill_at_checkpoint(run: subprocess.Popen, out: Path, step: int) -> None:
-    """SIGKILL the launcher and its workers once `out` holds the checkpoint of `step`."""
-    deadline = time.time() + TIMEOUT_S
-    while time.time() < deadline:
-        latest = out / "latest.json"
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= step:
-            break
-        if run.poll() is not None:
-            break  # finished or failed: the checks after the kill say which
-        time.sleep(0.05)
-    kill(run)
+@pytest.mark.parametrize("stage, train", [("sft", train_sft), ("kd", train_kd), ("gkd", train_gkd)])
+def test_two_processes_equal_one(supervised_runs, stage, train):
+    run, two, one = supervised_runs[stage]
+    train(one)
+    finish(run)
+    assert_same_run(Path(two.output_dir), Path(one.output_dir), 3)
 
 
 def ragged_prompts(path: Path) -> Path:
@@ -248,14 +213,14 @@ def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
     killed = replace(two, output_dir=str(tmp_path / "killed"))
     runs = [launch_two("distill", two), launch_two("distill", killed)]
     try:
-        kill_at_checkpoint(runs[1], tmp_path / "killed", 3)
+        kill_after_checkpoint(runs[1], tmp_path / "killed", 3)
         latest = json.loads((tmp_path / "killed" / "latest.json").read_text())["checkpoint"]
         assert len(list((tmp_path / "killed" / latest).glob("extra-rank*.safetensors"))) == 2, latest
         runs[1] = launch_two("distill", replace(killed, resume=True))
         train_minillm(replace(two, output_dir=str(tmp_path / "one"), batch_size=4))
     except BaseException:
         for run in runs:
-            kill(run)
+            kill_tree(run)
         raise
     for run in runs:
         finish(run)
