@@ -23,9 +23,9 @@ What is recorded, and where we depart from the official code:
   `compute_logits_and_log_probs`, minillm/minillm/sampler.py @ 19f288d `run_sample`). Identical at the
   paper defaults.
 - The draw is an inverse-CDF draw with one uniform per row per step from the caller's generator, or
-  from the row's own generator when given one per row (float64 cumsum, searchsorted), not `torch.multinomial`, which draws V exponentials per row (12 ms a step at V = 49152 on
-  2 CPU cores). Same distribution, different random stream: HF `generate` under the same seed gives other
-  tokens.
+  from the row's own generator when given one per row (float64 cumsum, searchsorted), not
+  `torch.multinomial`, which draws V exponentials per row (12 ms a step at V = 49152 on 2 CPU cores).
+  Same distribution, different random stream: HF `generate` under the same seed gives other tokens.
 - With α = 0 the teacher is not run while sampling; `logp` comes from one scoring forward afterwards
   (`score_teacher`). With α > 0 it comes from the sampling loop and equals that forward to fp tolerance.
 - Masks come from lengths, never from ids (pad may equal EOS): True up to and including the first EOS.

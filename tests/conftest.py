@@ -149,9 +149,9 @@ def kill_tree(run: subprocess.Popen) -> None:
     run.wait()
 
 
-def kill_after_checkpoint(run: subprocess.Popen, out: Path, step: int) -> None:
-    """kill -9 `run` and its workers once `out` holds a checkpoint of step >= `step` (or after 120 s)."""
-    deadline = time.time() + 120
+def kill_after_checkpoint(run: subprocess.Popen, out: Path, step: int, timeout_s: float = 120) -> None:
+    """kill -9 `run` and its workers once `out` holds a checkpoint of step >= `step` (or after timeout_s)."""
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         latest = out / "latest.json"
         if latest.is_file() and json.loads(latest.read_text())["step"] >= step:

@@ -37,7 +37,7 @@ from minillm.train.sft import train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIG = ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"
-TIMEOUT_S = 240
+TIMEOUT_S = 300  # a hang guard, generous for a loaded machine
 EOS_ID = 0  # conftest's tokenizer: its only special token
 
 
@@ -213,7 +213,7 @@ def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
     killed = replace(two, output_dir=str(tmp_path / "killed"))
     runs = [launch_two("distill", two), launch_two("distill", killed)]
     try:
-        kill_after_checkpoint(runs[1], tmp_path / "killed", 3)
+        kill_after_checkpoint(runs[1], tmp_path / "killed", 3, TIMEOUT_S)
         latest = json.loads((tmp_path / "killed" / "latest.json").read_text())["checkpoint"]
         assert len(list((tmp_path / "killed" / latest).glob("extra-rank*.safetensors"))) == 2, latest
         runs[1] = launch_two("distill", replace(killed, resume=True))

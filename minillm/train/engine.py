@@ -166,8 +166,8 @@ def supervised_step(
     """Optimizer step `step` on this rank's collated micro-batches (SFT, KD, SeqKD, GKD).
 
     The micro-batches' loss sums and parts are divided by the step's global target-token count (STYLE 7),
-    the backward sums scaled by `loss_scale`; gradients sync on the last micro-batch only. Returns "loss", the parts (per token), "lr", "grad_norm"
-    and "tokens".
+    the backward sums scaled by `loss_scale`; gradients sync on the last micro-batch only. Returns "loss",
+    the parts (per token), "lr", "grad_norm" and "tokens".
     """
     n_tokens = global_count(acc, sum(int(b["target_mask"].sum()) for b in micro))
     scale = loss_scale(acc, n_tokens)

@@ -95,8 +95,9 @@ def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache 
     Each sequence is its prompt's real tokens and its response up to the last valid token, forwarded
     unpadded in `length_groups`, right-padded within a group: causality keeps the pads out of every row
     used, so no attention mask is needed. A wrapped (DDP) model gets all sequences in one forward: DDP
-    broadcasts buffers in every forward, so each rank must run as many as the others, whatever its lengths. With `replay` (batch's rows of a collection sampled at the
-    current weights) the decoder layers' outputs come from sampling (`SamplingCache.replay`).
+    broadcasts buffers in every forward, so each rank must run as many as the others, whatever its
+    lengths. With `replay` (batch's rows of a collection sampled at the current weights) the decoder
+    layers' outputs come from sampling (`SamplingCache.replay`).
     """
     prompt_len = batch.prompt_mask.sum(-1).tolist()  # [B]
     resp_len = batch.mask.sum(-1).tolist()  # [B]
@@ -210,9 +211,8 @@ def collect(
     sampling: tuple[Tensor, list[Tensor] | None] | None = None,
 ) -> tuple[Rollout, TeacherStore, SamplingCache | None, float]:
     """Sample this rank's rollouts in batches (g: one generator, or one per prompt); returns the store, the
-    teacher's side of it (its
-    log-probs in `cache`, from `teacher_cache`, when given), what the sampler computed (in `sampling`, from
-    `sampling_buffers`, when given) and the seconds spent in teacher passes."""
+    teacher's side of it (its log-probs in `cache`, from `teacher_cache`, when given), what the sampler
+    computed (in `sampling`, from `sampling_buffers`, when given) and the seconds spent in teacher passes."""
     inner = acc.unwrap_model(student)
     N, width = cfg.max_new_tokens, cfg.max_prompt_length
     logits, layers = sampling if sampling is not None else (None, None)
@@ -304,8 +304,8 @@ def minibatch_loss(
     sampled: SamplingCache | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """(Σ PG loss + Σ single-step KL) / n_tokens for one micro-batch (n_tokens: 1 / `engine.loss_scale`
-    in training, which folds in the number of processes), in one chunked head pass whose
-    gradient w.r.t. the logits is closed-form (`policy.policy_logit_grad`). t_store: the teacher's side of
+    in training, which folds in the number of processes), in one chunked head pass whose gradient w.r.t.
+    the logits is closed-form (`policy.policy_logit_grad`). t_store: the teacher's side of
     mb's valid positions, in mb's row-major order; sampled: what sampling computed for mb, read instead of
     the student's head (and layer) forwards, only while the weights are the sampling weights."""
     inner = getattr(student, "module", student)
