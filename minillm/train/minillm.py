@@ -448,11 +448,12 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
     valid_prompts, valid_records = load_prompts(cfg.valid_data, cfg.max_valid_examples, tokenizer, cfg, acc)
     pt_blocks = load_pt_blocks(cfg.pt_data, tokenizer, cfg.pt_block_length) if cfg.pt_loss != "none" else None
 
-    per_rank = cfg.num_rollouts // acc.num_processes
+    per_rank, rest = divmod(cfg.num_rollouts, acc.num_processes)
     mini = cfg.batch_size * cfg.grad_accum  # sequences per rank per optimizer step
-    if per_rank % mini:
+    if rest or per_rank % mini:
         raise ValueError(
-            f"num_rollouts per process ({per_rank}) must be a multiple of batch_size x grad_accum ({mini})"
+            f"num_rollouts ({cfg.num_rollouts}) must be a multiple of processes ({acc.num_processes}) x "
+            f"batch_size ({cfg.batch_size}) x grad_accum ({cfg.grad_accum})"
         )
     steps_per_collection = cfg.ppo_epochs * (per_rank // mini)
     total = min(cfg.max_steps, cfg.epochs * (len(prompts) // cfg.num_rollouts) * steps_per_collection)
