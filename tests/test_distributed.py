@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo), launched as docs/distributed.md says, train exactly as one process does.
+"""Two CPU processes (gloo), launched as docs/distributed.md says, train as one process does.
 
 Each stage runs k optimizer steps under `accelerate launch --config_file configs/accelerate/cpu-2proc.yaml`
 with batch_size b per process, and in this process with batch_size 2b: the same global batch. Per step the
