@@ -28,7 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from minillm import config as config_lib
 from minillm.config import GKDConfig, KDConfig, MiniLLMConfig, SFTConfig
 from minillm.data.instructions import load_records
-from minillm.data.tokenize import encode_prompt, length_groups
+from minillm.data.tokenize import collate_prompts, encode_prompt, length_groups
+from minillm.rollout import sample_rollout
 from minillm.train import engine
 from minillm.train.gkd import train_gkd
 from minillm.train.kd import train_kd
@@ -238,3 +239,40 @@ def test_sharded_engines_refused(engine_name, tiny_llama, tmp_path, monkeypatch)
     monkeypatch.setenv(f"ACCELERATE_USE_{engine_name}", "true")
     with pytest.raises(NotImplementedError, match=engine_name):
         engine.make_accelerator(stage_config(SFTConfig, tiny_llama, tmp_path))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "eager"])
+def test_row_generators_sample_the_same_responses_in_any_batch(eos_pair, fast):
+    """With one generator per row, a prompt's response does not depend on the prompts beside it: 6 prompts
+    of ragged lengths in one batch, and in batches of 2 in another order, give the same rollouts (the
+    property the 2-process tests rely on), teacher mixing on."""
+    student, teacher = (AutoModelForCausalLM.from_pretrained(p) for p in eos_pair)
+    g = torch.Generator().manual_seed(2)  # prompts whose responses end at 6, 3 and 16 (cut) tokens
+    prompts = [torch.randint(1, 384, (int(n),), generator=g).tolist() for n in (3, 9, 5, 12, 4, 7)]
+
+    def sample(rows: list[int]) -> Any:
+        enc = collate_prompts([prompts[i] for i in rows], pad_id=EOS_ID)
+        return sample_rollout(
+            student,
+            teacher,
+            enc["input_ids"],
+            enc["attention_mask"],
+            alpha=0.2,
+            max_new_tokens=16,
+            eos_token_id=EOS_ID,
+            pad_token_id=EOS_ID,
+            generator=[engine.generator(0, i) for i in rows],
+            fast=fast,
+        )
+
+    whole = sample(list(range(6)))
+    assert len(set(whole.mask.sum(-1).tolist())) > 1  # ragged lengths
+    for rows in ([4, 1], [5, 0], [3, 2]):
+        part = sample(rows)
+        T = part.mask.shape[1]
+        for k, i in enumerate(rows):
+            assert torch.equal(part.mask[k], whole.mask[i, :T]) and not whole.mask[i, T:].any()
+            valid = part.mask[k]
+            assert torch.equal(part.response_ids[k][valid], whole.response_ids[i, :T][valid])
+            for f in ("logq_old", "logp", "log_w"):
+                torch.testing.assert_close(getattr(part, f)[k][valid], getattr(whole, f)[i, :T][valid])
