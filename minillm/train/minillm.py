@@ -404,7 +404,7 @@ def validate(
             eos_token_id=eos,
             pad_token_id=pad,
             # one stream per prompt: the same samples at every evaluation, on any number of processes
-            generator=[engine.generator(cfg.seed, 0, i) for i in idx],
+            generator=[engine.generator(cfg.seed, 0, i, device=acc.device) for i in idx],
             fast=cfg.fast_rollout,
             score=False,
         )
@@ -502,7 +502,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 acc,
                 # one stream per rollout, by its place in the collection: the same rollouts on any
                 # number of processes
-                [engine.generator(cfg.seed, collection, i) for i in mine],
+                [engine.generator(cfg.seed, collection, i, device=acc.device) for i in mine],
                 cache,
                 sampling_buffers(acc.unwrap_model(student), per_rank, cfg, layers=keep_layers),
             )
