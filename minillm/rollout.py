@@ -29,10 +29,10 @@ What is recorded, and where we depart from the official code:
   −inf mask applied to both models, and mixes those (LMOps minillm/minillm/trainer.py @ 0b335e4
   `compute_logits_and_log_probs`, minillm/minillm/sampler.py @ 19f288d `run_sample`). Identical at the
   paper defaults.
-- The draw is an inverse-CDF draw with one uniform per row from the caller's generator (float64 cumsum,
-  searchsorted), not `torch.multinomial`, which draws V exponentials per row (12 ms a step at V = 49152 on
-  2 CPU cores). Same distribution, different random stream: HF `generate` under the same seed gives other
-  tokens.
+- The draw is an inverse-CDF draw with one uniform per row per step from the caller's generator, or
+  from the row's own generator when given one per row (float64 cumsum, searchsorted), not
+  `torch.multinomial`, which draws V exponentials per row (12 ms a step at V = 49152 on 2 CPU cores).
+  Same distribution, different random stream: HF `generate` under the same seed gives other tokens.
 - With α = 0 the teacher is not run while sampling; `logp` comes from one scoring forward afterwards
   (`score_teacher`). With α > 0 it comes from the sampling loop and equals that forward to fp tolerance.
 - Masks come from lengths, never from ids (pad may equal EOS): True up to and including the first EOS.
@@ -85,6 +85,8 @@ _CDF_BLOCK = 1024
 _SCORE_CHUNK = 32
 # Reordering costs about one decode step's weight reads; shorter generations keep the plain kernels.
 _PACK_MIN_TOKENS = 8
+# The sampler's randomness: one generator for the batch, or one per row
+Generators = torch.Generator | list[torch.Generator]
 
 
 @dataclass
@@ -189,7 +191,7 @@ def sample_rollout(
     max_new_tokens: int,
     eos_token_id: int,
     pad_token_id: int,
-    generator: torch.Generator,
+    generator: Generators,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -208,7 +210,10 @@ def sample_rollout(
     input_ids:      [B, P] long, LEFT-padded prompts (every row needs at least one real token)
     attention_mask: [B, P] bool or 0/1, True on real tokens
     alpha:          teacher weight α in [0, 1]; 0 = student-only sampling, 1 = teacher-only
-    generator:      the only randomness (one uniform per row per step); seed it from (seed, step, rank)
+    generator:      the only randomness (one uniform per row per step); seed it from (seed, step, rank).
+                    A list gives each row its own stream: a row's tokens then do not depend on the rows
+                    sampled beside it, so any split of the prompts over batches or processes samples the
+                    same responses
     temperature, top_k, top_p: applied to each model's distribution before mixing (module docstring);
                     temperature 0 is greedy (the most probable token after the n-gram ban)
     no_repeat_ngram_size: n > 0 bans, in each row, every token that would repeat an n-gram of the prompt +
@@ -263,11 +268,12 @@ def sample_rollout(
 
     # where the logits land: the head's device (a teacher placed apart keeps its head beside the student)
     device = student.get_output_embeddings().weight.device
-    if generator.device.type != device.type:  # torch's own error on CUDA names neither
-        raise ValueError(
-            f"the generator is on {generator.device} but the sampled model's head on {device}: the sampler "
-            "draws its uniforms where the logits are, so create the generator there"
-        )
+    for g in [generator] if isinstance(generator, torch.Generator) else generator:
+        if g.device.type != device.type:  # torch's own error on CUDA names neither
+            raise ValueError(
+                f"the generator is on {g.device} but the sampled model's head on {device}: the sampler "
+                "draws its uniforms where the logits are, so create the generator there"
+            )
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
     sampling = _Sampling(alpha, temperature, top_k, top_p, no_repeat_ngram_size, eos_token_id, pad_token_id)
     modes = (student.training, teacher.training)
@@ -335,7 +341,16 @@ class _Sampling:
     pad: int
 
 
-def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+def _uniforms(generator: Generators, B: int, device: torch.device) -> Tensor:
+    """One float64 uniform per row, [B, 1]: B from the one generator, or one from each row's own."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand(B, 1, generator=generator, dtype=torch.float64, device=device)
+    if len(generator) != B:
+        raise ValueError(f"{len(generator)} generators for {B} rows")
+    return torch.cat([torch.rand(1, 1, generator=g, dtype=torch.float64, device=device) for g in generator])
+
+
+def _draw(probs: Tensor, generator: Generators) -> Tensor:
     """One token per row by inverse CDF: probs [B, V] (unnormalised, ≥ 0) → [B] long.
 
     One float64 uniform per row; float64 cumsum so tokens of probability ~1e-9 keep their share.
@@ -343,7 +358,7 @@ def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
     """
     B, V = probs.shape
     cdf = probs.double().cumsum(-1)  # [B, V]
-    u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=probs.device)
+    u = _uniforms(generator, B, probs.device)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [B, 1]
     return idx.squeeze(1).clamp_(max=V - 1)
 
@@ -529,7 +544,7 @@ def _sample_eager(
     prompt_mask: Tensor,
     max_new_tokens: int,
     s: _Sampling,
-    generator: torch.Generator,
+    generator: Generators,
     compile: bool,
     logits_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -905,7 +920,7 @@ def _sample_fast(
     prompt_mask: Tensor,
     max_new_tokens: int,
     s: _Sampling,
-    generator: torch.Generator,
+    generator: Generators,
     compile: bool,
     logits_out: Tensor | None,
     layers_out: list[Tensor] | None,
@@ -954,7 +969,7 @@ def _sample_fast(
                 logits_out[:, t] = s_logits
             if teacher_rows_out is not None:
                 teacher_rows_out[:, t] = t_dec.head_in
-            u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=device)  # as `_draw`
+            u = _uniforms(generator, B, device)  # as `_draw`
             banned = None
             if s.ngram:
                 banned = _ngram_ban(seq[:, : P + t], start, s.ngram, s_logits.shape[-1])

@@ -3,6 +3,7 @@ the helpers the stage tests share (a seconds-long run's config, its metrics, a k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -193,14 +195,26 @@ def launch(stage: str, cfg: Any) -> subprocess.Popen:
     )
 
 
-def kill_after_checkpoint(run: subprocess.Popen, out: Path, step: int) -> None:
-    """kill -9 `run` once `out` holds a checkpoint of step >= `step` (or after 120 s)."""
-    deadline = time.time() + 120
+def kill_tree(run: subprocess.Popen) -> None:
+    """kill -9 `run` and its descendants: a launcher's workers (torchrun starts each in a session of its
+    own, so killing the launcher alone leaves them running)."""
+    procs = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        launcher = psutil.Process(run.pid)
+        procs = [launcher, *launcher.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    run.wait()
+
+
+def kill_after_checkpoint(run: subprocess.Popen, out: Path, step: int, timeout_s: float = 120) -> None:
+    """kill -9 `run` and its workers once `out` holds a checkpoint of step >= `step` (or after timeout_s)."""
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         latest = out / "latest.json"
         if latest.is_file() and json.loads(latest.read_text())["step"] >= step:
             break
         assert run.poll() is None, run.stderr.read().decode()[-2000:]
         time.sleep(0.05)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
+    kill_tree(run)

@@ -37,11 +37,21 @@ CKPT_PREFIX = "ckpt-"
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The run's accelerator. It creates nothing on disk: output_dir and its TensorBoard logs appear with
-    the first metrics line (`MetricsLog`), so a run refused at start leaves no folder behind."""
+    the first metrics line (`MetricsLog`), so a run refused at start leaves no folder behind. Under a
+    launcher (WORLD_SIZE > 1) on a machine without an accelerator it asks for the CPU: accelerate sets up a
+    gloo process group only then, and otherwise gives every process DistributedType.NO, i.e. independent
+    runs racing on one output folder (docs/distributed.md)."""
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp, log_with="tensorboard", project_dir=cfg.output_dir)
+    for engine in ("FSDP", "DEEPSPEED"):  # on a CPU accelerate would quietly run DDP instead
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
+            raise NotImplementedError(
+                f"{engine} is not supported yet: the chunked losses read the LM head outside the forward and "
+                "checkpoints are one process's state_dict (docs/distributed.md)"
+            )
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    return Accelerator(mixed_precision=mp, cpu=cpu, log_with="tensorboard", project_dir=cfg.output_dir)
 
 
 def generator(seed: int, *keys: int, device: torch.device | str) -> torch.Generator:
@@ -118,6 +128,13 @@ def global_count(acc: Accelerator, count: Tensor | int) -> float:
     return float(acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else float(t)
 
 
+def loss_scale(acc: Accelerator, n_tokens: float) -> float:
+    """The factor of a rank's token-loss sum: processes / the step's global token count. DDP averages
+    gradients over ranks, so the averaged gradient is then the single-process gradient of the global
+    batch (and `max_grad_norm` clips the same norm)."""
+    return acc.num_processes / n_tokens
+
+
 def clip_and_step(
     acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any, cfg: TrainConfig
 ) -> float:
@@ -170,18 +187,19 @@ def supervised_step(
 ) -> dict[str, float]:
     """Optimizer step `step` on this rank's collated micro-batches (SFT, KD, SeqKD, GKD).
 
-    The micro-batches' loss sums and parts are divided by the step's global target-token count (docs/design.md §4);
-    gradients sync on the last micro-batch only. Returns "loss", the parts (per token), "lr", "grad_norm"
-    and "tokens".
+    The micro-batches' loss sums and parts are divided by the step's global target-token count (docs/design.md §4),
+    the backward sums scaled by `loss_scale`; gradients sync on the last micro-batch only. Returns "loss",
+    the parts (per token), "lr", "grad_norm" and "tokens".
     """
     n_tokens = global_count(acc, sum(int(b["target_mask"].sum()) for b in micro))
+    scale = loss_scale(acc, n_tokens)
     seed_step(cfg.seed, step, acc.process_index)
     sums: dict[str, float] = {"loss": 0.0}
     for k, batch in enumerate(micro):
         batch = {key: v.to(acc.device) for key, v in batch.items()}
         with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
             micro_sum, parts = loss(model, batch)
-        acc.backward(micro_sum / n_tokens)
+        acc.backward(micro_sum * scale)
         for key, value in {"loss": float(micro_sum.detach()), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value / n_tokens
     lr = scheduler.get_last_lr()[0]
@@ -223,28 +241,36 @@ def save_checkpoint(
 ) -> Path:
     """Write `ckpt-STEP/` atomically, point `latest.json` at it, prune older periodic checkpoints.
 
-    `extra` tensors (e.g. MiniLLM's rollout store mid-collection) go to `extra.safetensors`."""
+    `extra` tensors (e.g. MiniLLM's rollout store mid-collection) are this rank's own: every rank writes
+    its `extra-rank{r}.safetensors` into the temp folder before the main process renames it."""
     out = Path(cfg.output_dir)
     final = out / f"{CKPT_PREFIX}{state.step}"
+    tmp = out / f".{CKPT_PREFIX}{state.step}.tmp"
     if acc.is_main_process:
-        tmp = out / f".{CKPT_PREFIX}{state.step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    try:
+        if extra:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in extra.items()},
+                tmp / f"extra-rank{acc.process_index}.safetensors",
+            )
+        if acc.is_main_process:
             acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             _atomic_write_json(tmp / "trainer_state.json", state.__dict__)
-            if extra:
-                tensors = {k: v.detach().contiguous().cpu() for k, v in extra.items()}
-                save_file(tensors, tmp / "extra.safetensors")
             config_lib.save(cfg, tmp / "minillm_config.json")
-        except Exception as e:  # a full disk, a lost mount: drop the partial copy, keep the previous one
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(
-                f"writing checkpoint {final} failed ({e}); {out / 'latest.json'} still names the previous "
-                "checkpoint, which --resume true continues from"
-            ) from e
+    except Exception as e:  # a full disk, a lost mount: drop the partial copy, keep the previous one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(
+            f"writing checkpoint {final} failed ({e}); {out / 'latest.json'} still names the previous "
+            "checkpoint, which --resume true continues from"
+        ) from e
+    acc.wait_for_everyone()  # every rank's extra is in tmp
+    if acc.is_main_process:
         _replace_dir(tmp, final)
         _atomic_write_json(out / "latest.json", {"checkpoint": final.name, "step": state.step})
         keep = {final.name} | ({f"{CKPT_PREFIX}{state.best_step}"} if state.best_step is not None else set())
@@ -275,14 +301,15 @@ def load_checkpoint(
     """Restore weights, optimizer, scheduler and trainer state written by `save_checkpoint`."""
     inner = acc.unwrap_model(model)
     if (path / "adapter_model.safetensors").is_file():  # a LoRA run: the checkpoint holds its adapters
-        _load_adapters(path, inner, acc.device)
+        _load_adapters(path, inner, "cpu" if acc.device.type == "cpu" else acc.device)
         return _load_training_state(path, acc, optimizer, scheduler)
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} holds no .safetensors weights")
     weights: dict[str, Tensor] = {}
+    device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # gloo ranks: "cpu:0", refused below
     for f in files:
-        weights.update(load_file(f, device=str(acc.device)))
+        weights.update(load_file(f, device=device))
     missing, unexpected = inner.load_state_dict(weights, strict=False)
     tied = set(getattr(inner, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
@@ -306,15 +333,24 @@ def _load_adapters(path: Path, model: torch.nn.Module, device: torch.device) -> 
 
 
 def _load_training_state(path: Path, acc: Accelerator, optimizer: Any, scheduler: Any) -> TrainerState:
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
+    # gloo ranks run on "cpu:0", which safetensors and torch.load refuse as a target
+    device = "cpu" if acc.device.type == "cpu" else str(acc.device)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 
 
-def load_extra(path: Path) -> dict[str, Tensor]:
-    """The `extra` tensors saved with a checkpoint (empty when there were none)."""
-    f = path / "extra.safetensors"
-    return load_file(f) if f.is_file() else {}
+def load_extra(path: Path, acc: Accelerator) -> dict[str, Tensor]:
+    """This rank's `extra` tensors saved with a checkpoint (empty when there were none)."""
+    files = sorted(path.glob("extra-rank*.safetensors"))
+    if not files:
+        return {}
+    if len(files) != acc.num_processes:
+        raise ValueError(
+            f"{path} was written mid-collection by {len(files)} processes; resume it with as many, "
+            f"not {acc.num_processes}"
+        )
+    return load_file(path / f"extra-rank{acc.process_index}.safetensors")
 
 
 def resume(
@@ -383,7 +419,7 @@ def mark_best(cfg: TrainConfig, state: TrainerState) -> None:
     tmp = out / ".best.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(
-        src, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "extra.safetensors")
+        src, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "extra-rank*.safetensors")
     )
     _replace_dir(tmp, out / "best")
 

@@ -39,7 +39,8 @@ from minillm.train.kd import kd_loss, load_teacher, make_divergence, validation_
 from minillm.train.seqkd import sample_responses
 from minillm.train.sft import load_examples, load_student, rouge_validation
 
-# Streams of engine.generator(seed, step, rank, stream): the coin (rank 0 on every rank) and the samples.
+# Streams of engine.generator(seed, step, place, stream): the coin (place 0 on every rank) and the
+# samples (one per example, by its place in the step).
 COIN_STREAM, SAMPLE_STREAM = 1, 2
 
 
@@ -77,9 +78,15 @@ def train_gkd(cfg: GKDConfig) -> Path:
         on_policy = on_policy_coin(cfg, state.step)
         if on_policy:  # replace the responses by the student's own, for the same prompts
             student = acc.unwrap_model(model)
-            g = engine.generator(cfg.seed, state.step, acc.process_index, SAMPLE_STREAM, device=acc.device)
+            # one stream per example, by its place in the step (rank_micro_batches' order): the same
+            # samples on any number of processes
+            places = iter(range(acc.process_index, per_step, acc.num_processes))
             for mb in examples:
                 prompts = [e.prompt_ids for e in mb]
+                g = [
+                    engine.generator(cfg.seed, state.step, next(places), SAMPLE_STREAM, device=acc.device)
+                    for _ in mb
+                ]
                 with acc.autocast():  # sample_responses runs the student in eval mode: no dropout
                     responses, _ = sample_responses(
                         student, prompts, cfg=cfg, eos_id=eos, pad_id=pad, generator=g

@@ -55,7 +55,7 @@ from minillm.objectives import policy
 from minillm.objectives.chunked import chunked_head_loss, take_rows
 from minillm.objectives.divergences import reverse_kl
 from minillm.objectives.lm import ce_kd_sum, fill_log_probs, head_log_probs_into, token_logprobs
-from minillm.rollout import Rollout, sample_rollout
+from minillm.rollout import Generators, Rollout, sample_rollout
 from minillm.train import engine
 from minillm.train.kd import load_teacher
 from minillm.train.sampling_cache import SamplingCache, sampling_buffers
@@ -79,8 +79,10 @@ def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache 
 
     Each sequence is its prompt's real tokens and its response up to the last valid token, forwarded
     unpadded in `length_groups`, right-padded within a group: causality keeps the pads out of every row
-    used, so no attention mask is needed. With `replay` (batch's rows of a collection sampled at the
-    current weights) the decoder layers' outputs come from sampling (`SamplingCache.replay`).
+    used, so no attention mask is needed. A wrapped (DDP) model gets all sequences in one forward: DDP
+    broadcasts buffers in every forward, so each rank must run as many as the others, whatever its
+    lengths. With `replay` (batch's rows of a collection sampled at the current weights) the decoder
+    layers' outputs come from sampling (`SamplingCache.replay`).
     """
     prompt_len = batch.prompt_mask.sum(-1).tolist()  # [B]
     resp_len = batch.mask.sum(-1).tolist()  # [B]
@@ -94,7 +96,8 @@ def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache 
     out: list[Tensor] = [batch.prompt_ids.new_empty(0)] * len(seqs)
     seq_len = [len(x) for x in seqs]
     inner = models.unwrap(model)
-    for group in length_groups(seq_len):
+    groups = [list(range(len(seqs)))] if hasattr(model, "module") else length_groups(seq_len)
+    for group in groups:
         ids = torch.nn.utils.rnn.pad_sequence([seqs[i] for i in group], batch_first=True)  # [G, L]
         with nullcontext() if replay is None else replay.replay(inner, group, prompt_len, seq_len):
             hidden = models.final_hidden(model, ids, torch.ones_like(ids))  # [G, L, H]
@@ -188,13 +191,13 @@ def collect(
     eos: int,
     cfg: MiniLLMConfig,
     acc: Accelerator,
-    g: torch.Generator,
+    g: Generators,
     cache: Tensor | None = None,
     sampling: tuple[Tensor, list[Tensor] | None] | None = None,
 ) -> tuple[Rollout, TeacherStore, SamplingCache | None, float]:
-    """Sample this rank's rollouts in batches; returns the store, the teacher's side of it (its
-    log-probs in `cache`, from `teacher_cache`, when given), what the sampler computed (in `sampling`, from
-    `sampling_buffers`, when given) and the seconds spent in teacher passes."""
+    """Sample this rank's rollouts in batches (g: one generator, or one per prompt); returns the store, the
+    teacher's side of it (its log-probs in `cache`, from `teacher_cache`, when given), what the sampler
+    computed (in `sampling`, from `sampling_buffers`, when given) and the seconds spent in teacher passes."""
     inner = acc.unwrap_model(student)
     N, width = cfg.max_new_tokens, cfg.max_prompt_length
     logits, layers = sampling if sampling is not None else (None, None)
@@ -219,7 +222,7 @@ def collect(
                 max_new_tokens=N,
                 eos_token_id=eos,
                 pad_token_id=pad,
-                generator=g,
+                generator=g[at] if isinstance(g, list) else g,
                 temperature=cfg.sample_temperature,
                 top_k=cfg.top_k,
                 top_p=cfg.top_p,
@@ -286,8 +289,9 @@ def minibatch_loss(
     cfg: MiniLLMConfig,
     sampled: SamplingCache | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """(Σ PG loss + Σ single-step KL) / n_tokens for one micro-batch, in one chunked head pass whose
-    gradient w.r.t. the logits is closed-form (`policy.policy_logit_grad`). t_store: the teacher's side of
+    """(Σ PG loss + Σ single-step KL) / n_tokens for one micro-batch (n_tokens: 1 / `engine.loss_scale`
+    in training, which folds in the number of processes), in one chunked head pass whose gradient w.r.t.
+    the logits is closed-form (`policy.policy_logit_grad`). t_store: the teacher's side of
     mb's valid positions, in mb's row-major order; sampled: what sampling computed for mb, read instead of
     the student's head (and layer) forwards, only while the weights are the sampling weights."""
     mask = mb.mask
@@ -368,8 +372,6 @@ def validate(
     reverse KL of the student on its own pure samples (no n-gram ban: they must come from q itself):
     Σ_t KL(q(·|y<t) ‖ p(·|y<t)) per response, an unbiased estimate of the sequence-level KL(q‖p)."""
     inner = acc.unwrap_model(student)
-    # the same validation samples at every evaluation, drawn on the student's device (as the sampler does)
-    g = engine.generator(cfg.seed, 0, acc.process_index, device=acc.device)
     kls, tokens = [], 0
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     mine = list(range(acc.process_index, len(prompts), acc.num_processes))
@@ -392,7 +394,8 @@ def validate(
                 max_new_tokens=cfg.valid_max_new_tokens,
                 eos_token_id=eos,
                 pad_token_id=pad,
-                generator=g,
+                # one stream per prompt: the same samples at every evaluation, on any number of processes
+                generator=[engine.generator(cfg.seed, 0, i, device=acc.device) for i in idx],
                 fast=cfg.fast_rollout,
                 score=False,
             )
@@ -439,11 +442,12 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
     valid_prompts, valid_records = load_prompts(cfg.valid_data, cfg.max_valid_examples, tokenizer, cfg, acc)
     pt_blocks = load_pt_blocks(cfg.pt_data, tokenizer, cfg.pt_block_length) if cfg.pt_loss != "none" else None
 
-    per_rank = cfg.num_rollouts // acc.num_processes
+    per_rank, rest = divmod(cfg.num_rollouts, acc.num_processes)
     mini = cfg.batch_size * cfg.grad_accum  # sequences per rank per optimizer step
-    if per_rank % mini:
+    if rest or per_rank % mini:
         raise InputError(
-            f"num_rollouts per process ({per_rank}) must be a multiple of batch_size x grad_accum ({mini})"
+            f"num_rollouts ({cfg.num_rollouts}) must be a multiple of processes ({acc.num_processes}) x "
+            f"batch_size ({cfg.batch_size}) x grad_accum ({cfg.grad_accum})"
         )
     steps_per_collection = cfg.ppo_epochs * (per_rank // mini)
     total = min(cfg.max_steps, cfg.epochs * (len(prompts) // cfg.num_rollouts) * steps_per_collection)
@@ -462,7 +466,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
     # it, so backward does not hold it (backward's RSS is the run's peak on a CPU)
     sampled: SamplingCache | None = None
     keep_layers = acc.num_processes == 1 and acc.mixed_precision == "no"  # see sampling_buffers
-    extra = engine.load_extra(ckpt) if ckpt is not None else {}
+    extra = engine.load_extra(ckpt, acc) if ckpt is not None else {}
     if extra:  # resumed mid-collection: the very rollouts the killed run was training on
         store = Rollout(**{f: extra[f].to(acc.device) for f in ROLLOUT_FIELDS}, pad_token_id=pad)
         t_store = TeacherStore(extra["teacher_rows"].to(acc.device))
@@ -484,16 +488,18 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             engine.release_freed_memory()
             t0 = time.perf_counter()
             idx = engine.step_indices(len(prompts), cfg.num_rollouts, cfg.seed, collection)
-            mine = [prompts[i] for i in idx[acc.process_index :: acc.num_processes]]
+            mine = range(acc.process_index, cfg.num_rollouts, acc.num_processes)  # places in idx
             store, t_store, sampled, time_teacher = collect(
                 student,
                 teacher,
-                mine,
+                [prompts[idx[i]] for i in mine],
                 pad,
                 eos,
                 cfg,
                 acc,
-                engine.generator(cfg.seed, collection, acc.process_index, device=acc.device),
+                # one stream per rollout, by its place in the collection: the same rollouts on any
+                # number of processes
+                [engine.generator(cfg.seed, collection, i, device=acc.device) for i in mine],
                 cache,
                 sampling_buffers(acc.unwrap_model(student), per_rank, cfg, layers=keep_layers),
             )
@@ -511,8 +517,17 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), store.mask.sum(-1).cumsum(0)]).tolist()
         rewards, adv = rewards_and_advantages(mb, cfg, all_reduce)
         n_tokens = engine.global_count(acc, int(mb.mask.sum()))
+        scale = engine.loss_scale(acc, n_tokens)
         engine.seed_step(cfg.seed, state.step, acc.process_index)
         sums = {"pg": 0.0, "single": 0.0, "clipped": 0.0, "pt": 0.0}
+        if (
+            pt_blocks is not None
+        ):  # the step's blocks for all ranks, so any number of processes takes the same
+            pt_picks = torch.randint(
+                len(pt_blocks),
+                (mini * acc.num_processes,),
+                generator=engine.generator(cfg.seed, state.step, device="cpu"),
+            )[acc.process_index :: acc.num_processes]
         for j in range(cfg.grad_accum):
             sel = list(range(j * cfg.batch_size, (j + 1) * cfg.batch_size))
             micro = mb[sel]
@@ -524,20 +539,14 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 sampled = None  # this step's last forward is its last reader: the weights move next
             with acc.no_sync(student) if not last else nullcontext(), acc.autocast():
                 loss, stats = minibatch_loss(
-                    student, teacher, micro, t_micro, adv[sel], n_tokens, cfg, s_micro
+                    student, teacher, micro, t_micro, adv[sel], 1.0 / scale, cfg, s_micro
                 )
                 s_micro = None  # frees the sampling cache before backward
                 if pt_blocks is not None:
-                    pick = torch.randint(
-                        len(pt_blocks),
-                        (cfg.batch_size,),
-                        generator=engine.generator(cfg.seed, state.step, acc.process_index, j, device="cpu"),
-                    )
+                    pick = pt_picks[j * cfg.batch_size : (j + 1) * cfg.batch_size]
                     pt = pt_loss_sum(student, teacher, pt_blocks[pick].to(acc.device), cfg)
-                    pt_tokens = (
-                        cfg.batch_size * (cfg.pt_block_length - 1) * cfg.grad_accum * acc.num_processes
-                    )
-                    loss = loss + cfg.pt_coef * pt / pt_tokens
+                    pt_tokens = len(pt_picks) * acc.num_processes * (cfg.pt_block_length - 1)
+                    loss = loss + cfg.pt_coef * pt * engine.loss_scale(acc, pt_tokens)
                     stats["pt"] = float(pt.detach()) / pt_tokens
             acc.backward(loss)
             for key, value in stats.items():

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from minillm.config import SeqKDConfig
 from minillm.data.instructions import load_records
 from minillm.data.tokenize import Example, collate_prompts, encode_prompt
-from minillm.rollout import sample_rollout
+from minillm.rollout import Generators, sample_rollout
 from minillm.train import engine
 from minillm.train.kd import kd_loss, load_teacher, make_divergence, validation_metrics
 from minillm.train.sft import ce_loss_sum, fit, load_split, load_student, rouge_validation
@@ -60,11 +60,12 @@ def sample_responses(
     cfg: Any,
     eos_id: int,
     pad_id: int,
-    generator: torch.Generator,
+    generator: Generators,
 ) -> tuple[list[list[int]], list[bool]]:
     """One sampled response per prompt from `model` alone (an α = 0 rollout, not scored afterwards).
 
-    cfg supplies sample_temperature, top_k, top_p, max_new_tokens and fast_rollout.
+    cfg supplies sample_temperature, top_k, top_p, max_new_tokens and fast_rollout; generator: one, or one
+    per prompt (`sample_rollout`).
     returns: the response ids per prompt, up to and including the first EOS, and whether each was cut at
              max_new_tokens (no EOS).
     """
