@@ -69,9 +69,10 @@ def test_every_sampling_generator_is_made_on_the_model_device(
 
     calls: list[tuple[str | torch.device | None, torch.device]] = []
 
-    def sampler(student: torch.nn.Module, *args: Any, generator: torch.Generator, **kw: Any) -> Any:
-        asked = made[id(generator)][1] if id(generator) in made else None
-        calls.append((asked, student.get_output_embeddings().weight.device))
+    def sampler(student: torch.nn.Module, *args: Any, generator: Any, **kw: Any) -> Any:
+        for g in [generator] if isinstance(generator, torch.Generator) else generator:  # one, or one per row
+            asked = made[id(g)][1] if id(g) in made else None
+            calls.append((asked, student.get_output_embeddings().weight.device))
         return sample_rollout(student, *args, generator=generator, **kw)
 
     monkeypatch.setattr(engine, "generator", generator)
