@@ -261,7 +261,7 @@ def test_row_generators_sample_the_same_responses_in_any_batch(eos_pair, fast):
             max_new_tokens=16,
             eos_token_id=EOS_ID,
             pad_token_id=EOS_ID,
-            generator=[engine.generator(0, i) for i in rows],
+            generator=[engine.generator(0, i, device="cpu") for i in rows],
             fast=fast,
         )
 
