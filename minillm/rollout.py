@@ -46,7 +46,11 @@ rounding (packed weights, below); both stop once every row has ended:
   the longest (65 % of a Dolly batch's prefill was padding), one preallocated decode mask given to
   attention as a ready 4D view over the filled cache slots only, output buffers allocated once,
   warping / mixing / draw / EOS bookkeeping in one function per step, no work for warping at the
-  defaults and a 256-candidate top-p that sorts only rows with a wider nucleus.
+  defaults and a 256-candidate top-p that sorts only rows with a wider nucleus. Rows that have ended
+  leave the batch (cache rows, masks, inputs) once they are 1/8 of it (`_COMPACT_AT`), unless a per-step
+  output is asked for (`logits_out`, `layers_out`, `teacher_rows_out`) or the step is compiled: decode
+  is compute-bound on CPU, and a batch runs until its longest response ends (teacher, 32 Dolly prompts,
+  ≤ 128 tokens: 13 % less CPU, the same tokens; bench/RESULTS.md).
 - On CPU in fp32 the fast path runs every `nn.Linear` of the sampled models on a weight reordered once
   per call for oneDNN (`_packed_linears`, what inductor's freezing does): MKL's sgemm reads weights at
   ~4 GB/s for an 8-row input here, the packed kernel ~6 GB/s; sampling 9–26 % faster (bench/RESULTS.md).
