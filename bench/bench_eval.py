@@ -8,11 +8,11 @@ project's sampler (`minillm.rollout`, what it samples with now), same prompts, s
 Each (seed, path) runs `protocol.evaluate_model`, i.e. exactly what `minillm eval` runs minus model loading and the
 gold LM loss, with the paper's decoding (sampling, temperature 1, top_p 1, top_k 0, no_repeat_ngram_size 6);
 the HF path swaps `generate.sample` for `hf_sample` below, the previous implementation verbatim. `--runs`
-lists (path, batch size) pairs: by default HF at the old default batch of 16, ours at 16 and at the new default
-of 32. The runs alternate seed by seed so that a change of machine load hits all of them; as the load of a shared machine
-still moves wall-clock rates by 2x within minutes, the sampler's CPU seconds (this process, all its threads)
-are reported too: tokens per CPU second is the steadier rate there. They draw different random streams, so
-their answers differ; Rouge-L is compared as mean ± standard error over the (prompt, seed) answers.
+lists (path, batch size) pairs: by default both at the protocol's batch of 16, and ours at 32 as well. The
+runs alternate seed by seed so that a change of machine load hits all of them; as the load of a shared
+machine still moves wall-clock rates by 2x within minutes, the sampler's CPU seconds (this process, all its
+threads) are reported too: tokens per CPU second is the steadier rate there. The paths draw different random
+streams, so their answers differ; Rouge-L is compared as mean ± standard error over the (prompt, seed) answers.
 
 Teacher: SmolLM2-135M-Instruct (30 layers). Student: its layers 0,5,10,15,20,25 (`models.derive_student`, not
 fine-tuned, so it rarely emits EOS and always pays for the full `--max-new-tokens`). On a CPU shared with

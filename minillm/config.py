@@ -504,9 +504,9 @@ class EvalConfig:
         256, "Prompts longer than this many tokens are skipped and counted.", bounds="> 0"
     )
     batch_size: int = _f(
-        32,
-        "Prompts per generation batch. On 2 CPU cores a decode step of the 135M teacher cost the same at 16 and "
-        "32 rows and twice that at 64 (bench/RESULTS.md); the batch partition and seeds depend on it.",
+        16,
+        "Prompts per generation batch; the batch partition, hence each batch's seed, depends on it. Teacher decode "
+        "on one CPU core costs ~6 ms of CPU per row-step at 16 and at 32 rows (bench/RESULTS.md).",
         bounds="> 0",
     )
     temperature: float = _f(1.0, "Sampling temperature (paper: 1; 0 = greedy).", bounds=">= 0")

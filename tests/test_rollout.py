@@ -19,6 +19,7 @@ from tolerances import assert_close_verbose
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from minillm import rollout
 from minillm.models import decoder_layers
 from minillm.rollout import (
     Rollout,
@@ -280,7 +281,8 @@ class ScriptedLM(nn.Module):
 
 @pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
 @pytest.mark.parametrize("pad", [EOS, 5], ids=["pad=eos", "pad!=eos"])
-def test_masks_keep_first_eos_and_flag_truncation(pad: int, fast: bool) -> None:
+def test_masks_keep_first_eos_and_flag_truncation(pad: int, fast: bool, monkeypatch) -> None:
+    monkeypatch.setattr(rollout, "_COMPACT_AT", 0)  # ScriptedLM's script is per batch row: keep every row
     lengths = (7, 4, 1, 6, 3)
     ids, mask = prompts(lengths)
     L = torch.tensor(lengths)
@@ -309,7 +311,8 @@ def test_masks_keep_first_eos_and_flag_truncation(pad: int, fast: bool) -> None:
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
-def test_stops_when_every_row_has_ended(fast: bool) -> None:
+def test_stops_when_every_row_has_ended(fast: bool, monkeypatch) -> None:
+    monkeypatch.setattr(rollout, "_COMPACT_AT", 0)  # ScriptedLM's script is per batch row: keep every row
     ids, mask = prompts((3, 2, 1))
     model = ScriptedLM(stop=torch.tensor([2, 1, 0]) + torch.tensor([1, 0, 2]))  # EOS at steps 1, 0, 2
     r = sample_rollout(

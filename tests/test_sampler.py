@@ -12,12 +12,13 @@ from collections import Counter
 
 import pytest
 import torch
-from test_rollout import EOS, N, _gpt2, _llama, pair, prompts, warp64
+from test_rollout import EOS, N, _gpt2, _llama, pair, prompts, run, warp64
 from tolerances import assert_close_verbose
 from torch import Tensor, nn
 from transformers import GenerationConfig
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
+from minillm import rollout
 from minillm.rollout import Rollout, _ngram_ban, sample_rollout
 
 
@@ -246,3 +247,27 @@ def test_whole_sequence_frequencies_match_the_exact_law(case: str) -> None:
         unbanned = sequence_law(model, prompt, 0, warp)
         stat0, df0 = chi_square(counts, unbanned, total)
         assert stat0 > 10 * chi_square_limit(df0), f"the ban is invisible: chi2 {stat0:.1f} (df {df0})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ended rows leave the batch
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-eager", "gpt2"])
+def test_dropping_ended_rows_changes_nothing(family: str, monkeypatch) -> None:
+    """The fast path drops rows that have ended from its caches and masks (`rollout._COMPACT_AT`); tokens and
+    log-probs equal those of the path that keeps every row, with and without the ban and the teacher."""
+    for kw in (dict(alpha=0.0, no_repeat_ngram_size=2), dict(alpha=0.2)):
+        ended_early = 0
+        for seed in range(3):
+            dropped = run(family, seed, True, (7, 4, 1, 6, 3, 5, 2, 6), **kw)
+            with monkeypatch.context() as m:
+                m.setattr(rollout, "_COMPACT_AT", 0)
+                kept = run(family, seed, True, (7, 4, 1, 6, 3, 5, 2, 6), **kw)
+            assert torch.equal(dropped.response_ids, kept.response_ids) and torch.equal(
+                dropped.mask, kept.mask
+            )
+            for name in ("logq_old", "logp", "log_w"):
+                assert_close_verbose(getattr(dropped, name), getattr(kept, name), torch.float32)
+            ended_early += int((dropped.mask.sum(-1) < dropped.mask.shape[1] - 1).sum())
+        assert ended_early >= 3, "rows should end well before the batch does, so that some are dropped"
