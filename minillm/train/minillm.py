@@ -50,7 +50,7 @@ from minillm import models
 from minillm.config import MiniLLMConfig
 from minillm.data.instructions import load_records
 from minillm.data.pretrain import load_pt_blocks
-from minillm.data.tokenize import collate_prompts, encode_prompt, length_groups
+from minillm.data.tokenize import collate_prompts, encode_prompt
 from minillm.errors import InputError
 from minillm.evaluate.metrics import rouge_l
 from minillm.objectives import policy
@@ -117,16 +117,16 @@ def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache 
         )
         for i in range(len(batch))
     ]
-    out: list[Tensor] = [batch.prompt_ids.new_empty(0)] * len(seqs)
     seq_len = [len(x) for x in seqs]
     inner = models.unwrap(model)
-    for group in length_groups(seq_len):
-        ids = torch.nn.utils.rnn.pad_sequence([seqs[i] for i in group], batch_first=True)  # [G, L]
-        with nullcontext() if replay is None else replay.replay(inner, group, prompt_len, seq_len):
-            hidden = models.final_hidden(model, ids, torch.ones_like(ids))  # [G, L, H]
-        for k, i in enumerate(group):  # row prompt_len − 1 + t predicts response token t
-            out[i] = hidden[k, prompt_len[i] - 1 : prompt_len[i] - 1 + resp_len[i]]
-    return torch.cat(out)
+    # row prompt_len − 1 + t predicts response token t
+    return models.grouped_rows(
+        model,
+        seqs,
+        [n - 1 for n in prompt_len],
+        resp_len,
+        None if replay is None else lambda group: replay.replay(inner, group, prompt_len, seq_len),
+    )
 
 
 @dataclass
