@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minillm.objectives.chunked import Head, chunked_head_loss, head_logits_into
+from minillm.objectives.chunked import Head, LogitsFn, chunked_head_loss, head_logits_into
 from minillm.objectives.divergences import LogitGrad, get_logit_grad, log_softmax_inplace
 
 FORWARD_KL = get_logit_grad("forward_kl")
@@ -85,6 +85,7 @@ def ce_kd_sum(
     divergence: LogitGrad = FORWARD_KL,
     parts: dict[str, float] | None = None,
     scale: float = 1.0,
+    logits_into: LogitsFn | None = None,
 ) -> Tensor:
     """Σ_n (1 − r)·CE(q_n, y_n) + r·D(p_n, q_n) with r = kd_ratio (word-level KD; MiniLLM's PT loss with D
     the forward KL), in one chunked pass whose logit gradient is closed-form, (1 − r)·(q − onehot(y)) +
@@ -98,6 +99,7 @@ def ce_kd_sum(
     parts:      if given, receives the unweighted sums {"ce": Σ CE, "kd": Σ D} of the terms computed (a
                 term whose weight is 0 is not)
     scale:      multiplies the returned sum and its gradients (`chunked_head_loss`)
+    logits_into: supplies the student's logits instead of its head pass (`chunked_head_loss`)
     returns:    scalar, fp32 at least
     """
     N = len(rows)
@@ -154,7 +156,9 @@ def ce_kd_sum(
         grad.scatter_add_(-1, pick, grad.new_full((n, 1), r - 1.0))
         return (1.0 - r) * ce + r * kd, grad
 
-    return chunked_head_loss(rows, head, token_fn, chunk_size=chunk_size, closed_form=True, scale=scale)
+    return chunked_head_loss(
+        rows, head, token_fn, chunk_size=chunk_size, closed_form=True, logits_into=logits_into, scale=scale
+    )
 
 
 @torch.no_grad()

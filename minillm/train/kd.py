@@ -31,8 +31,9 @@ from minillm import models
 from minillm.config import KDConfig, MiniLLMConfig
 from minillm.data.tokenize import Example, collate
 from minillm.objectives.divergences import LogitGrad, get_logit_grad
-from minillm.objectives.lm import ce_kd_sum, target_rows
+from minillm.objectives.lm import ce_kd_sum
 from minillm.train import engine
+from minillm.train.sampling_cache import SamplingCache
 from minillm.train.sft import fit, load_examples, load_student, validation_loss
 
 
@@ -74,20 +75,23 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
-def teacher_rows(teacher: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """The teacher's final hidden states at the positions that predict the batch's targets, [N, H_t] in the
-    order of `target_rows`, from one pass over each example's tokens up to its last target, unpadded
-    (`models.grouped_rows`, as MiniLLM's `response_rows`): no compute on padding or past the last target.
+def target_sequences(batch: dict[str, Tensor]) -> tuple[list[Tensor], list[int], list[int]]:
+    """Each example's tokens up to its last target, where its targets start, and how many there are: the
+    rows `models.grouped_rows` forwards unpadded, in the order of `target_rows`.
 
-    batch: input_ids [B, L] long, target_mask [B, L] bool with each row's targets contiguous (`collate`)
+    batch:   input_ids [B, L] long, target_mask [B, L] bool with each row's targets contiguous (`collate`)
+    returns: sequences [L_b] long, first target index (the prompt length; 0 when none), target count
     """
     ids, tm = batch["input_ids"], batch["target_mask"]
     count = tm.sum(-1).tolist()  # [B]
-    first = tm.int().argmax(-1).tolist()  # [B] first target, 0 when there is none
+    first = tm.int().argmax(-1).tolist()  # [B]
     for b, (f, n) in enumerate(zip(first, count, strict=True)):
         assert bool(tm[b, f : f + n].all()), f"targets of row {b} are not contiguous"
-    seqs = [ids[b, : max(f + n - 1, 1)] for b, (f, n) in enumerate(zip(first, count, strict=True))]
-    return models.grouped_rows(teacher, seqs, [f - 1 for f in first], count)
+    return (
+        [ids[b, : max(f + n - 1, 1)] for b, (f, n) in enumerate(zip(first, count, strict=True))],
+        first,
+        count,
+    )
 
 
 def kd_loss_sums(
@@ -98,20 +102,31 @@ def kd_loss_sums(
     *,
     kd_ratio: float,
     chunk_size: int,
+    sampled: SamplingCache | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Σ kd_ratio·D(p_n, q_n) + (1 − kd_ratio)·CE_n over the batch's target tokens (a scalar to divide by the
     global count) and its computed parts, {"loss/kd": Σ D, "loss/ce": Σ CE} (a term whose weight is 0 is
-    not computed nor reported). One chunked pass with a closed-form logit gradient (`lm.ce_kd_sum`).
+    neither computed nor reported).
+
+    The machinery of MiniLLM's update: both models forward each example once, unpadded, grouped by length
+    (`models.grouped_rows`), and one chunked pass with a closed-form logit gradient (`lm.ce_kd_sum`) gives
+    both terms. With `sampled` (what sampling computed for these responses at the current weights, the
+    student without dropout) the student's logits and layer outputs come from it (`SamplingCache`).
 
     batch: input_ids [B, L] long, attention_mask [B, L], target_mask [B, L] bool (as `data.tokenize.collate`)
     """
-    ids, attn = batch["input_ids"], batch["attention_mask"]
-    hidden = models.final_hidden(model, ids, attn)  # [B, L, H]
-    rows, targets = target_rows(hidden, ids, batch["target_mask"])  # [N, H], [N]
+    seqs, first, count = target_sequences(batch)
+    rows_at = [f - 1 for f in first]  # row f − 1 + t predicts target t
+    replay = None
+    if sampled is not None and sampled.layers is not None:
+        inner, seq_len = models.unwrap(model), [len(x) for x in seqs]
+        replay = lambda group: sampled.replay(inner, group, first, seq_len)  # noqa: E731
+    rows = models.grouped_rows(model, seqs, rows_at, count, replay)  # [N, H]
+    targets = batch["input_ids"][batch["target_mask"]]  # [N]
     teacher_side = None
     if kd_ratio > 0.0:
         with torch.no_grad():
-            teacher_side = (teacher_rows(teacher, batch), models.output_head(teacher))
+            teacher_side = (models.grouped_rows(teacher, seqs, rows_at, count), models.output_head(teacher))
     sums: dict[str, float] = {}
     loss = ce_kd_sum(
         rows,
@@ -122,6 +137,7 @@ def kd_loss_sums(
         kd_ratio=kd_ratio,
         divergence=divergence,
         parts=sums,
+        logits_into=None if sampled is None else sampled.logits_into,
     )
     return loss, {f"loss/{k}": v for k, v in sums.items()}
 
@@ -132,10 +148,13 @@ def kd_loss(
     batch: dict[str, Tensor],
     divergence: LogitGrad,
     cfg: KDConfig,
+    sampled: SamplingCache | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """kd_ratio·Σ D + (1 − kd_ratio)·Σ CE of one micro-batch (a sum: divide by the step's global token
-    count) and its computed parts as floats, {"loss/kd": Σ D, "loss/ce": Σ CE}."""
-    return kd_loss_sums(model, teacher, batch, divergence, kd_ratio=cfg.kd_ratio, chunk_size=cfg.chunk_size)
+    count) and its computed parts as floats, {"loss/kd": Σ D, "loss/ce": Σ CE}; sampled: `kd_loss_sums`."""
+    return kd_loss_sums(
+        model, teacher, batch, divergence, kd_ratio=cfg.kd_ratio, chunk_size=cfg.chunk_size, sampled=sampled
+    )
 
 
 @torch.no_grad()
