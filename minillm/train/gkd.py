@@ -111,9 +111,9 @@ def train_gkd(cfg: GKDConfig) -> Path:
                 ]
                 if buffers is not None:
                     sampled[k] = step_cache(buffers, [len(e.response_ids) for e in mb], cfg)
+                buffers = None  # the caches own them now: freed as the update consumes them (below)
         t_sample = time.perf_counter() - t0
         micro = [collate(mb, pad) for mb in examples]
-        caches = iter(sampled)  # supervised_step calls the loss once per micro-batch, in order
         metrics = engine.supervised_step(
             acc,
             cfg,
@@ -122,7 +122,9 @@ def train_gkd(cfg: GKDConfig) -> Path:
             scheduler,
             state.step,
             micro,
-            lambda m, batch, caches=caches: kd_loss(m, teacher, batch, divergence, cfg, next(caches)),
+            # supervised_step calls the loss once per micro-batch, in order; popping drops each cache
+            # after its backward, so none is held through the optimizer step (AdamW's state comes then)
+            lambda m, batch, pending=sampled: kd_loss(m, teacher, batch, divergence, cfg, pending.pop(0)),
         )
         state.step += 1
         dt = time.perf_counter() - t0
