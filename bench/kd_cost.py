@@ -1,12 +1,14 @@
 """What word-level KD costs over SFT: `minillm kd` against `minillm sft` plus one teacher forward.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/kd_cost.py --pair embedded --steps 3
+    OMP_NUM_THREADS=1 .venv/bin/python bench/kd_cost.py --pair embedded --steps 3 --reps 2
 
 Both commands train the pair's student on the same Dolly examples (the same seeded step order, batch
 --batch, fp32, gradient checkpointing off, the step-0 validation on one example outside the timed steps),
-each in a fresh process; per timed step the metrics give tokens and seconds. The teacher's share is timed
-here, in one process, as `kd.kd_loss_sums` runs it (`models.grouped_rows` under no_grad) on the very
-batches of those steps. The figure of merit is KD's seconds per token over SFT's plus the teacher's.
+each in a fresh process; per timed step the metrics give tokens and seconds. One teacher forward (decoder
+as `kd.kd_loss_sums` runs it, `models.grouped_rows` under no_grad, then the head's logits at the target
+positions) is timed here, in one process, on the very batches of those steps. The figure of merit is KD's
+seconds per token over SFT's plus the teacher's, per repetition (SFT, KD and the teacher adjacent in time)
+and pooled.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +30,7 @@ import trl_worker  # noqa: E402
 from minillm import models  # noqa: E402
 from minillm.config import KDConfig  # noqa: E402
 from minillm.data.tokenize import collate  # noqa: E402
+from minillm.objectives.chunked import head_logits_into  # noqa: E402
 from minillm.train import engine  # noqa: E402
 from minillm.train.kd import target_sequences  # noqa: E402
 from minillm.train.sft import load_examples  # noqa: E402
@@ -55,6 +59,7 @@ def flags(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
 
 def run(args: argparse.Namespace, command: str, extra: dict[str, object]) -> list[dict]:
     out_dir = OUT / command
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run, not a resume
     argv = [str(args.minillm_bin), command]
     for key, value in {**flags(args, out_dir), **extra}.items():
         argv += [f"--{key}", str(value)]
@@ -65,7 +70,9 @@ def run(args: argparse.Namespace, command: str, extra: dict[str, object]) -> lis
 
 @torch.no_grad()
 def teacher_seconds(args: argparse.Namespace) -> list[float]:
-    """The teacher's forward, as kd_loss_sums runs it, on each timed step's batch."""
+    """One teacher forward on each timed step's batch: its decoder as kd_loss_sums runs it, then its head's
+    logits at the target positions, chunk by chunk into one [C, V] buffer (what a forward returns; the
+    log-softmax and the divergence are KD's own work)."""
     teacher_dir, student_dir = trl_worker.pair_dirs(args.pair)
     cfg = KDConfig(model=str(student_dir), teacher=str(teacher_dir), batch_size=args.batch, seed=args.seed)
     acc = engine.make_accelerator(cfg)
@@ -78,7 +85,12 @@ def teacher_seconds(args: argparse.Namespace) -> list[float]:
         batch = collate([train[i] for i in indices], tokenizer.pad_token_id)
         t0 = time.perf_counter()
         seqs, first, count = target_sequences(batch)
-        models.grouped_rows(teacher, seqs, [f - 1 for f in first], count)
+        rows = models.grouped_rows(teacher, seqs, [f - 1 for f in first], count)  # [N, H]
+        head = models.output_head(teacher)
+        buf = rows.new_empty(min(cfg.chunk_size, len(rows)), head.weight.shape[0])  # [C, V]
+        for start in range(0, len(rows), cfg.chunk_size):
+            chunk = rows[start : start + cfg.chunk_size]
+            head_logits_into(buf[: len(chunk)], chunk, head)
         out.append(time.perf_counter() - t0)
     return out
 
@@ -90,21 +102,30 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=10)
     p.add_argument("--minillm-bin", type=Path, default=trl_worker.ROOT / ".venv" / "bin" / "minillm")
+    p.add_argument("--reps", type=int, default=2, help="Repetitions of SFT, KD, teacher, in turn.")
     args = p.parse_args()
-    load = os.getloadavg()[0]
-    sft = run(args, "sft", {})
-    kd = run(args, "kd", {"teacher": trl_worker.pair_dirs(args.pair)[0], "valid_forward_kl": False})
-    t_teacher = teacher_seconds(args)
-    assert [m["tokens"] for m in sft] == [m["tokens"] for m in kd], "the two runs saw different batches"
-    tokens = sum(m["tokens"] for m in sft)
-    s_sft = sum(m["time/update"] for m in sft) / tokens
-    s_kd = sum(m["time/update"] for m in kd) / tokens
-    s_teacher = sum(t_teacher) / tokens
-    print(
-        f"{args.pair}, {args.steps} steps x {args.batch} examples, {tokens} tokens (load {load:.1f} -> "
-        f"{os.getloadavg()[0]:.1f}): ms/token SFT {1e3 * s_sft:.2f}, teacher forward {1e3 * s_teacher:.2f}, "
-        f"KD {1e3 * s_kd:.2f}; KD / (SFT + teacher) = {s_kd / (s_sft + s_teacher):.2f}"
-    )
+    ratios, totals = [], {"sft": 0.0, "kd": 0.0, "teacher": 0.0, "tokens": 0.0}
+    for rep in range(args.reps):
+        load = os.getloadavg()[0]
+        sft = run(args, "sft", {})
+        kd = run(args, "kd", {"teacher": trl_worker.pair_dirs(args.pair)[0], "valid_forward_kl": False})
+        t_teacher = teacher_seconds(args)
+        assert [m["tokens"] for m in sft] == [m["tokens"] for m in kd], "the two runs saw different batches"
+        tokens = sum(m["tokens"] for m in sft)
+        s_sft = sum(m["time/update"] for m in sft)
+        s_kd = sum(m["time/update"] for m in kd)
+        s_teacher = sum(t_teacher)
+        ratios.append(s_kd / (s_sft + s_teacher))
+        for key, value in (("sft", s_sft), ("kd", s_kd), ("teacher", s_teacher), ("tokens", tokens)):
+            totals[key] += value
+        print(
+            f"rep {rep}: {args.pair}, {args.steps} steps x {args.batch} examples, {tokens:.0f} tokens (load "
+            f"{load:.1f} -> {os.getloadavg()[0]:.1f}): ms/token SFT {1e3 * s_sft / tokens:.2f}, teacher forward "
+            f"{1e3 * s_teacher / tokens:.2f}, KD {1e3 * s_kd / tokens:.2f}; KD / (SFT + teacher) = {ratios[-1]:.2f}",
+            flush=True,
+        )
+    pooled = totals["kd"] / (totals["sft"] + totals["teacher"])
+    print(f"pooled KD / (SFT + teacher) = {pooled:.2f}; per rep {', '.join(f'{r:.2f}' for r in ratios)}")
 
 
 if __name__ == "__main__":

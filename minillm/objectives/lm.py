@@ -112,7 +112,7 @@ def ce_kd_sum(
         raise ValueError(f"student vocabulary {V} != teacher vocabulary {teacher[1].weight.shape[0]}")
     dt = torch.promote_types(rows.dtype, torch.float32)
     C = min(chunk_size, N)
-    work = torch.empty(3 if use_teacher else 1, C, V, dtype=dt, device=rows.device)  # [3, C, V]
+    work = torch.empty(3 if use_teacher else 1, C, V, dtype=dt, device=rows.device)  # [3 or 1, C, V]
     t_buf = torch.empty(C, V, dtype=dt, device=rows.device) if use_teacher else None
     # At another temperature D's log q is not CE's: CE's gradient is then formed first, in its own buffer
     ce_apart = use_teacher and r < 1.0 and divergence.temperature != 1.0
@@ -126,17 +126,16 @@ def ce_kd_sum(
         n = end - start
         pick = targets[start:end, None]
         x = logits.to(dt)  # the buffer itself unless bf16
-        ce = grad_ce = None
         if not use_teacher:
-            grad_ce = log_softmax_inplace(x, work[0, :n])  # [n, V] q; x is log q
+            q = log_softmax_inplace(x, work[0, :n])  # [n, V]; x is log q
             ce = -x.gather(-1, pick).sum()
-        elif ce_apart:  # log q at temperature 1 in ce_buf, q in work[1], before D takes both buffers
-            grad_ce = log_softmax_inplace(ce_buf[:n].copy_(x), work[1, :n])
-            ce = -ce_buf[:n].gather(-1, pick).sum()
-            grad_ce = ce_buf[:n].copy_(grad_ce)
-        if not use_teacher:
             add("ce", ce)
-            return ce, grad_ce.scatter_add_(-1, pick, grad_ce.new_full((n, 1), -1.0))
+            return ce, q.scatter_add_(-1, pick, q.new_full((n, 1), -1.0))
+        ce = grad_ce = None
+        if ce_apart:  # log q at temperature 1 in ce_buf, q in work[1], before D takes both buffers
+            q = log_softmax_inplace(ce_buf[:n].copy_(x), work[1, :n])
+            ce = -ce_buf[:n].gather(-1, pick).sum()
+            grad_ce = ce_buf[:n].copy_(q)
         t_logits = t_buf[:n]
         t_rows = teacher[0][start:end]
         if t_rows.dtype == teacher[1].weight.dtype == dt:
