@@ -29,10 +29,12 @@ import trl_worker  # noqa: E402
 
 from minillm import models  # noqa: E402
 from minillm.config import KDConfig  # noqa: E402
-from minillm.data.tokenize import collate  # noqa: E402
+from minillm.data.tokenize import (
+    collate,  # noqa: E402
+    target_sequences,  # noqa: E402
+)
 from minillm.objectives.chunked import head_logits_into  # noqa: E402
 from minillm.train import engine  # noqa: E402
-from minillm.train.kd import target_sequences  # noqa: E402
 from minillm.train.sft import load_examples  # noqa: E402
 
 OUT = trl_worker.ROOT / "runs" / "bench" / "kd_cost"

@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from minillm.objectives.chunked import Head, LogitsFn, chunked_head_loss, head_logits_into
 from minillm.objectives.divergences import LogitGrad, get_logit_grad, log_softmax_inplace
 
 FORWARD_KL = get_logit_grad("forward_kl")
-
-
-def target_rows(hidden: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The hidden states that predict target tokens, and those tokens.
-
-    hidden:      [B, L, H] final hidden states (position i predicts token i + 1)
-    input_ids:   [B, L] long
-    target_mask: [B, L] bool, True where the token is a loss target (never position 0)
-    returns:     rows [N, H], targets [N] long, N = target_mask.sum()
-    """
-    B, L, H = hidden.shape
-    assert input_ids.shape == (B, L) and target_mask.shape == (B, L) and target_mask.dtype == torch.bool
-    keep = target_mask[:, 1:]  # [B, L-1]: row i of hidden predicts token i + 1
-    return hidden[:, :-1][keep], input_ids[:, 1:][keep]
 
 
 def head_log_probs_into(out: Tensor, rows: Tensor, head: Head, work: Tensor) -> Tensor:
@@ -54,24 +39,6 @@ def fill_log_probs(out: Tensor, rows: Tensor, head: Head, *, chunk_size: int) ->
         else:
             head_log_probs_into(out[start:end], rows[start:end], head, work[: end - start])
     return out
-
-
-def ce_sum(
-    rows: Tensor, targets: Tensor, head: Head, *, chunk_size: int, token_weights: Tensor | None = None
-) -> Tensor:
-    """Σ_n w_n · CE(head's logits of rows[n], targets[n]) as a scalar (fp32), chunked over tokens.
-
-    rows: [N, H]; targets: [N] long; head: the model's `Head` ([V, H] weight); token_weights: [N] or None.
-    """
-    N, H = rows.shape
-    assert targets.shape == (N,) and head.weight.shape[1] == H
-
-    def token_fn(logits: Tensor, start: int, end: int) -> Tensor:
-        x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64
-        ce = F.cross_entropy(x, targets[start:end], reduction="none")  # [C]
-        return (ce * token_weights[start:end]).sum() if token_weights is not None else ce.sum()
-
-    return chunked_head_loss(rows, head, token_fn, chunk_size=chunk_size)
 
 
 def ce_kd_sum(

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from minillm import models
 from minillm.config import KDConfig, MiniLLMConfig
-from minillm.data.tokenize import Example, collate
+from minillm.data.tokenize import Example, collate, target_sequences
 from minillm.objectives.divergences import LogitGrad, get_logit_grad
 from minillm.objectives.lm import ce_kd_sum
 from minillm.train import engine
@@ -73,25 +73,6 @@ def _indexed(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def target_sequences(batch: dict[str, Tensor]) -> tuple[list[Tensor], list[int], list[int]]:
-    """Each example's tokens up to its last target, where its targets start, and how many there are: the
-    rows `models.grouped_rows` forwards unpadded, in the order of `target_rows`.
-
-    batch:   input_ids [B, L] long, target_mask [B, L] bool with each row's targets contiguous (`collate`)
-    returns: sequences [L_b] long, first target index (the prompt length; 0 when none), target count
-    """
-    ids, tm = batch["input_ids"], batch["target_mask"]
-    count = tm.sum(-1).tolist()  # [B]
-    first = tm.int().argmax(-1).tolist()  # [B]
-    for b, (f, n) in enumerate(zip(first, count, strict=True)):
-        assert bool(tm[b, f : f + n].all()), f"targets of row {b} are not contiguous"
-    return (
-        [ids[b, : max(f + n - 1, 1)] for b, (f, n) in enumerate(zip(first, count, strict=True))],
-        first,
-        count,
-    )
 
 
 def kd_loss_sums(
