@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -111,10 +112,10 @@ def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return num / max(den, 1e-30)
 
 
-def main() -> None:
-    from datasets import Dataset
+def tiny_batch() -> tuple[Any, list[str], Any, Any, dict, torch.Tensor]:
+    """The fixed batch of these checks: tokenizer, 8 Dolly prompts, the tiny pair in float64, the left-padded
+    prompts and 32 tokens sampled from the student after each (no EOS stop)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
 
     teacher_dir, student_dir = trl_worker.pair_dirs("tiny")
     tok = AutoTokenizer.from_pretrained(student_dir, padding_side="left")
@@ -128,7 +129,14 @@ def main() -> None:
         out = student.generate(
             **enc, do_sample=True, max_new_tokens=32, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=2
         )
-    completion = out[:, enc["input_ids"].shape[1] :]
+    return tok, prompts, student, teacher, enc, out[:, enc["input_ids"].shape[1] :]
+
+
+def main() -> None:
+    from datasets import Dataset
+    from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
+
+    tok, prompts, student, teacher, enc, completion = tiny_batch()
     base = {
         "prompt_ids": enc["input_ids"],
         "prompt_mask": enc["attention_mask"],

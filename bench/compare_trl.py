@@ -1,16 +1,23 @@
-"""Side by side: TRL 1.14.2's MiniLLMTrainer and GKDTrainer against `minillm distill`, same workload.
+"""Side by side: TRL's MiniLLMTrainer, GKDTrainer (1.14.2) and DistillationTrainer (1.16.0) against
+`minillm distill` and `minillm gkd`, same workload.
 
-    .venv/bin/python bench/compare_trl.py --pairs tiny,embedded --reps 3          # all three, alternating
+    .venv/bin/python bench/compare_trl.py --pairs tiny,embedded --reps 3          # MiniLLM side by side
+    .venv/bin/python bench/compare_trl.py --pairs embedded --impls trl-distill,minillm-gkd --baseline trl-distill
     .venv/bin/python bench/compare_trl.py --pairs tiny --impls trl-minillm --reps 1
     .venv/bin/python bench/compare_trl.py --prepare-only                          # build the model pairs
 
-TRL lives in its own venv so it cannot disturb ours (the `bench` extra pins it; its MiniLLMTrainer was
-removed in 1.15.0). Set it up once (torch first and pinned, or pip pulls a multi-GB CUDA build):
+TRL lives in its own venvs so it cannot disturb ours: 1.14.2 (the `bench` extra pins it; its
+MiniLLMTrainer was removed in 1.15.0) in `.venv-bench`, 1.16.0 (the stable `DistillationTrainer`) in
+`.venv-bench-116`. Set each up once (torch first and pinned, or pip pulls a multi-GB CUDA build):
 
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install torch==2.13.0
     .venv-bench/bin/pip install -c constraints.txt trl==1.14.2
     .venv-bench/bin/pip install --no-deps -e .        # the worker reads prompts through minillm.data
+    python3 -m venv .venv-bench-116
+    .venv-bench-116/bin/pip install torch==2.13.0
+    .venv-bench-116/bin/pip install -c constraints.txt trl==1.16.0
+    .venv-bench-116/bin/pip install --no-deps -e .
 
 Pairs (built once under runs/bench/pairs by this script, in our venv): `tiny`, a random Llama teacher
 (hidden 64, 4 layers) and student (hidden 64, 2 layers) with the SmolLM2 vocabulary (49152); `embedded`,
@@ -34,6 +41,12 @@ the same when no completion stops early, which `eos_ended` in the raw results sh
 linearly (ours: constant). At gamma > 0 TRL divides by a discounted token count, which no flag of ours
 reproduces; the driver then passes length_norm true and warns. bench/trl_worker.py's docstring reads TRL's
 source line by line.
+
+On-policy distillation. `minillm gkd` gets `--lmbda 1 --divergence reverse_kl --kd_ratio 1`: every step
+samples from the student and trains on the full-vocabulary KL(q‖p) of its samples, summed over valid tokens
+and divided by their count, which is what TRL 1.16.0's DistillationTrainer optimises with its default
+beta 1 (`bench/check_trl_distill_objective.py` checks it on one batch). Both sides: lr 5e-6, AdamW betas
+(0.9, 0.999), no weight decay, no warm-up (TRL then decays linearly, ours is constant).
 """
 
 from __future__ import annotations
@@ -57,24 +70,29 @@ sys.path.insert(0, str(BENCH))
 import trl_worker  # noqa: E402  (pair and prompt preparation, shared with the worker)
 
 OUT = ROOT / "runs" / "bench" / "compare_trl"
-IMPLS = ("trl-minillm", "trl-gkd", "minillm")
-BASELINE = "trl-minillm"
+IMPLS = ("trl-minillm", "trl-gkd", "trl-distill", "minillm", "minillm-gkd")
+# which `minillm` command each of ours runs, and TRL's trainers by the venv that holds them
+OURS = {"minillm": "distill", "minillm-gkd": "gkd"}
+TRL_116 = ("trl-distill",)
 
 
-def ours_available(minillm_bin: Path) -> str | None:
-    """None if `minillm distill` can run, else why not."""
+def ours_available(minillm_bin: Path, command: str) -> str | None:
+    """None if `minillm <command>` can run, else why not."""
     if not minillm_bin.is_file():
         return f"{minillm_bin} does not exist"
-    proc = subprocess.run([str(minillm_bin), "distill", "--help"], capture_output=True, text=True)
-    if proc.returncode != 0 or "teacher_mix_alpha" not in proc.stdout:
-        return f"`minillm distill --help` failed or lists no MiniLLM fields: {(proc.stdout + proc.stderr)[-300:]}"
+    proc = subprocess.run([str(minillm_bin), command, "--help"], capture_output=True, text=True)
+    field = {"distill": "teacher_mix_alpha", "gkd": "lmbda"}[command]
+    if proc.returncode != 0 or field not in proc.stdout:
+        return f"`minillm {command} --help` failed or lists no {field}: {(proc.stdout + proc.stderr)[-300:]}"
     return None
 
 
-def ours_argv(args: argparse.Namespace, pair: str, records: Path, out_dir: Path) -> list[str]:
-    """`minillm distill` flags for the workload and objective of TRL's MiniLLMTrainer (module docstring)."""
+def workload_flags(args: argparse.Namespace, pair: str, records: Path, out_dir: Path) -> dict[str, Any]:
+    """The flags every `minillm` command of this comparison shares: models, prompts, lengths, one sample per
+    prompt per step, sampling settings, AdamW as TRL's defaults (betas (0.9, 0.999), no weight decay, no
+    warm-up), logging."""
     teacher, student = trl_worker.pair_dirs(pair)
-    flags = {
+    return {
         "model": student,
         "teacher": teacher,
         "dtype": "float32",
@@ -82,31 +100,16 @@ def ours_argv(args: argparse.Namespace, pair: str, records: Path, out_dir: Path)
         "train_data": records,
         "valid_data": "dolly_valid",
         "max_valid_examples": 1,  # validation runs at step 0 and at the end, outside the timed steps
-        "valid_max_new_tokens": 1,
         "max_prompt_length": args.prompt_tokens,
         "max_length": args.prompt_tokens + args.new_tokens,
         "max_new_tokens": args.new_tokens,
-        "num_rollouts": args.batch,
         "batch_size": args.batch,
         "grad_accum": 1,
-        "ppo_epochs": 1,
         "max_steps": args.steps + 1,
         "epochs": 1,
-        "teacher_mix_alpha": 0.0,
-        "gamma": args.gamma,
-        "return_inclusive": True,
-        # TRL at gamma 0: A_t = r_t, no normalisation (ours would divide r_t by the T - t tokens left)
-        "length_norm": args.gamma > 0,
-        "whiten": "off",
-        "reward_scale": 1.0,
-        "reward_clip": 1e30,  # TRL does not clip rewards
-        "clip_eps": 0.2,
-        "single_step": True,
-        "pt_loss": "none",
         "sample_temperature": 1.0,
         "top_k": 0,
         "top_p": 1.0,
-        "lr": 1e-6,  # TRL GRPO defaults: lr 1e-6, AdamW betas (0.9, 0.999), no weight decay, no warm-up
         "adam_beta1": 0.9,
         "adam_beta2": 0.999,
         "weight_decay": 0.0,
@@ -119,10 +122,50 @@ def ours_argv(args: argparse.Namespace, pair: str, records: Path, out_dir: Path)
         "save_every": 0,
         "log_every": 1,
     }
+
+
+def ours_argv(args: argparse.Namespace, pair: str, records: Path, out_dir: Path) -> list[str]:
+    """`minillm distill` flags for the workload and objective of TRL's MiniLLMTrainer (module docstring)."""
+    flags = {
+        **workload_flags(args, pair, records, out_dir),
+        "valid_max_new_tokens": 1,
+        "num_rollouts": args.batch,
+        "ppo_epochs": 1,
+        "teacher_mix_alpha": 0.0,
+        "gamma": args.gamma,
+        "return_inclusive": True,
+        # TRL at gamma 0: A_t = r_t, no normalisation (ours would divide r_t by the T - t tokens left)
+        "length_norm": args.gamma > 0,
+        "whiten": "off",
+        "reward_scale": 1.0,
+        "reward_clip": 1e30,  # TRL does not clip rewards
+        "clip_eps": 0.2,
+        "single_step": True,
+        "pt_loss": "none",
+        "lr": 1e-6,  # TRL GRPO default
+    }
+    return as_argv(flags) + args.ours_extra.split()
+
+
+def as_argv(flags: dict[str, Any]) -> list[str]:
     argv = []
     for key, value in flags.items():
         argv += [f"--{key}", str(value)]
-    return argv + args.ours_extra.split()
+    return argv
+
+
+def ours_gkd_argv(args: argparse.Namespace, pair: str, records: Path, out_dir: Path) -> list[str]:
+    """`minillm gkd` flags for the workload and objective of TRL 1.16.0's DistillationTrainer (docstring)."""
+    flags = {
+        **workload_flags(args, pair, records, out_dir),
+        "valid_forward_kl": False,
+        "lmbda": 1.0,
+        "divergence": "reverse_kl",
+        "kd_ratio": 1.0,
+        "loss_temperature": 1.0,
+        "lr": args.lr,
+    }
+    return as_argv(flags) + args.ours_extra.split()
 
 
 def run_process(cmd: list[str], log_path: Path, env: dict[str, str]) -> tuple[int, int, float]:
@@ -150,13 +193,14 @@ def steps_of(args: argparse.Namespace, impl: str) -> int:
 
 def run_trl(args: argparse.Namespace, impl: str, pair: str, records: Path, log_path: Path) -> dict[str, Any]:
     cmd = [
-        str(args.bench_python),
+        str(args.bench_python_116 if impl in TRL_116 else args.bench_python),
         str(BENCH / "trl_worker.py"),
         *("--pair", pair, "--trainer", impl.removeprefix("trl-"), "--records", str(records)),
         *("--batch", str(args.batch), "--prompt-tokens", str(args.prompt_tokens)),
         *("--new-tokens", str(args.new_tokens), "--steps", str(steps_of(args, impl))),
         *("--gamma", str(args.gamma)),
         *("--gradient-checkpointing", args.gradient_checkpointing, "--seed", str(args.seed)),
+        *(("--lr", str(args.lr)) if impl in TRL_116 else ()),
     ]
     env = {**os.environ, **thread_env(args), "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONUNBUFFERED": "1"}
     code, rss, wall = run_process(cmd, log_path, env)
@@ -168,21 +212,23 @@ def run_trl(args: argparse.Namespace, impl: str, pair: str, records: Path, log_p
     return result
 
 
-def run_ours(args: argparse.Namespace, pair: str, records: Path, log_path: Path) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, impl: str, pair: str, records: Path, log_path: Path) -> dict[str, Any]:
     out_dir = OUT / "ours-out" / pair
     shutil.rmtree(out_dir, ignore_errors=True)
-    cmd = [str(args.minillm_bin), "distill", *ours_argv(args, pair, records, out_dir)]
+    command = OURS[impl]
+    argv = (ours_argv if command == "distill" else ours_gkd_argv)(args, pair, records, out_dir)
+    cmd = [str(args.minillm_bin), command, *argv]
     code, rss, wall = run_process(cmd, log_path, {**os.environ, **thread_env(args), "PYTHONUNBUFFERED": "1"})
     metrics_path = out_dir / "metrics.jsonl"
     if code != 0 or not metrics_path.is_file():
-        raise RuntimeError(f"minillm distill on {pair} failed (exit {code}); see {log_path}")
+        raise RuntimeError(f"minillm {command} on {pair} failed (exit {code}); see {log_path}")
     steps = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if "time/update" in m]
     if len(steps) != args.steps + 1:
         raise RuntimeError(f"expected {args.steps + 1} step lines in {metrics_path}, got {len(steps)}")
-    times = [m["time/sample"] + m["time/update"] for m in steps]  # ppo_epochs 1: every step samples
+    times = [m["time/sample"] + m["time/update"] for m in steps]  # every step samples
     shutil.rmtree(out_dir, ignore_errors=True)  # the final checkpoint
     return {
-        "impl": "minillm",
+        "impl": impl,
         "pair": pair,
         "warmup_s": times[:1],
         "step_s": times[1:],
@@ -213,22 +259,22 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def table(pair: str, results: list[dict[str, Any]]) -> str:
+def table(pair: str, results: list[dict[str, Any]], baseline: str = "trl-minillm") -> str:
     present = [impl for impl in IMPLS if any(r["impl"] == impl for r in results)]
     rows = {impl: summarise([r for r in results if r["impl"] == impl]) for impl in present}
-    base = rows.get(BASELINE)
+    base = rows.get(baseline)
     out = [
         f"**{pair}** pair",
         "",
         "| implementation | reps x steps | s/step median | min | max | tokens/step | tokens/s | peak RSS GiB "
-        "| throughput vs TRL MiniLLM: pooled; per rep median (range) | RSS vs TRL MiniLLM |",
+        f"| throughput vs {baseline}: pooled; per rep median (range) | RSS vs {baseline} |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def per_rep(impl: str, key: str) -> str:
         """The ratio to the baseline within each repetition (adjacent in time, so under similar load)."""
         ratios = []
-        for b in (r for r in results if r["impl"] == BASELINE):
+        for b in (r for r in results if r["impl"] == baseline):
             same = [r for r in results if r["impl"] == impl and r["rep"] == b["rep"] and r["run"] == b["run"]]
             if same:
                 ratios.append(summarise(same)[key] / summarise([b])[key])
@@ -285,9 +331,14 @@ def main(argv: list[str] | None = None) -> None:
         help="Activation recomputation on both sides (TRL's default: on).",
     )
     p.add_argument(
-        "--ours-extra", default="", help="Extra `minillm distill` flags: --ours-extra='--chunk_size 512'."
+        "--ours-extra", default="", help="Extra flags of our command: --ours-extra='--chunk_size 512'."
+    )
+    p.add_argument("--baseline", default="trl-minillm", help="The implementation the ratios refer to.")
+    p.add_argument(
+        "--lr", type=float, default=5e-6, help="Learning rate of minillm gkd and TRL's DistillationTrainer."
     )
     p.add_argument("--bench-python", type=Path, default=ROOT / ".venv-bench" / "bin" / "python")
+    p.add_argument("--bench-python-116", type=Path, default=ROOT / ".venv-bench-116" / "bin" / "python")
     p.add_argument("--minillm-bin", type=Path, default=ROOT / ".venv" / "bin" / "minillm")
     p.add_argument("--prepare-only", action="store_true", help="Build the model pairs and stop.")
     p.add_argument(
@@ -304,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
             raw = json.loads(f.read_text())
             pooled += [{"run": raw["date"], **r} for r in raw["results"]]
         for pair in dict.fromkeys(r["pair"] for r in pooled):
-            print(table(pair, [r for r in pooled if r["pair"] == pair]) + "\n")
+            print(table(pair, [r for r in pooled if r["pair"] == pair], args.baseline) + "\n")
         return
 
     pairs = [x for x in args.pairs.split(",") if x]
@@ -322,13 +373,15 @@ def main(argv: list[str] | None = None) -> None:
             "count: the two objectives differ (bench/check_trl_objective.py)",
             flush=True,
         )
-    if any(i.startswith("trl-") for i in impls) and not args.bench_python.is_file():
-        sys.exit(f"{args.bench_python} is missing; set up the TRL venv as this script's docstring says")
-    if "minillm" in impls:
-        why = ours_available(args.minillm_bin)
+    for impl in (i for i in impls if i.startswith("trl-")):
+        python = args.bench_python_116 if impl in TRL_116 else args.bench_python
+        if not python.is_file():
+            sys.exit(f"{python} is missing; set up the TRL venv as this script's docstring says")
+    for impl in [i for i in impls if i in OURS]:
+        why = ours_available(args.minillm_bin, OURS[impl])
         if why:
-            print(f"skipping minillm distill: {why}", flush=True)
-            impls.remove("minillm")
+            print(f"skipping {impl}: {why}", flush=True)
+            impls.remove(impl)
 
     from transformers import AutoTokenizer
 
@@ -357,8 +410,8 @@ def main(argv: list[str] | None = None) -> None:
                 log_path = OUT / f"{stamp}-{pair}-{impl}-rep{rep}.log"
                 load_before = os.getloadavg()[0]
                 try:
-                    if impl == "minillm":
-                        r = run_ours(args, pair, records_path, log_path)
+                    if impl in OURS:
+                        r = run_ours(args, impl, pair, records_path, log_path)
                     else:
                         r = run_trl(args, impl, pair, records_path, log_path)
                 except RuntimeError as e:
@@ -374,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
     print(f"\n{meta['command']}\n{meta['machine']}\n{stamp}; raw results: {raw_path}\n")
     for pair in pairs:
-        print(table(pair, [r for r in results if r["pair"] == pair]) + "\n")
+        print(table(pair, [r for r in results if r["pair"] == pair], args.baseline) + "\n")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from minillm import models
 from minillm.data.instructions import load_records
 from minillm.data.tokenize import collate_prompts, encode_prompt
 from minillm.objectives.chunked import head_logits_into
-from minillm.objectives.lm import log_softmax_inplace
+from minillm.objectives.divergences import log_softmax_inplace
 from minillm.rollout import sample_rollout
 from minillm.train.minillm import response_rows
 

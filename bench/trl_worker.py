@@ -1,9 +1,11 @@
-"""One timed run of a TRL peer trainer (MiniLLMTrainer or GKDTrainer); prints one JSON line.
+"""One timed run of a TRL peer trainer (MiniLLMTrainer, GKDTrainer or DistillationTrainer); prints one JSON line.
 
-Runs under the benchmark venv, which holds TRL 1.14.2 (the last release with `MiniLLMTrainer`) beside our
-package installed without its dependencies (`bench/compare_trl.py` describes the setup):
+Runs under a benchmark venv: `.venv-bench` holds TRL 1.14.2 (the last release with `MiniLLMTrainer`),
+`.venv-bench-116` TRL 1.16.0 (its stable `DistillationTrainer`), each beside our package installed without
+its dependencies (`bench/compare_trl.py` describes the setup):
 
     .venv-bench/bin/python bench/trl_worker.py --pair tiny --trainer minillm --batch 8 --new-tokens 128
+    .venv-bench-116/bin/python bench/trl_worker.py --pair tiny --trainer distill --batch 8 --new-tokens 128
 
 The workload is the one `minillm distill` gets from `bench/compare_trl.py`: the first `--batch` x (steps + 1)
 Dolly training instructions whose Alpaca prompt fits in `--prompt-tokens` tokens (longer prompts are dropped,
@@ -34,6 +36,14 @@ What each trainer optimises per step (TRL 1.14.2 source, `trl/experimental/...`)
   then generalized JSD with beta 1 = full-vocabulary KL(q‖p) per completion token (L281), summed over
   completion tokens up to the first EOS and divided by `num_items_in_batch` (L305-310), which the Trainer
   counts from the collated batch's labels (here the gold responses), not from the sampled completions.
+- DistillationTrainer (TRL 1.16.0, `trl/trainer/distillation_trainer.py`, a prompt-only trainer): every step
+  samples from the student (`_generate_and_score_completions`), then `_compute_loss` (L1818-1922) runs the
+  student's and the teacher's backbones over prompt + completion (left-padded, `logits_to_keep` = the
+  completion width) and `_chunked_divergence_loss` (L101-213) the generalized JSD with `beta` (1 = reverse
+  KL(q‖p), its default) over the valid completion positions, summed and divided by the step's valid
+  completion tokens (`num_items_in_batch` from the sampled completions, L1795-1797). Temperature applies to
+  sampling and loss alike. `minillm gkd --lmbda 1 --divergence reverse_kl --kd_ratio 1` computes the same
+  loss (`bench/check_trl_distill_objective.py`).
 """
 
 from __future__ import annotations
@@ -222,18 +232,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
             processing_class=tokenizer,
         )
-        generate = trainer._generate_and_score_completions
-
-        def counted(inputs):
-            out = generate(inputs)
-            mask = out["completion_mask"]
-            tokens.append(int(mask.sum()))
-            padded.append(int(mask.numel()))
-            is_eos = torch.isin(out["completion_ids"], torch.tensor(trainer.eos_token_ids))
-            eos_ended.append(int((is_eos & mask.bool()).any(1).sum()))
-            return out
-
-        trainer._generate_and_score_completions = counted
     elif args.trainer == "gkd":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -270,8 +268,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return ids, mask, labels
 
         trainer.generate_on_policy_outputs = counted_gkd
+    elif args.trainer == "distill":
+        from trl import DistillationConfig, DistillationTrainer
+
+        config = DistillationConfig(
+            **common,
+            learning_rate=args.lr,
+            max_completion_length=args.new_tokens,
+            shuffle_dataset=False,
+            temperature=1.0,  # sampling and loss
+            top_p=1.0,
+            top_k=0,
+            use_vllm=False,
+            beta=1.0,  # generalized JSD with beta 1 = reverse KL(q‖p) (TRL's default)
+        )
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=config,
+            train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+            processing_class=tokenizer,
+        )
     else:
-        raise ValueError(f"unknown trainer {args.trainer!r}; valid: minillm, gkd")
+        raise ValueError(f"unknown trainer {args.trainer!r}; valid: minillm, gkd, distill")
+    if args.trainer in (
+        "minillm",
+        "distill",
+    ):  # GRPO-style: completions from `_generate_and_score_completions`
+        generate = trainer._generate_and_score_completions
+        eos_ids = torch.tensor(getattr(trainer, "eos_token_ids", [tokenizer.eos_token_id]))
+
+        def counted(inputs):
+            out = generate(inputs)
+            mask = out["completion_mask"]
+            tokens.append(int(mask.sum()))
+            padded.append(int(mask.numel()))
+            is_eos = torch.isin(out["completion_ids"], eos_ids)
+            eos_ended.append(int((is_eos & mask.bool()).any(1).sum()))
+            return out
+
+        trainer._generate_and_score_completions = counted
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -356,7 +392,12 @@ class PromptCollator:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pair", choices=["tiny", "embedded"], required=True, help="Teacher/student pair.")
-    p.add_argument("--trainer", choices=["minillm", "gkd"], required=True, help="TRL trainer to time.")
+    p.add_argument(
+        "--trainer",
+        choices=["minillm", "gkd", "distill"],
+        required=True,
+        help="TRL trainer to time: 1.14.2's MiniLLMTrainer or GKDTrainer, or 1.16.0's DistillationTrainer.",
+    )
     p.add_argument("--batch", type=int, default=8, help="Prompts per step (one completion each).")
     p.add_argument("--prompt-tokens", type=int, default=256, help="Prompts longer than this are skipped.")
     p.add_argument("--new-tokens", type=int, default=128, help="Sampled completion tokens at most.")
@@ -366,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on", help="TRL default: on.")
     p.add_argument("--records", default=None, help="JSONL of records to use (default: select them here).")
     p.add_argument("--seed", type=int, default=10, help="Trainer seed (sampling).")
+    p.add_argument("--lr", type=float, default=5e-6, help="DistillationTrainer's learning rate.")
     args = p.parse_args(argv)
     result = run(args)
     sys.stdout.flush()

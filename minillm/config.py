@@ -472,6 +472,13 @@ class GKDConfig(KDConfig):
         bounds="> 0",
     )
     fast_rollout: bool = _f(True, "Static-cache decode loop (same tokens as the eager loop).")
+    sampling_cache_mib: float = _f(
+        256.0,
+        "On-policy steps of a student without dropout keep what sampling computed when it fits this many MiB "
+        "per micro-batch: the student's logits (batch_size x max_new_tokens x vocab x 4 B) and its decoder "
+        "layers' outputs, which spare the step's update the student's head and layer forwards (0 = off).",
+        bounds=">= 0",
+    )
 
 
 @dataclass

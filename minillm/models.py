@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -403,6 +404,36 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     if hasattr(model, "module"):
         return model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     return unwrap(model).base_model(**kwargs).last_hidden_state
+
+
+def grouped_rows(
+    model: nn.Module,
+    seqs: list[torch.Tensor],
+    first: list[int],
+    count: list[int],
+    replay: Callable[[list[int]], AbstractContextManager[None]] | None = None,
+) -> torch.Tensor:
+    """Final hidden states of rows first[i] .. first[i] + count[i] − 1 of every sequence seqs[i] [L_i],
+    concatenated in order: [N, H], N = Σ count.
+
+    The sequences are forwarded unpadded in `length_groups`, right-padded within a group: causality keeps
+    the pads out of every row used, so no attention mask is needed and no compute goes to left padding.
+    A DDP-wrapped model gets one padded forward instead: DDP broadcasts buffers in every forward, so each
+    rank must run as many as the others, and the number of length groups differs between ranks (a rank with
+    fewer leaves the others waiting forever; docs/distributed.md). replay(group), when given, is a context
+    entered around the forward of the sequences `group` (`SamplingCache.replay`).
+    """
+    from minillm.data.tokenize import length_groups
+
+    out: list[torch.Tensor] = [seqs[0].new_empty(0)] * len(seqs)
+    ddp = hasattr(model, "module")
+    for group in [list(range(len(seqs)))] if ddp else length_groups([len(x) for x in seqs]):
+        ids = torch.nn.utils.rnn.pad_sequence([seqs[i] for i in group], batch_first=True)  # [G, L]
+        with nullcontext() if replay is None else replay(group):
+            hidden = final_hidden(model, ids, torch.ones_like(ids))  # [G, L, H]
+        for k, i in enumerate(group):
+            out[i] = hidden[k, first[i] : first[i] + count[i]]
+    return torch.cat(out)
 
 
 # Config attributes transformers applies to the logits after the head matmul, and how (modeling_*.py of

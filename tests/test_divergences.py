@@ -12,6 +12,7 @@ from minillm.objectives.divergences import (
     forward_kl,
     generalized_jsd,
     get_divergence,
+    get_logit_grad,
     reverse_kl,
     skew_forward_kl,
     skew_reverse_kl,
@@ -275,3 +276,83 @@ def test_direct_calls_check_parameters_and_shapes():
         reverse_kl(s, t[..., :2], mask)
     with pytest.raises(AssertionError, match="bool"):
         reverse_kl(s, t, mask.float())
+
+
+# Every closed form, with the endpoints where a divergence turns into another (β, α = 0 and 1) and a
+# temperature: the parameters the chunked KD path can be given.
+LOGIT_GRAD_CASES = [
+    *CASES,
+    ("jsd", {"beta": 0.0}),
+    ("jsd", {"beta": 1.0}),
+    ("skew_forward_kl", {"alpha": 0.0}),
+    ("skew_forward_kl", {"alpha": 1.0}),
+    ("skew_reverse_kl", {"alpha": 0.0}),
+    ("skew_reverse_kl", {"alpha": 1.0}),
+    ("jsd", {"beta": 0.3, "temperature": 2.0}),
+    ("reverse_kl", {"temperature": 0.5}),
+]
+LOGIT_GRAD_IDS = [name + "".join(f"-{k}{v}" for k, v in params.items()) for name, params in LOGIT_GRAD_CASES]
+
+
+def _autograd(name: str, params: dict, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """D [C] and ∂ΣD/∂s [C, V] of the [B, T, V] function by autograd (rows of s, t as one batch row)."""
+    x = s.clone().requires_grad_()
+    value = DIVERGENCES[name](x[None], t[None], torch.ones(1, len(s), dtype=torch.bool), **params)[0]
+    if value.requires_grad:  # at α = 1 the skew KLs are the constant 0
+        value.sum().backward()
+    return value.detach(), x.grad if x.grad is not None else torch.zeros_like(s)
+
+
+@pytest.mark.parametrize("where", ["none", "both", "teacher", "student"])
+@pytest.mark.parametrize("name,params", LOGIT_GRAD_CASES, ids=LOGIT_GRAD_IDS)
+def test_logit_grad_matches_autograd_float64(name, params, where):
+    """The closed-form value and logit gradient equal float64 autograd through the [B, T, V] function, also
+    with -inf logits on either side (a banned vocabulary entry); where the divergence is truly infinite
+    the value is +inf, as autograd's."""
+    s, t, _ = _inputs(1, 47, 123, seed=11)
+    s, t = s[0], t[0]  # [C, V]
+    banned = torch.zeros(123, dtype=torch.bool)
+    banned[[0, 5, 122]] = True
+    if where in ("both", "student"):
+        s = s.masked_fill(banned, -math.inf)
+    if where in ("both", "teacher"):
+        t = t.masked_fill(banned, -math.inf)
+    want_value, want_grad = _autograd(name, params, s, t)
+    work = torch.full((3, *s.shape), math.nan, dtype=torch.float64)  # garbage scratch must not leak
+    value, grad = get_logit_grad(name, **params)(s.clone(), t.clone(), work)
+    # forward KL (also JSD β = 0, skew forward α = 0) is infinite with teacher mass on a student -inf;
+    # reverse KL (JSD β = 1, skew reverse α = 0) the other way round
+    forward = name == "forward_kl" or params in ({"beta": 0.0}, {"alpha": 0.0}) and name != "skew_reverse_kl"
+    reverse = name == "reverse_kl" or params in ({"beta": 1.0}, {"alpha": 0.0}) and name != "skew_forward_kl"
+    if (forward and where == "student") or (reverse and where == "teacher"):
+        assert torch.isposinf(value).all() and torch.isposinf(want_value).all()
+        return  # no gradient to compare: autograd's is not finite either
+    assert_close_verbose(value, want_value, torch.float64)
+    assert torch.isfinite(grad).all()
+    assert_close_verbose(grad, want_grad, torch.float64)
+    if where == "both":
+        assert (grad[:, banned] == 0).all()  # an entry banned on both sides stays at probability 0
+
+
+def test_logit_grad_tvd_subgradient_at_equal_probabilities_is_zero():
+    """TVD's |p − q| has a kink at p_v = q_v: the closed form takes sign(0) = 0 there, the subgradient
+    autograd's abs gives, so q = p (TVD = 0, its minimum) has gradient exactly 0."""
+    s, t, _ = _inputs(1, 4, 9, seed=12)
+    value, grad = get_logit_grad("tvd")(s[0].clone(), s[0].clone(), torch.empty(3, 4, 9, dtype=torch.float64))
+    assert (value == 0).all() and (grad == 0).all()
+    # one entry equal, the rest not: that entry's g is 0, as autograd's
+    t = s[0].clone()
+    t[:, 1:] = t[:, 1:] + 0.5 * torch.arange(8, dtype=torch.float64)
+    want_value, want_grad = _autograd("tvd", {}, s[0], t)
+    value, grad = get_logit_grad("tvd")(s[0].clone(), t.clone(), torch.empty(3, 4, 9, dtype=torch.float64))
+    assert_close_verbose(value, want_value, torch.float64)
+    assert_close_verbose(grad, want_grad, torch.float64)
+
+
+def test_logit_grad_checks_parameters_as_get_divergence():
+    with pytest.raises(ValueError, match="beta"):
+        get_logit_grad("jsd", beta=1.5)
+    with pytest.raises(ValueError, match="invalid parameter"):
+        get_logit_grad("tvd", alpha=0.1)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        get_logit_grad("kl")

@@ -88,3 +88,30 @@ def test_killed_run_resumes_exactly(tiny_llama, teacher, tmp_path):
     for a, b in zip(got, want, strict=True):
         for key in ("loss", "loss/kd", "on_policy", "tokens", "valid/loss", "valid/forward_kl"):
             assert a.get(key) == b.get(key), (key, a, b)
+
+
+def test_on_policy_update_reuses_what_sampling_computed(tiny_llama, teacher, tmp_path, monkeypatch):
+    """With lmbda 1 and a student without dropout, each on-policy micro-batch's update reads the student's
+    logits and decoder-layer outputs the sampler computed (`SamplingCache`) instead of recomputing them: the
+    run's losses and gradient norms equal those of the same run with the cache off (sampling_cache_mib 0)
+    to fp32 rounding (the sampler decodes with a KV cache, the update forwards once)."""
+    made = []
+    real = gkd.step_cache
+    monkeypatch.setattr(gkd, "step_cache", lambda *a: made.append(real(*a)) or made[-1])
+    train_gkd(gkd_config(tiny_llama, teacher, tmp_path / "cached", lmbda=1.0, divergence="reverse_kl"))
+    assert len(made) == 4 * 2 and all(c.layers is not None for c in made)  # steps x micro-batches
+    train_gkd(
+        gkd_config(
+            tiny_llama, teacher, tmp_path / "plain", lmbda=1.0, divergence="reverse_kl", sampling_cache_mib=0
+        )
+    )
+    assert len(made) == 8  # nothing kept with the cache off
+    cached, plain = read_metrics(tmp_path / "cached")[1:], read_metrics(tmp_path / "plain")[1:]
+    for key in ("loss", "grad_norm", "tokens"):
+        assert [m[key] for m in cached] == pytest.approx([m[key] for m in plain], rel=1e-4), key
+
+
+def test_on_policy_update_of_a_student_with_dropout_recomputes(tiny_gpt2, teacher, tmp_path, monkeypatch):
+    """The sampler runs without dropout and the update with it: nothing sampling computed is reused."""
+    monkeypatch.setattr(gkd, "step_cache", lambda *a: pytest.fail("reused sampling with dropout on"))
+    train_gkd(gkd_config(tiny_gpt2, teacher, tmp_path / "gpt2", lmbda=1.0, max_steps=1))

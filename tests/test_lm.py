@@ -1,13 +1,16 @@
 """objectives.lm against plain full-logit float64 computations: token log-probs, CE and divergence sums."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import TOL
+from test_divergences import LOGIT_GRAD_CASES
+from tolerances import TOL, assert_close_verbose
 
 from minillm.objectives.chunked import Head
-from minillm.objectives.divergences import forward_kl
-from minillm.objectives.lm import ce_kd_sum, ce_sum, divergence_sum, token_logprobs
+from minillm.objectives.divergences import DIVERGENCES, get_logit_grad
+from minillm.objectives.lm import ce_kd_sum, token_logprobs
 
 N, V, H = 23, 57, 9
 
@@ -40,35 +43,62 @@ def test_token_logprobs(chunk_size, dtype, with_bias):
     torch.testing.assert_close(got.double(), want, **TOL[dtype if dtype == torch.bfloat16 else torch.float32])
 
 
-@pytest.mark.parametrize("chunk_size", [4, N])
-def test_ce_and_divergence_sums_value_and_grads(chunk_size):
-    d = _data(1)
+# (divergence, parameters, kd_ratio): every closed form through the chunked head, endpoints included
+KD_CASES = [
+    *[(name, params, 1.0) for name, params, *_ in LOGIT_GRAD_CASES],
+    ("jsd", {"beta": 0.5}, 0.5),
+    ("reverse_kl", {"temperature": 2.0}, 0.5),
+]
 
-    def run(chunked: bool) -> list[torch.Tensor]:
-        rows, weight, bias = (d[k].clone().requires_grad_() for k in ("rows", "weight", "bias"))
-        w = d["token_weights"]
-        t_head = Head(d["t_weight"])
-        if chunked:
-            ce = ce_sum(rows, d["targets"], Head(weight, bias), chunk_size=chunk_size, token_weights=w)
-            kl = divergence_sum(
-                rows,
-                d["t_rows"],
-                Head(weight, bias),
-                t_head,
-                forward_kl,
-                chunk_size=chunk_size,
-                token_weights=w,
-            )
-        else:
-            logits = F.linear(rows, weight, bias)
-            ce = (w * F.cross_entropy(logits, d["targets"], reduction="none")).sum()
-            logp = F.linear(d["t_rows"], d["t_weight"]).log_softmax(-1)
-            kl = (w * (logp.exp() * (logp - logits.log_softmax(-1))).sum(-1)).sum()
-        (ce + 2 * kl).backward()
-        return [ce.detach(), kl.detach(), rows.grad, weight.grad, bias.grad]
 
-    for got, want in zip(run(True), run(False), strict=True):
-        torch.testing.assert_close(got, want, **TOL[torch.float64])
+@pytest.mark.parametrize("name,params,kd_ratio", KD_CASES, ids=[f"{n}{p}-r{r}" for n, p, r in KD_CASES])
+@pytest.mark.parametrize("masked", ["random", "all"])
+def test_ce_kd_sum_every_divergence_matches_autograd_float64(name, params, kd_ratio, masked):
+    """kd_ratio·ΣD + (1 − kd_ratio)·ΣCE over the valid rows of a [B, T] batch (T = 47, V = 123: neither
+    divides the chunk of 16), closed form through a scaled head (soft caps: test_heads) with a vocabulary entry
+    banned on both sides (a -inf bias), equals float64 autograd through the [B, T, V] divergence:
+    value and gradients w.r.t. hidden states, head weight and bias. An all-masked batch gives 0 and
+    zero gradients."""
+    B, T, V, H = 3, 47, 123, 9
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    t_hidden = torch.randn(B, T, H + 2, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    bias = torch.randn(V, generator=g, dtype=torch.float64)
+    bias[7] = -math.inf
+    t_head = Head(torch.randn(V, H + 2, generator=g, dtype=torch.float64), bias.clone(), 0.5, None)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[targets == 7] = 8  # a banned entry is never a target
+    mask = torch.rand(B, T, generator=g) > 0.3 if masked == "random" else torch.zeros(B, T, dtype=torch.bool)
+
+    def leaves() -> list[torch.Tensor]:
+        return [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+
+    h, w, b = leaves()
+    head = Head(w, b, 1.3, None)
+    got = ce_kd_sum(
+        h[mask],
+        targets[mask],
+        head,
+        chunk_size=16,
+        teacher=(t_hidden[mask], t_head),
+        kd_ratio=kd_ratio,
+        divergence=get_logit_grad(name, **params),
+    )
+    got.backward()
+
+    h64, w64, b64 = leaves()
+    logits = Head(w64, b64, 1.3, None).logits(h64)  # [B, T, V]
+    t_logits = t_head.logits(t_hidden)
+    kd = DIVERGENCES[name](logits, t_logits, mask, **params).sum()
+    ce = F.cross_entropy(logits[mask], targets[mask], reduction="sum")
+    want = kd_ratio * kd + (1 - kd_ratio) * ce
+    if want.requires_grad:
+        want.backward()
+    assert_close_verbose(got, want.detach(), torch.float64)
+    for x, ref in ((h, h64), (w, w64), (b, b64)):
+        expected = ref.grad if ref.grad is not None else torch.zeros_like(ref)
+        assert_close_verbose(x.grad, expected, torch.float64)
 
 
 @pytest.mark.parametrize("chunk_size", [4, N])

@@ -95,3 +95,22 @@ def length_groups(lengths: list[int], max_padding: float = _MAX_PADDING) -> list
         else:
             groups.append([i])
     return groups
+
+
+def target_sequences(batch: dict[str, Tensor]) -> tuple[list[Tensor], list[int], list[int]]:
+    """Each example's tokens up to its last target, where its targets start, and how many there are: the
+    rows `models.grouped_rows` forwards unpadded, row-major as `x[target_mask]`.
+
+    batch:   input_ids [B, L] long, target_mask [B, L] bool with each row's targets contiguous (`collate`)
+    returns: sequences [L_b] long, first target index (the prompt length; 0 when none), target count
+    """
+    ids, tm = batch["input_ids"], batch["target_mask"]
+    count = tm.sum(-1).tolist()  # [B]
+    first = tm.int().argmax(-1).tolist()  # [B]
+    for b, (f, n) in enumerate(zip(first, count, strict=True)):
+        assert bool(tm[b, f : f + n].all()), f"targets of row {b} are not contiguous"
+    return (
+        [ids[b, : max(f + n - 1, 1)] for b, (f, n) in enumerate(zip(first, count, strict=True))],
+        first,
+        count,
+    )

@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from minillm.objectives.chunked import Head, chunked_head_loss, head_logits_into
+from minillm.objectives.chunked import Head, LogitsFn, chunked_head_loss, head_logits_into
+from minillm.objectives.divergences import LogitGrad, get_logit_grad, log_softmax_inplace
 
-
-def target_rows(hidden: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The hidden states that predict target tokens, and those tokens.
-
-    hidden:      [B, L, H] final hidden states (position i predicts token i + 1)
-    input_ids:   [B, L] long
-    target_mask: [B, L] bool, True where the token is a loss target (never position 0)
-    returns:     rows [N, H], targets [N] long, N = target_mask.sum()
-    """
-    B, L, H = hidden.shape
-    assert input_ids.shape == (B, L) and target_mask.shape == (B, L) and target_mask.dtype == torch.bool
-    keep = target_mask[:, 1:]  # [B, L-1]: row i of hidden predicts token i + 1
-    return hidden[:, :-1][keep], input_ids[:, 1:][keep]
-
-
-def log_softmax_inplace(x: Tensor, work: Tensor) -> Tensor:
-    """x [C, V] becomes log softmax(x) in place; returns softmax(x), written into `work` [C, V]."""
-    top = x.amax(-1, keepdim=True)  # [C, 1]
-    torch.sub(x, top, out=work).exp_()
-    z = work.sum(-1, keepdim=True)  # [C, 1]
-    x.sub_(top + z.log())
-    return work.div_(z)
+FORWARD_KL = get_logit_grad("forward_kl")
 
 
 def head_log_probs_into(out: Tensor, rows: Tensor, head: Head, work: Tensor) -> Tensor:
@@ -64,24 +41,6 @@ def fill_log_probs(out: Tensor, rows: Tensor, head: Head, *, chunk_size: int) ->
     return out
 
 
-def ce_sum(
-    rows: Tensor, targets: Tensor, head: Head, *, chunk_size: int, token_weights: Tensor | None = None
-) -> Tensor:
-    """Σ_n w_n · CE(head's logits of rows[n], targets[n]) as a scalar (fp32), chunked over tokens.
-
-    rows: [N, H]; targets: [N] long; head: the model's `Head` ([V, H] weight); token_weights: [N] or None.
-    """
-    N, H = rows.shape
-    assert targets.shape == (N,) and head.weight.shape[1] == H
-
-    def token_fn(logits: Tensor, start: int, end: int) -> Tensor:
-        x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64
-        ce = F.cross_entropy(x, targets[start:end], reduction="none")  # [C]
-        return (ce * token_weights[start:end]).sum() if token_weights is not None else ce.sum()
-
-    return chunked_head_loss(rows, head, token_fn, chunk_size=chunk_size)
-
-
 def ce_kd_sum(
     rows: Tensor,
     targets: Tensor,
@@ -90,15 +49,25 @@ def ce_kd_sum(
     chunk_size: int,
     teacher: tuple[Tensor, Head] | None = None,
     kd_ratio: float = 0.0,
+    divergence: LogitGrad = FORWARD_KL,
+    parts: dict[str, float] | None = None,
+    scale: float = 1.0,
+    logits_into: LogitsFn | None = None,
 ) -> Tensor:
-    """Σ_n (1 − r)·CE(q_n, y_n) + r·KL(p_n ‖ q_n) with r = kd_ratio: MiniLLM's PT loss, in one chunked pass
-    whose logit gradient is closed-form, q − (1 − r)·onehot(y) − r·p (no autograd through log-softmax,
-    one student head pass for both terms).
+    """Σ_n (1 − r)·CE(q_n, y_n) + r·D(p_n, q_n) with r = kd_ratio (word-level KD; MiniLLM's PT loss with D
+    the forward KL), in one chunked pass whose logit gradient is closed-form, (1 − r)·(q − onehot(y)) +
+    r·∂D/∂s (`divergences.get_logit_grad`): no autograd through log-softmax or D, one student head pass
+    for both terms, reused [C, V] buffers.
 
-    rows:    [N, H] student hidden states; targets: [N] long
-    head:    the student's `Head` ([V, H] weight)
-    teacher: (teacher_rows [N, H_t], the teacher's `Head`) giving p, or None for CE alone (r = 0)
-    returns: scalar, fp32 at least
+    rows:       [N, H] student hidden states; targets: [N] long
+    head:       the student's `Head` ([V, H] weight)
+    teacher:    (teacher_rows [N, H_t], the teacher's `Head`) giving p, or None for CE alone (r = 0)
+    divergence: D with its parameters bound (default forward KL at temperature 1); CE is at temperature 1
+    parts:      if given, receives the unweighted sums {"ce": Σ CE, "kd": Σ D} of the terms computed (a
+                term whose weight is 0 is not)
+    scale:      multiplies the returned sum and its gradients (`chunked_head_loss`)
+    logits_into: supplies the student's logits instead of its head pass (`chunked_head_loss`)
+    returns:    scalar, fp32 at least
     """
     N = len(rows)
     r = kd_ratio
@@ -109,63 +78,53 @@ def ce_kd_sum(
     if use_teacher and teacher[1].weight.shape[0] != V:
         raise ValueError(f"student vocabulary {V} != teacher vocabulary {teacher[1].weight.shape[0]}")
     dt = torch.promote_types(rows.dtype, torch.float32)
-    work = torch.empty(min(chunk_size, N), V, dtype=dt, device=rows.device)  # [C, V]
-    t_buf = torch.empty_like(work) if use_teacher else None
+    C = min(chunk_size, N)
+    work = torch.empty(3 if use_teacher else 1, C, V, dtype=dt, device=rows.device)  # [3 or 1, C, V]
+    t_buf = torch.empty(C, V, dtype=dt, device=rows.device) if use_teacher else None
+    # At another temperature D's log q is not CE's: CE's gradient is then formed first, in its own buffer
+    ce_apart = use_teacher and r < 1.0 and divergence.temperature != 1.0
+    ce_buf = torch.empty(C, V, dtype=dt, device=rows.device) if ce_apart else None
+    sums = {} if parts is None else parts
+
+    def add(key: str, value: Tensor) -> None:
+        sums[key] = sums.get(key, 0.0) + float(value)
 
     def token_fn(logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
         n = end - start
-        logp = None
-        if t_buf is not None:  # first, while `work` is free scratch
-            logp = head_log_probs_into(t_buf[:n], teacher[0][start:end], teacher[1], work[:n])
-        logq = logits.to(dt)
-        q = log_softmax_inplace(logq, work[:n])  # [n, V]
         pick = targets[start:end, None]
-        loss = (1 - r) * -logq.gather(-1, pick).sum()
-        grad = q
-        if logp is not None:
-            diff = logq.sub_(logp).neg_()  # [n, V] log p − log q
-            p = logp.exp_()
-            loss = loss + r * torch.bmm(p[:, None, :], diff[:, :, None]).sum()
-            grad = q.sub_(p, alpha=r)
-        grad.scatter_add_(-1, pick, grad.new_full((n, 1), r - 1))
-        return loss, grad
+        x = logits.to(dt)  # the buffer itself unless bf16
+        if not use_teacher:
+            q = log_softmax_inplace(x, work[0, :n])  # [n, V]; x is log q
+            ce = -x.gather(-1, pick).sum()
+            add("ce", ce)
+            return ce, q.scatter_add_(-1, pick, q.new_full((n, 1), -1.0))
+        ce = grad_ce = None
+        if ce_apart:  # log q at temperature 1 in ce_buf, q in work[1], before D takes both buffers
+            q = log_softmax_inplace(ce_buf[:n].copy_(x), work[1, :n])
+            ce = -ce_buf[:n].gather(-1, pick).sum()
+            grad_ce = ce_buf[:n].copy_(q)
+        t_logits = t_buf[:n]
+        t_rows = teacher[0][start:end]
+        if t_rows.dtype == teacher[1].weight.dtype == dt:
+            head_logits_into(t_logits, t_rows, teacher[1])
+        else:  # e.g. a bf16 teacher: the matmul in its dtype, the maths in fp32
+            t_logits.copy_(teacher[1].logits(t_rows))
+        kd, grad = divergence(x, t_logits, work[:, :n])
+        kd = kd.sum()
+        add("kd", kd)
+        if r == 1.0:
+            return kd, grad
+        if grad_ce is None:  # temperature 1: D left log q in x and q in work[0]
+            ce = -x.gather(-1, pick).sum()
+            grad_ce = work[0, :n]
+        add("ce", ce)
+        grad = grad.mul_(r).add_(grad_ce, alpha=1.0 - r)
+        grad.scatter_add_(-1, pick, grad.new_full((n, 1), r - 1.0))
+        return (1.0 - r) * ce + r * kd, grad
 
-    return chunked_head_loss(rows, head, token_fn, chunk_size=chunk_size, closed_form=True)
-
-
-def divergence_sum(
-    rows: Tensor,
-    teacher_rows: Tensor,
-    head: Head,
-    teacher_head: Head,
-    divergence: Callable[[Tensor, Tensor, Tensor], Tensor],
-    *,
-    chunk_size: int,
-    token_weights: Tensor | None = None,
-) -> Tensor:
-    """Σ_n w_n · D(student_n ‖ teacher_n) as a scalar, never holding more than a chunk of logits.
-
-    rows:         [N, H] student hidden states (gradients flow here and into the student head)
-    teacher_rows: [N, H_t] teacher hidden states of the same positions (constants)
-    head, teacher_head: each model's `Head` ([V, H] and [V, H_t] weights); V must agree
-    divergence:   a function of `minillm.objectives.divergences` with its parameters bound,
-                  (student_logits [B, T, V], teacher_logits [B, T, V], mask [B, T]) -> [B, T]
-    token_weights: [N] or None (= 1)
-    """
-    N, H = rows.shape
-    assert teacher_rows.shape[0] == N, f"{teacher_rows.shape[0]} teacher rows for {N} student rows"
-    V, V_t = head.weight.shape[0], teacher_head.weight.shape[0]
-    if V_t != V:
-        raise ValueError(f"student vocabulary {V} != teacher vocabulary {V_t}")
-
-    def token_fn(logits: Tensor, start: int, end: int) -> Tensor:
-        with torch.no_grad():
-            t_logits = teacher_head.logits(teacher_rows[start:end])  # [C, V]
-        ones = torch.ones(1, end - start, dtype=torch.bool, device=logits.device)
-        per_token = divergence(logits[None], t_logits[None], ones)[0]  # [C]
-        return (per_token * token_weights[start:end]).sum() if token_weights is not None else per_token.sum()
-
-    return chunked_head_loss(rows, head, token_fn, chunk_size=chunk_size)
+    return chunked_head_loss(
+        rows, head, token_fn, chunk_size=chunk_size, closed_form=True, logits_into=logits_into, scale=scale
+    )
 
 
 @torch.no_grad()

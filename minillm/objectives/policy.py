@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from minillm.objectives.lm import log_softmax_inplace
+from minillm.objectives.divergences import log_softmax_inplace
 
 WHITEN_MODES = ("masked", "official", "off")
 AllReduce = Callable[[Tensor], Tensor]

@@ -8,7 +8,10 @@ train_data's responses (gold, or teacher responses when train_data is a SeqKD ca
 kd_ratio·D(p, q) + (1 − kd_ratio)·CE, summed over response tokens and divided by the step's global token
 count, with the full-vocabulary D of `minillm.objectives.divergences` (default: generalised JSD, β = 0.5)
 differentiated through the student's logits only (no gradient through the sampling, GKD §3).
-Sampling reuses MiniLLM's rollout code with α = 0 (student only, same seeded sampler and EOS rules).
+Sampling reuses MiniLLM's rollout code with α = 0 (student only, same seeded sampler and EOS rules), and
+the update reuses MiniLLM's machinery (`kd.kd_loss_sums`): unpadded forwards grouped by length, a
+closed-form chunked logit gradient and, for a student without dropout, what sampling computed at the same
+weights (its logits and decoder-layer outputs, `sampling_cache.py`; `sampling_cache_mib`).
 
 Where this matches and departs from the references:
 - TRL GKDTrainer (trl/experimental/gkd/gkd_trainer.py): loss = generalized_jsd_loss only (kd_ratio 1),
@@ -31,11 +34,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
+from minillm import models
 from minillm.config import GKDConfig
 from minillm.data.tokenize import Example, collate
 from minillm.train import engine
 from minillm.train.kd import kd_loss, load_teacher, make_divergence, validation_metrics
+from minillm.train.sampling_cache import SamplingCache, sampling_buffers
 from minillm.train.seqkd import sample_responses
 from minillm.train.sft import load_examples, load_student, rouge_validation
 
@@ -50,6 +56,17 @@ def on_policy_coin(cfg: GKDConfig, step: int) -> bool:
         (), generator=engine.generator(cfg.seed, step, 0, COIN_STREAM, device="cpu"), dtype=torch.float64
     )
     return bool(u < cfg.lmbda)
+
+
+def step_cache(
+    sampling: tuple[Tensor, list[Tensor] | None], lengths: list[int], cfg: GKDConfig
+) -> SamplingCache:
+    """The `SamplingCache` of one sampled micro-batch (`sampling_buffers`' stores, filled by
+    `sample_responses`) for its responses of `lengths` tokens (after any cut to max_length)."""
+    logits, layers = sampling
+    N = cfg.max_new_tokens
+    index = torch.cat([b * N + torch.arange(n) for b, n in enumerate(lengths)]).to(logits.device)  # [M]
+    return SamplingCache(logits, index, layers, torch.arange(len(lengths)), cfg.max_prompt_length)
 
 
 def train_gkd(cfg: GKDConfig) -> Path:
@@ -70,30 +87,39 @@ def train_gkd(cfg: GKDConfig) -> Path:
         log.log(0, validation_metrics(model, teacher, valid, pad, cfg, acc) | rouge(model))
     per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
     nonfinite = engine.NonFiniteSteps()
+    # What sampling computed is the update's own computation only without dropout (the sampler runs in eval
+    # mode, the update in train mode); layer replay also needs no autocast and no gradient sync around it
+    reuse = not models.has_dropout(acc.unwrap_model(model))
+    keep_layers = acc.num_processes == 1 and acc.mixed_precision == "no"
     model.train()
     while state.step < total:
         t0 = time.perf_counter()
         indices = engine.step_indices(len(train), per_step, cfg.seed, state.step)
         examples = [[train[i] for i in mb] for mb in engine.rank_micro_batches(indices, acc, cfg)]
         on_policy = on_policy_coin(cfg, state.step)
+        sampled: list[SamplingCache | None] = [None] * len(examples)
         if on_policy:  # replace the responses by the student's own, for the same prompts
             student = acc.unwrap_model(model)
             # one stream per example, by its place in the step (rank_micro_batches' order): the same
             # samples on any number of processes
             places = iter(range(acc.process_index, per_step, acc.num_processes))
-            for mb in examples:
+            for k, mb in enumerate(examples):
                 prompts = [e.prompt_ids for e in mb]
                 g = [
                     engine.generator(cfg.seed, state.step, next(places), SAMPLE_STREAM, device=acc.device)
                     for _ in mb
                 ]
+                buffers = sampling_buffers(student, len(prompts), cfg, layers=keep_layers) if reuse else None
                 with acc.autocast():  # sample_responses runs the student in eval mode: no dropout
                     responses, _ = sample_responses(
-                        student, prompts, cfg=cfg, eos_id=eos, pad_id=pad, generator=g
+                        student, prompts, cfg=cfg, eos_id=eos, pad_id=pad, generator=g, sampling=buffers
                     )
                 mb[:] = [
                     Example(p, r[: cfg.max_length - len(p)]) for p, r in zip(prompts, responses, strict=True)
                 ]
+                if buffers is not None:
+                    sampled[k] = step_cache(buffers, [len(e.response_ids) for e in mb], cfg)
+                buffers = None  # the caches own them now: freed as the update consumes them (below)
         t_sample = time.perf_counter() - t0
         micro = [collate(mb, pad) for mb in examples]
         metrics = engine.supervised_step(
@@ -104,7 +130,9 @@ def train_gkd(cfg: GKDConfig) -> Path:
             scheduler,
             state.step,
             micro,
-            lambda m, batch: kd_loss(m, teacher, batch, divergence, cfg),
+            # supervised_step calls the loss once per micro-batch, in order; popping drops each cache
+            # after its backward, so none is held through the optimizer step (AdamW's state comes then)
+            lambda m, batch, pending=sampled: kd_loss(m, teacher, batch, divergence, cfg, pending.pop(0)),
         )
         state.step += 1
         dt = time.perf_counter() - t0

@@ -20,7 +20,6 @@ minillm/scripts/gpt2/kd/kd_base.sh: --type kd --kd-ratio 0.5):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +29,22 @@ from torch import Tensor, nn
 
 from minillm import models
 from minillm.config import KDConfig, MiniLLMConfig
-from minillm.data.tokenize import Example, collate
-from minillm.objectives.divergences import get_divergence
-from minillm.objectives.lm import ce_sum, divergence_sum, target_rows
+from minillm.data.tokenize import Example, collate, target_sequences
+from minillm.objectives.divergences import LogitGrad, get_logit_grad
+from minillm.objectives.lm import ce_kd_sum
 from minillm.train import engine
+from minillm.train.sampling_cache import SamplingCache
 from minillm.train.sft import fit, load_examples, load_student, rouge_validation, validation_loss
 
 
-def make_divergence(cfg: KDConfig) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """The configured divergence with its parameters bound: (student [B,T,V], teacher [B,T,V], mask) -> [B,T]."""
+def make_divergence(cfg: KDConfig) -> LogitGrad:
+    """The configured divergence with its parameters bound, in closed form (`divergences.get_logit_grad`)."""
     params: dict[str, float] = {"temperature": cfg.loss_temperature}
     if cfg.divergence == "jsd":
         params["beta"] = cfg.jsd_beta
     elif cfg.divergence.startswith("skew_"):
         params["alpha"] = cfg.skew_alpha
-    return get_divergence(cfg.divergence, **params)
+    return get_logit_grad(cfg.divergence, **params)
 
 
 def load_teacher(
@@ -79,48 +79,63 @@ def kd_loss_sums(
     model: nn.Module,
     teacher: nn.Module,
     batch: dict[str, Tensor],
-    divergence: Callable[[Tensor, Tensor, Tensor], Tensor],
+    divergence: LogitGrad,
     *,
     kd_ratio: float,
     chunk_size: int,
-) -> tuple[Tensor | None, Tensor | None]:
-    """(Σ D(p_n, q_n), Σ CE_n) over the batch's target tokens, each a scalar to divide by the global count.
+    sampled: SamplingCache | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Σ kd_ratio·D(p_n, q_n) + (1 − kd_ratio)·CE_n over the batch's target tokens (a scalar to divide by the
+    global count) and its computed parts, {"loss/kd": Σ D, "loss/ce": Σ CE} (a term whose weight is 0 is
+    neither computed nor reported).
+
+    The machinery of MiniLLM's update: both models forward each example once, unpadded, grouped by length
+    (`models.grouped_rows`), and one chunked pass with a closed-form logit gradient (`lm.ce_kd_sum`) gives
+    both terms. With `sampled` (what sampling computed for these responses at the current weights, the
+    student without dropout) the student's logits and layer outputs come from it (`SamplingCache`).
 
     batch: input_ids [B, L] long, attention_mask [B, L], target_mask [B, L] bool (as `data.tokenize.collate`)
-    A term whose weight is 0 (kd_ratio 0 for D, 1 for CE) is not computed and comes back as None.
     """
-    ids, attn = batch["input_ids"], batch["attention_mask"]
-    hidden = models.final_hidden(model, ids, attn)  # [B, L, H]
-    rows, targets = target_rows(hidden, ids, batch["target_mask"])  # [N, H], [N]
-    head = models.output_head(model)
-    kd = ce = None
+    seqs, first, count = target_sequences(batch)
+    rows_at = [f - 1 for f in first]  # row f − 1 + t predicts target t
+    replay = None
+    if sampled is not None and sampled.layers is not None:
+        inner, seq_len = models.unwrap(model), [len(x) for x in seqs]
+        replay = lambda group: sampled.replay(inner, group, first, seq_len)  # noqa: E731
+    rows = models.grouped_rows(model, seqs, rows_at, count, replay)  # [N, H]
+    targets = batch["input_ids"][batch["target_mask"]]  # [N]
+    teacher_side = None
     if kd_ratio > 0.0:
         with torch.no_grad():
-            t_hidden = models.final_hidden(teacher, ids, attn)  # [B, L, H_t]
-            t_rows, _ = target_rows(t_hidden, ids, batch["target_mask"])  # [N, H_t]
-        teacher_head = models.output_head(teacher)
-        kd = divergence_sum(rows, t_rows, head, teacher_head, divergence, chunk_size=chunk_size)
-    if kd_ratio < 1.0:
-        ce = ce_sum(rows, targets, head, chunk_size=chunk_size)
-    return kd, ce
+            teacher_side = (models.grouped_rows(teacher, seqs, rows_at, count), models.output_head(teacher))
+    sums: dict[str, float] = {}
+    loss = ce_kd_sum(
+        rows,
+        targets,
+        models.output_head(model),
+        chunk_size=chunk_size,
+        teacher=teacher_side,
+        kd_ratio=kd_ratio,
+        divergence=divergence,
+        parts=sums,
+        logits_into=None if sampled is None else sampled.logits_into,
+    )
+    return loss, {f"loss/{k}": v for k, v in sums.items()}
 
 
 def kd_loss(
     model: nn.Module,
     teacher: nn.Module,
     batch: dict[str, Tensor],
-    divergence: Callable[[Tensor, Tensor, Tensor], Tensor],
+    divergence: LogitGrad,
     cfg: KDConfig,
+    sampled: SamplingCache | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """kd_ratio·Σ D + (1 − kd_ratio)·Σ CE of one micro-batch (a sum: divide by the step's global token
-    count) and its computed parts as floats, {"loss/kd": Σ D, "loss/ce": Σ CE}."""
-    kd, ce = kd_loss_sums(model, teacher, batch, divergence, kd_ratio=cfg.kd_ratio, chunk_size=cfg.chunk_size)
-    terms = [
-        (name, w, x)
-        for name, w, x in (("loss/kd", cfg.kd_ratio, kd), ("loss/ce", 1.0 - cfg.kd_ratio, ce))
-        if x is not None
-    ]
-    return sum(w * x for _, w, x in terms), {name: float(x.detach()) for name, _, x in terms}
+    count) and its computed parts as floats, {"loss/kd": Σ D, "loss/ce": Σ CE}; sampled: `kd_loss_sums`."""
+    return kd_loss_sums(
+        model, teacher, batch, divergence, kd_ratio=cfg.kd_ratio, chunk_size=cfg.chunk_size, sampled=sampled
+    )
 
 
 @torch.no_grad()
@@ -135,7 +150,7 @@ def validation_forward_kl(
     """Token-averaged KL(teacher ‖ student) at temperature 1 over the examples' response tokens, all ranks."""
     was_training = model.training
     model.eval()
-    fkl = get_divergence("forward_kl")
+    fkl = get_logit_grad("forward_kl")
     total, count = 0.0, 0
     for batch_examples in engine.chunks(examples[acc.process_index :: acc.num_processes], cfg.batch_size):
         batch = {k: v.to(acc.device) for k, v in collate(batch_examples, pad_id).items()}

@@ -49,7 +49,7 @@ from torch import Tensor
 from minillm import models
 from minillm.config import MiniLLMConfig
 from minillm.data.pretrain import load_pt_blocks
-from minillm.data.tokenize import collate_prompts, length_groups
+from minillm.data.tokenize import collate_prompts
 from minillm.errors import InputError
 from minillm.objectives import policy
 from minillm.objectives.chunked import chunked_head_loss, take_rows
@@ -93,17 +93,16 @@ def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache 
         )
         for i in range(len(batch))
     ]
-    out: list[Tensor] = [batch.prompt_ids.new_empty(0)] * len(seqs)
     seq_len = [len(x) for x in seqs]
     inner = models.unwrap(model)
-    groups = [list(range(len(seqs)))] if hasattr(model, "module") else length_groups(seq_len)
-    for group in groups:
-        ids = torch.nn.utils.rnn.pad_sequence([seqs[i] for i in group], batch_first=True)  # [G, L]
-        with nullcontext() if replay is None else replay.replay(inner, group, prompt_len, seq_len):
-            hidden = models.final_hidden(model, ids, torch.ones_like(ids))  # [G, L, H]
-        for k, i in enumerate(group):  # row prompt_len − 1 + t predicts response token t
-            out[i] = hidden[k, prompt_len[i] - 1 : prompt_len[i] - 1 + resp_len[i]]
-    return torch.cat(out)
+    # row prompt_len − 1 + t predicts response token t
+    return models.grouped_rows(
+        model,
+        seqs,
+        [n - 1 for n in prompt_len],
+        resp_len,
+        None if replay is None else lambda group: replay.replay(inner, group, prompt_len, seq_len),
+    )
 
 
 @dataclass

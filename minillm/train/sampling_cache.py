@@ -33,7 +33,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from minillm import models
-from minillm.config import MiniLLMConfig
+from minillm.config import GKDConfig, MiniLLMConfig
 from minillm.objectives.chunked import take_rows
 
 
@@ -279,7 +279,7 @@ class _UnevaluatedLinear(torch.autograd.Function):
 
 
 def sampling_buffers(
-    student: nn.Module, rollouts: int, cfg: MiniLLMConfig, *, layers: bool
+    student: nn.Module, rollouts: int, cfg: MiniLLMConfig | GKDConfig, *, layers: bool
 ) -> tuple[Tensor, list[Tensor] | None] | None:
     """Empty stores for one collection: logits [rollouts x max_new_tokens, V] fp32 and, with `layers`, the
     decoder layers' outputs [rollouts, max_prompt_length + max_new_tokens, H] each in the model's dtype

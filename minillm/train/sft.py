@@ -21,10 +21,10 @@ from accelerate import Accelerator
 from minillm import models
 from minillm.config import SFTConfig, TrainConfig
 from minillm.data.instructions import load_records
-from minillm.data.tokenize import Example, collate, encode_prompt, encode_records
+from minillm.data.tokenize import Example, collate, encode_prompt, encode_records, target_sequences
 from minillm.errors import InputError
 from minillm.evaluate import protocol
-from minillm.objectives.lm import ce_sum, target_rows
+from minillm.objectives.lm import ce_kd_sum
 from minillm.train import engine
 
 
@@ -150,10 +150,13 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, acc: Accelerator) -> tuple[l
 
 
 def ce_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Σ of the response tokens' cross-entropy of one batch (divide by the global token count)."""
-    hidden = models.final_hidden(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
-    rows, targets = target_rows(hidden, batch["input_ids"], batch["target_mask"])  # [N, H], [N]
-    return ce_sum(rows, targets, models.output_head(model), chunk_size=chunk_size)
+    """Σ of the response tokens' cross-entropy of one batch (divide by the global token count), through KD's
+    machinery (`kd.kd_loss_sums` without a teacher): unpadded forwards grouped by length, one chunked pass
+    with the closed-form logit gradient q − onehot(y)."""
+    seqs, first, count = target_sequences(batch)
+    rows = models.grouped_rows(model, seqs, [f - 1 for f in first], count)  # [N, H]
+    targets = batch["input_ids"][batch["target_mask"]]  # [N]
+    return ce_kd_sum(rows, targets, models.output_head(model), chunk_size=chunk_size)
 
 
 @torch.no_grad()
