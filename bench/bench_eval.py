@@ -7,7 +7,7 @@ project's sampler (`minillm.rollout`, what it samples with now), same prompts, s
 
 Each (seed, path) runs `protocol.evaluate_model`, i.e. exactly what `minillm eval` runs minus model loading and the
 gold LM loss, with the paper's decoding (sampling, temperature 1, top_p 1, top_k 0, no_repeat_ngram_size 6);
-the HF path swaps `generate.sample` for `hf_sample` below, the previous implementation verbatim. `--runs`
+the HF path swaps `generate.sample` for `hf_sample` below, the previous implementation. `--runs`
 lists (path, batch size) pairs: by default both at the protocol's batch of 16, and ours at 32 as well. The
 runs alternate seed by seed so that a change of machine load hits all of them; as the load of a shared
 machine still moves wall-clock rates by 2x within minutes, the sampler's CPU seconds (this process, all its
@@ -28,7 +28,6 @@ import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -39,22 +38,10 @@ from transformers import GenerationConfig
 
 from minillm import models
 from minillm.config import EvalConfig
-from minillm.data.tokenize import collate_prompts
 from minillm.evaluate import generate
 from minillm.evaluate.protocol import GENERATIONS, evaluate_model
 
 
-@contextmanager
-def _plain_generation_config(model: Any):
-    saved = model.generation_config
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = saved
-
-
-@torch.no_grad()
 def hf_sample(
     model: Any,
     prompts: list[list[int]],
@@ -69,11 +56,8 @@ def hf_sample(
     no_repeat_ngram_size: int = 0,
     num_return_sequences: int = 1,
 ) -> Tensor:
-    """The previous `generate.sample`: HF `generate` on left-padded prompts under the global RNG seeded with
-    `seed` (forked), the model's own generation_config swapped for an empty one."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}  # [B, P] each
-    P = batch["input_ids"].shape[1]
+    """The previous `generate.sample`: HF `generate` (`generate.decode`, the global RNG seeded with `seed`,
+    the model's own generation_config set aside) with the protocol's decoding."""
     gen = GenerationConfig(
         do_sample=True,
         temperature=temperature,
@@ -86,12 +70,7 @@ def hf_sample(
         pad_token_id=pad_id,
         use_cache=True,
     )
-    model.eval()
-    devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _plain_generation_config(model):
-        torch.manual_seed(seed)
-        out = model.generate(**batch, generation_config=gen)  # [B*S, P + T]
-    return out[:, P:].cpu()
+    return generate.decode(model, prompts, gen, seed=seed)
 
 
 PATHS = {"hf-generate": hf_sample, "minillm": generate.sample}
