@@ -70,13 +70,14 @@ import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, StaticCache
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from minillm.data.tokenize import length_groups, position_ids
+from minillm.data.tokenize import collate_prompts, length_groups, position_ids
 from minillm.models import check_same_vocab, decoder_layers, note_path, unwrap, vocab_size
 
 # Fast top-p looks for the nucleus among this many most probable tokens first and sorts the whole
@@ -336,6 +337,52 @@ def score_teacher(teacher: nn.Module, batch: Rollout) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------
 # Shared pieces: settings, distributions, the draw, model calls
+
+
+def sample_responses(
+    model: nn.Module,
+    prompts: list[list[int]],
+    *,
+    cfg: Any,
+    eos_id: int,
+    pad_id: int,
+    generator: Generators,
+    sampling: tuple[Tensor, list[Tensor] | None] | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """One sampled response per prompt from `model` alone (an α = 0 rollout, not scored afterwards).
+
+    cfg supplies sample_temperature, top_k, top_p, max_new_tokens and fast_rollout (and max_prompt_length
+    with `sampling`); generator: one, or one per prompt (`sample_rollout`).
+    sampling: optional stores from `sampling_cache.sampling_buffers` for these prompts, which receive the
+             student's logits and layer outputs (`sample_rollout`'s logits_out, layers_out), laid out as
+             `SamplingCache` reads them with width max_prompt_length
+    returns: the response ids per prompt, up to and including the first EOS, and whether each was cut at
+             max_new_tokens (no EOS).
+    """
+    device = next(model.parameters()).device
+    batch = collate_prompts(prompts, pad_id)  # left-padded [B, P]
+    logits, layers = sampling if sampling is not None else (None, None)
+    width = batch["input_ids"].shape[1]
+    rollout = sample_rollout(
+        model,
+        model,  # the mixing partner, never run: α = 0 and score=False
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        alpha=0.0,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        generator=generator,
+        temperature=cfg.sample_temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        fast=cfg.fast_rollout,
+        score=False,
+        logits_out=None if logits is None else logits.view(len(prompts), cfg.max_new_tokens, -1),
+        layers_out=None if layers is None else [x[:, cfg.max_prompt_length - width :] for x in layers],
+    )
+    ids, mask = rollout.response_ids.cpu(), rollout.mask.cpu()
+    return [ids[b][mask[b]].tolist() for b in range(len(prompts))], rollout.truncated.cpu().tolist()
 
 
 @dataclass(frozen=True)

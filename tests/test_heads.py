@@ -19,10 +19,9 @@ from minillm.objectives.chunked import Head, chunked_head_loss
 from minillm.objectives.divergences import get_logit_grad
 from minillm.objectives.lm import ce_kd_sum
 from minillm.rollout import sample_rollout
-from minillm.train.kd import kd_loss_sums
 from minillm.train.minillm import TeacherStore, minibatch_loss, teacher_pass
 from minillm.train.sampling_cache import SamplingCache
-from minillm.train.sft import ce_loss_sum
+from minillm.train.supervised import ce_loss_sum, kd_loss_sums
 
 N, V, H = 23, 41, 7
 SCALE, CAP = 0.25, 1.5

@@ -57,9 +57,9 @@ from minillm.objectives.divergences import reverse_kl
 from minillm.objectives.lm import ce_kd_sum, fill_log_probs, head_log_probs_into, token_logprobs
 from minillm.rollout import Generators, Rollout, sample_rollout
 from minillm.train import engine
-from minillm.train.kd import load_teacher
+from minillm.train.loop import mean_validation_rouge_l
 from minillm.train.sampling_cache import SamplingCache, sampling_buffers
-from minillm.train.sft import load_prompts, load_student, mean_validation_rouge_l
+from minillm.train.setup import load_prompts, load_student, load_teacher
 
 ROLLOUT_FIELDS = (
     "prompt_ids",
