@@ -48,18 +48,16 @@ rounding (packed weights, below); both stop once every row has ended:
   warping / mixing / draw / EOS bookkeeping in one function per step, no work for warping at the
   defaults and a 256-candidate top-p that sorts only rows with a wider nucleus. Rows that have ended
   leave the batch (cache rows, masks, inputs) once they are 1/8 of it (`_COMPACT_AT`), unless a per-step
-  output is asked for (`logits_out`, `layers_out`, `teacher_rows_out`) or the step is compiled: decode
-  is compute-bound on CPU, and a batch runs until its longest response ends (teacher, 32 Dolly prompts,
-  ≤ 128 tokens: 13 % less CPU, the same tokens; bench/RESULTS.md).
+  output is asked for (`logits_out`, `layers_out`, `teacher_rows_out`): decode is compute-bound on CPU,
+  and a batch runs until its longest response ends (teacher, 32 Dolly prompts, ≤ 128 tokens: 13 % less
+  CPU, the same tokens; bench/RESULTS.md).
 - On CPU in fp32 the fast path runs every `nn.Linear` of the sampled models on a weight reordered once
   per call for oneDNN (`_packed_linears`, what inductor's freezing does): MKL's sgemm reads weights at
   ~4 GB/s for an 8-row input here, the packed kernel ~6 GB/s; sampling 9–26 % faster (bench/RESULTS.md).
   Same maths in fp32, another summation order: tokens can differ from the eager path where a draw falls within
   rounding of a CDF boundary.
-- `compile=True` (fast path, opt-in) runs that step function through `torch.compile`. Measured on the
-  2 shared CPU cores, B = 8, V = 49152: the step at the defaults 30 → 10 ms (the models take 100-200 ms a
-  step), but 184 → 231 ms with top_p < 1, and ~25 s of compilation per (B, α, warping) setting.
-  Compiling the model forwards instead took 84 s for a 6-layer student and gained ≤ 7 %: not offered.
+- The step function is not compiled: `torch.compile` of it (measured once, bench/RESULTS.md) gained on
+  the step at the defaults but lost with top_p < 1 and cost ~25 s of compilation per setting.
 """
 
 from __future__ import annotations
@@ -132,9 +130,6 @@ class Rollout:
             idx = slice(idx, idx + 1)
         return Rollout(**{f.name: _rows(getattr(self, f.name), idx) for f in fields(self)})
 
-    def to(self, device: torch.device | str) -> Rollout:
-        return Rollout(**{f.name: _move(getattr(self, f.name), device) for f in fields(self)})
-
     def full_inputs(self) -> tuple[Tensor, Tensor]:
         """Prompt + response for a forward pass: ids [B, P+T] long, attention mask [B, P+T] bool.
 
@@ -182,17 +177,13 @@ def _copy(x: Tensor | int) -> Tensor | int:
     return x.clone() if isinstance(x, Tensor) else x
 
 
-def _move(x: Tensor | int, device: torch.device | str) -> Tensor | int:
-    return x.to(device) if isinstance(x, Tensor) else x
-
-
 # ----------------------------------------------------------------------------------------------------
 # Public entry points
 
 
 def sample_rollout(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     input_ids: Tensor,
     attention_mask: Tensor,
     *,
@@ -206,7 +197,6 @@ def sample_rollout(
     top_p: float = 1.0,
     no_repeat_ngram_size: int = 0,
     fast: bool = True,
-    compile: bool = False,
     score: bool = True,
     logits_out: Tensor | None = None,
     layers_out: list[Tensor] | None = None,
@@ -215,7 +205,8 @@ def sample_rollout(
     """Sample one response per prompt from p̃ = α·p + (1 − α)·q and record log-probs and weights.
 
     student:        q_old, the model being trained (sampled with dropout off; its train mode is restored)
-    teacher:        p, frozen, same vocabulary; not run while sampling when alpha == 0
+    teacher:        p, frozen, same vocabulary; not run while sampling when alpha == 0; None (no teacher at
+                    all: the student samples alone and `logp` stays 0) only with alpha == 0 and score=False
     input_ids:      [B, P] long, LEFT-padded prompts (every row needs at least one real token)
     attention_mask: [B, P] bool or 0/1, True on real tokens
     alpha:          teacher weight α in [0, 1]; 0 = student-only sampling, 1 = teacher-only
@@ -229,7 +220,6 @@ def sample_rollout(
                     response so far (HF's NoRepeatNGramLogitsProcessor; module docstring); 0 = off
     fast:           the static-cache fast path (default) or the eager reference; same tokens either way
                     up to rounding at CDF boundaries (module docstring)
-    compile:        opt-in `torch.compile` of the fused sampling step of the fast path (module docstring)
     score:          with alpha == 0, fill `logp` by one teacher forward; False leaves it 0 for a caller that
                     runs its own teacher pass over the responses anyway (the MiniLLM trainer)
     logits_out:     optional [B, max_new_tokens, V] buffer: step t's raw student logits (the distribution
@@ -262,14 +252,19 @@ def sample_rollout(
     prompt_mask = attention_mask.bool()
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be all True")
-    student, teacher = unwrap(student), unwrap(teacher)  # a PeftModel's forward hides the cache keywords
-    check_same_vocab(student, teacher)
+    if teacher is None and (alpha != 0.0 or score):
+        raise ValueError(
+            f"teacher=None samples the student alone: it needs alpha == 0 and score=False, got alpha={alpha}, "
+            f"score={score}"
+        )
+    student = unwrap(student)  # a PeftModel's forward hides the cache keywords
+    if teacher is not None:
+        teacher = unwrap(teacher)
+        check_same_vocab(student, teacher)
     if logits_out is not None:
         V = vocab_size(student)
         if logits_out.shape != (B, max_new_tokens, V):
             raise ValueError(f"logits_out shape {tuple(logits_out.shape)} != {(B, max_new_tokens, V)}")
-    if compile and not fast:
-        raise ValueError("compile=True applies to the fast path only; pass fast=True")
     if layers_out is not None and not fast:
         raise ValueError("layers_out is filled by the fast path only; pass fast=True")
     if teacher_rows_out is not None and not (fast and alpha > 0.0):
@@ -285,12 +280,13 @@ def sample_rollout(
             )
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
     sampling = _Sampling(alpha, temperature, top_k, top_p, no_repeat_ngram_size, eos_token_id, pad_token_id)
-    modes = (student.training, teacher.training)
-    student.eval()  # dropout off while sampling (official code: PPOModel sets eval() for RL)
-    teacher.eval()
+    run = [student] if teacher is None else [student, teacher]
+    modes = [m.training for m in run]
+    for m in run:
+        m.eval()  # dropout off while sampling (official code: PPOModel sets eval() for RL)
     try:
         with torch.inference_mode():
-            args = (student, teacher, input_ids, prompt_mask, max_new_tokens, sampling, generator, compile)
+            args = (student, teacher, input_ids, prompt_mask, max_new_tokens, sampling, generator)
             if fast:
                 cols = _sample_fast(*args, logits_out, layers_out, teacher_rows_out)
             else:
@@ -307,11 +303,11 @@ def sample_rollout(
                 log_w=(logq - logmix).masked_fill(~mask, 0.0),
                 pad_token_id=pad_token_id,
             )
-            if alpha == 0.0 and score:
+            if teacher is not None and alpha == 0.0 and score:
                 rollout.logp = _score(teacher, rollout).to(device)
     finally:
-        student.train(modes[0])
-        teacher.train(modes[1])
+        for m, mode in zip(run, modes, strict=True):
+            m.train(mode)
     # Copies made outside inference mode: the trainer's autograd may save these tensors for backward,
     # which inference tensors forbid.
     return Rollout(**{f.name: _copy(getattr(rollout, f.name)) for f in fields(rollout)})
@@ -365,7 +361,7 @@ def sample_responses(
     width = batch["input_ids"].shape[1]
     rollout = sample_rollout(
         model,
-        model,  # the mixing partner, never run: α = 0 and score=False
+        None,  # the student alone: α = 0, nothing scored
         batch["input_ids"].to(device),
         batch["attention_mask"].to(device),
         alpha=0.0,
@@ -594,17 +590,15 @@ def _decode_eager(model: nn.Module, ids: Tensor, attn: Tensor, pos: Tensor, cach
 
 def _sample_eager(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     input_ids: Tensor,
     prompt_mask: Tensor,
     max_new_tokens: int,
     s: _Sampling,
     generator: Generators,
-    compile: bool,
     logits_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Reference loop; returns response_ids, mask, logq, logp, log p̃, each [B, T]."""
-    del compile  # fast path only
     B = input_ids.shape[0]
     run_teacher = s.alpha > 0.0
     attn = prompt_mask.long()
@@ -978,13 +972,12 @@ def _fast_cache(model: nn.Module, length: int) -> tuple[StaticCache | DynamicCac
 
 def _sample_fast(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     input_ids: Tensor,
     prompt_mask: Tensor,
     max_new_tokens: int,
     s: _Sampling,
     generator: Generators,
-    compile: bool,
     logits_out: Tensor | None,
     layers_out: list[Tensor] | None,
     teacher_rows_out: Tensor | None,
@@ -997,7 +990,6 @@ def _sample_fast(
         seq = torch.full((B, P + N), s.pad, dtype=torch.long, device=device)  # [B, P+N]
         seq[:, :P] = input_ids
         start = P - prompt_mask.sum(-1)  # [B] first real slot of each row
-    step = _compiled_step() if compile else _fast_step
     buf = _Buffers(
         ids=torch.full((B, N), s.pad, dtype=torch.long, device=device),
         mask=torch.zeros(B, N, dtype=torch.bool, device=device),
@@ -1008,7 +1000,7 @@ def _sample_fast(
     pack = N >= _PACK_MIN_TOKENS
     with (
         _packed_linears(student, B, pack),
-        _packed_linears(teacher, B, pack and run_teacher),
+        _packed_linears(teacher, B, pack) if run_teacher else contextlib.nullcontext(),
         contextlib.closing(_Decoder(student, prompt_mask, N, layers_out)) as s_dec,  # closing drops hooks
         contextlib.ExitStack() as stack,
     ):
@@ -1027,7 +1019,7 @@ def _sample_fast(
         pos = torch.empty_like(base)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         # ended rows leave the batch only where nothing is written per step at batch positions
-        compact = _COMPACT_AT > 0 and not compile and logits_out is None and layers_out is None
+        compact = _COMPACT_AT > 0 and logits_out is None and layers_out is None
         compact = compact and teacher_rows_out is None
         live: Tensor | slice = slice(None)  # the original row of each row decoded (all, until a drop)
         T = N
@@ -1042,7 +1034,7 @@ def _sample_fast(
                 banned = _ngram_ban(seq[:, : P + t], start, s.ngram, s_logits.shape[-1])
                 banned &= ~finished[:, None]
                 _check_ban(banned)
-            nxt, lq, lp, lmix, done = step(s_logits, t_logits, u, finished, s, banned)
+            nxt, lq, lp, lmix, done = _fast_step(s_logits, t_logits, u, finished, s, banned)
             if s.ngram:
                 seq[:, P + t] = nxt
             buf.ids[live, t] = nxt
@@ -1070,9 +1062,3 @@ def _sample_fast(
             if t_dec is not None:
                 t_logits = t_dec.decode(nxt[:, None], pos, t)
     return buf.ids[:, :T], buf.mask[:, :T], buf.logq[:, :T], buf.logp[:, :T], buf.logmix[:, :T]
-
-
-@functools.cache
-def _compiled_step() -> Callable[..., tuple[Tensor, ...]]:
-    """`torch.compile` of `_fast_step`, built once per process (dynamic=False: shapes are fixed)."""
-    return torch.compile(_fast_step, dynamic=False)

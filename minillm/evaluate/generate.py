@@ -63,7 +63,7 @@ def sample(
     batch = collate_prompts(rows, pad_id)  # [B*S, P] each
     rollout = sample_rollout(
         model,
-        model,  # the mixing partner, never run: α = 0 and score=False
+        None,  # the model alone: α = 0, nothing scored
         batch["input_ids"].to(device),
         batch["attention_mask"].to(device),
         alpha=0.0,
