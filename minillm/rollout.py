@@ -68,7 +68,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +76,19 @@ from transformers import DynamicCache, StaticCache
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from minillm.data.tokenize import collate_prompts, length_groups, position_ids
-from minillm.models import check_same_vocab, decoder_layers, note_path, unwrap, vocab_size
+from minillm.models import (
+    check_same_vocab,
+    decoder_layers,
+    grouped_rows,
+    note_path,
+    output_head,
+    unwrap,
+    vocab_size,
+)
+from minillm.objectives.lm import fill_log_probs, token_logprobs
+
+if TYPE_CHECKING:  # the trainer's type, for annotations only: the sampler does not depend on train/
+    from minillm.train.sampling_cache import SamplingCache
 
 # Fast top-p looks for the nucleus among this many most probable tokens first and sorts the whole
 # vocabulary only when the nucleus is larger (flat distributions); 20-40 ms a step saved at V = 49152.
@@ -84,8 +96,8 @@ _TOP_P_CANDIDATES = 256
 # The fast step's inverse CDF sums blocks of this many probabilities, then scans one block: a float64
 # cumsum over the whole [B, V] row was 1.4 of the step's 3.4 ms at V = 49152 on one core.
 _CDF_BLOCK = 1024
-# Response positions per chunk when the teacher's log-probs are taken from its [B, T, V] logits.
-_SCORE_CHUNK = 32
+# Response tokens per head chunk of `score_teacher` when no chunk_size is given (the configs' default).
+_SCORE_ROWS = 256
 # Reordering costs about one decode step's weight reads; shorter generations keep the plain kernels.
 _PACK_MIN_TOKENS = 8
 # The sampler's randomness: one generator for the batch, or one per row
@@ -304,7 +316,7 @@ def sample_rollout(
                 pad_token_id=pad_token_id,
             )
             if teacher is not None and alpha == 0.0 and score:
-                rollout.logp = _score(teacher, rollout).to(device)
+                rollout.logp = score_teacher(teacher, rollout)[1].to(device)
     finally:
         for m, mode in zip(run, modes, strict=True):
             m.train(mode)
@@ -313,22 +325,68 @@ def sample_rollout(
     return Rollout(**{f.name: _copy(getattr(rollout, f.name)) for f in fields(rollout)})
 
 
-def score_teacher(teacher: nn.Module, batch: Rollout) -> Tensor:
-    """log p(y_t | y_<t, x) of the raw teacher from one forward over prompt + response.
+def response_rows(model: nn.Module, batch: Rollout, replay: SamplingCache | None = None) -> Tensor:
+    """Final hidden states of the positions that predict each valid response token, row-major: [N, H],
+    N = batch.mask.sum(), rows in the order of `x[batch.mask]`.
 
-    teacher: p, any causal LM of the same vocabulary (run in eval mode, no grad; mode restored)
-    batch:   a `Rollout` (its logp field is not read)
-    returns: [B, T] fp32, 0 where ~batch.mask
+    Each sequence is its prompt's real tokens and its response up to the last valid token, forwarded
+    unpadded in `length_groups`, right-padded within a group: causality keeps the pads out of every row
+    used, so no attention mask is needed. A wrapped (DDP) model gets all sequences in one forward: DDP
+    broadcasts buffers in every forward, so each rank must run as many as the others, whatever its
+    lengths. With `replay` (batch's rows of a collection sampled at the current weights) the decoder
+    layers' outputs come from sampling (`SamplingCache.replay`).
     """
-    teacher = unwrap(teacher)
+    prompt_len = batch.prompt_mask.sum(-1).tolist()  # [B]
+    resp_len = batch.mask.sum(-1).tolist()  # [B]
+    P = batch.prompt_ids.shape[1]
+    seqs = [
+        torch.cat(
+            [batch.prompt_ids[i, P - prompt_len[i] :], batch.response_ids[i, : max(resp_len[i] - 1, 0)]]
+        )
+        for i in range(len(batch))
+    ]
+    seq_len = [len(x) for x in seqs]
+    inner = unwrap(model)
+    # row prompt_len − 1 + t predicts response token t
+    return grouped_rows(
+        model,
+        seqs,
+        [n - 1 for n in prompt_len],
+        resp_len,
+        None if replay is None else lambda group: replay.replay(inner, group, prompt_len, seq_len),
+    )
+
+
+@torch.no_grad()
+def score_teacher(
+    teacher: nn.Module, batch: Rollout, *, chunk_size: int = _SCORE_ROWS, logp_out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The teacher's side of sampled responses, from one forward over prompt + response: its hidden rows
+    at the valid response positions and log p(y_t | y_<t, x) of the raw teacher. The one place teacher
+    scores are computed (`sample_rollout`'s score, the MiniLLM trainer's teacher pass).
+
+    teacher:  p, any causal LM of the same vocabulary (run in eval mode; mode restored)
+    batch:    a `Rollout` (its logp field is not read)
+    logp_out: optional [≥ N, V] fp32; its first N rows receive the full log-probabilities at those
+              positions (the same head pass, `lm.fill_log_probs`)
+    returns:  rows [N, H_t] (N = batch.mask.sum(), in the order of `x[batch.mask]`) and logp [B, T] fp32,
+              0 where ~batch.mask
+    """
     was_training = teacher.training
     teacher.eval()
     try:
-        with torch.inference_mode():
-            logp = _score(teacher, batch)
+        rows = response_rows(teacher, batch)  # [N, H_t]
     finally:
         teacher.train(was_training)
-    return logp.clone()  # a normal tensor: inference tensors cannot be saved for backward
+    head = output_head(teacher)
+    targets = batch.response_ids.to(rows.device)[batch.mask.to(rows.device)]  # [N]
+    logp = torch.zeros(batch.mask.shape, device=rows.device)
+    if logp_out is None:
+        logp[batch.mask.to(rows.device)] = token_logprobs(rows, targets, head, chunk_size=chunk_size)
+    else:
+        full = fill_log_probs(logp_out[: len(rows)], rows, head, chunk_size=chunk_size)
+        logp[batch.mask.to(rows.device)] = full.gather(-1, targets[:, None])[:, 0]
+    return rows, logp
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -529,27 +587,6 @@ def _prefill(model: nn.Module, ids: Tensor, attn: Tensor, cache: DynamicCache | 
         **kwargs,
     )
     return out.logits[:, -1, : vocab_size(model)].float()  # never a padding id past the tokenizer's
-
-
-def _score(teacher: nn.Module, batch: Rollout) -> Tensor:
-    """Body of `score_teacher` (caller holds eval mode and inference mode): [B, T] fp32."""
-    device = teacher.get_output_embeddings().weight.device  # where its logits land
-    ids, attn = batch.full_inputs()
-    ids, attn = ids.to(device), attn.to(device)
-    T = batch.response_ids.shape[1]
-    # Position P−1+t predicts response token t: feed all but the last token, keep the last T logits.
-    kwargs = {"logits_to_keep": T} if _accepts(teacher, "logits_to_keep") else {}
-    inp, inp_attn = ids[:, :-1], attn[:, :-1].long()
-    logits = teacher(
-        input_ids=inp, attention_mask=inp_attn, position_ids=position_ids(inp_attn), use_cache=False, **kwargs
-    ).logits[:, -T:, : vocab_size(teacher)]  # [B, T, V]
-    y = batch.response_ids.to(device)
-    logp = torch.empty(y.shape, dtype=torch.float32, device=device)  # [B, T]
-    for c in range(0, T, _SCORE_CHUNK):  # fp32 temporaries stay [B, C, V], never a second [B, T, V]
-        chunk = logits[:, c : c + _SCORE_CHUNK].float()
-        logp[:, c : c + _SCORE_CHUNK] = chunk.gather(-1, y[:, c : c + _SCORE_CHUNK, None]).squeeze(-1)
-        logp[:, c : c + _SCORE_CHUNK] -= chunk.logsumexp(-1)
-    return logp.masked_fill(~batch.mask.to(device), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -245,7 +245,7 @@ def test_fast_equals_eager(family: str, setting: str) -> None:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_sampled_logp_equals_score_teacher_and_log_w_float64(family: str, fast: bool) -> None:
     r = run(family, 3, fast, alpha=0.3)
-    assert_close_verbose(r.logp, score_teacher(pair(family)[1], r), torch.float32)
+    assert_close_verbose(r.logp, score_teacher(pair(family)[1], r)[1], torch.float32)
     q, p = r.logq_old.double(), r.logp.double()
     expected = (q - (0.3 * p.exp() + 0.7 * q.exp()).log()).masked_fill(~r.mask, 0.0)
     assert_close_verbose(r.log_w, expected, torch.float32)
@@ -316,7 +316,7 @@ def test_stops_when_every_row_has_ended(fast: bool, monkeypatch) -> None:
     model = ScriptedLM(stop=torch.tensor([2, 1, 0]) + torch.tensor([1, 0, 2]))  # EOS at steps 1, 0, 2
     r = sample_rollout(
         model,
-        model,
+        None,  # the student alone: the scripted model has no decoder for a scoring forward
         ids,
         mask,
         alpha=0.0,
@@ -325,6 +325,7 @@ def test_stops_when_every_row_has_ended(fast: bool, monkeypatch) -> None:
         pad_token_id=EOS,
         generator=torch.Generator().manual_seed(0),
         fast=fast,
+        score=False,
     )
     assert r.response_ids.shape == (3, 3)
     assert r.mask.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
