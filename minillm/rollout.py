@@ -68,7 +68,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -397,19 +397,25 @@ def sample_responses(
     model: nn.Module,
     prompts: list[list[int]],
     *,
-    cfg: Any,
     eos_id: int,
     pad_id: int,
     generator: Generators,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    max_new_tokens: int,
+    no_repeat_ngram_size: int = 0,
+    fast: bool = True,
     sampling: tuple[Tensor, list[Tensor] | None] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
-    """One sampled response per prompt from `model` alone (an α = 0 rollout, not scored afterwards).
+    """One sampled response per prompt from `model` alone (an α = 0 rollout without a teacher, not scored):
+    SeqKD's teacher, GKD's student and evaluation (`evaluate.generate.sample`).
 
-    cfg supplies sample_temperature, top_k, top_p, max_new_tokens and fast_rollout (and max_prompt_length
-    with `sampling`); generator: one, or one per prompt (`sample_rollout`).
+    prompts: B lists of token ids (no padding), left-padded together here
+    generator: one, or one per prompt; the sampling settings as `sample_rollout`'s
     sampling: optional stores from `sampling_cache.sampling_buffers` for these prompts, which receive the
-             student's logits and layer outputs (`sample_rollout`'s logits_out, layers_out), laid out as
-             `SamplingCache` reads them with width max_prompt_length
+             student's logits [B x max_new_tokens, V] and layer outputs [B, P_max + max_new_tokens, H]
+             (`sample_rollout`'s logits_out, layers_out), laid out as `SamplingCache` reads them
     returns: the response ids per prompt, up to and including the first EOS, and whether each was cut at
              max_new_tokens (no EOS).
     """
@@ -419,21 +425,23 @@ def sample_responses(
     width = batch["input_ids"].shape[1]
     rollout = sample_rollout(
         model,
-        None,  # the student alone: α = 0, nothing scored
+        None,  # the model alone: α = 0, nothing scored
         batch["input_ids"].to(device),
         batch["attention_mask"].to(device),
         alpha=0.0,
-        max_new_tokens=cfg.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         generator=generator,
-        temperature=cfg.sample_temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        fast=cfg.fast_rollout,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        fast=fast,
         score=False,
-        logits_out=None if logits is None else logits.view(len(prompts), cfg.max_new_tokens, -1),
-        layers_out=None if layers is None else [x[:, cfg.max_prompt_length - width :] for x in layers],
+        logits_out=None if logits is None else logits.view(len(prompts), max_new_tokens, -1),
+        # each layer store is [B, P_max + max_new_tokens, H]: this batch's prompts end at P_max
+        layers_out=None if layers is None else [x[:, x.shape[1] - max_new_tokens - width :] for x in layers],
     )
     ids, mask = rollout.response_ids.cpu(), rollout.mask.cpu()
     return [ids[b][mask[b]].tolist() for b in range(len(prompts))], rollout.truncated.cpu().tolist()

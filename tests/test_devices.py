@@ -71,7 +71,8 @@ def test_every_sampling_generator_is_made_on_the_model_device(
 
     def sampler(student: torch.nn.Module, *args: Any, generator: Any, **kw: Any) -> Any:
         for g in [generator] if isinstance(generator, torch.Generator) else generator:  # one, or one per row
-            asked = made[id(g)][1] if id(g) in made else None
+            # engine.generator's device as asked; evaluation's (generate.sample) is made on the model's device
+            asked = made[id(g)][1] if id(g) in made else g.device
             calls.append((asked, student.get_output_embeddings().weight.device))
         return sample_rollout(student, *args, generator=generator, **kw)
 

@@ -114,7 +114,17 @@ def train_gkd(cfg: GKDConfig) -> Path:
                 buffers = sampling_buffers(student, len(prompts), cfg, layers=keep_layers) if reuse else None
                 with acc.autocast():  # sample_responses runs the student in eval mode: no dropout
                     responses, _ = sample_responses(
-                        student, prompts, cfg=cfg, eos_id=eos, pad_id=pad, generator=g, sampling=buffers
+                        student,
+                        prompts,
+                        eos_id=eos,
+                        pad_id=pad,
+                        generator=g,
+                        temperature=cfg.sample_temperature,
+                        top_k=cfg.top_k,
+                        top_p=cfg.top_p,
+                        max_new_tokens=cfg.max_new_tokens,
+                        fast=cfg.fast_rollout,
+                        sampling=buffers,
                     )
                 mb[:] = [
                     Example(p, r[: cfg.max_length - len(p)]) for p, r in zip(prompts, responses, strict=True)
