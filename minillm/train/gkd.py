@@ -119,11 +119,7 @@ def train_gkd(cfg: GKDConfig) -> Path:
                         eos_id=eos,
                         pad_id=pad,
                         generator=g,
-                        temperature=cfg.sample_temperature,
-                        top_k=cfg.top_k,
-                        top_p=cfg.top_p,
-                        max_new_tokens=cfg.max_new_tokens,
-                        fast=cfg.fast_rollout,
+                        **engine.sampling_settings(cfg),
                         sampling=buffers,
                     )
                 mb[:] = [

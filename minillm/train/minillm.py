@@ -167,14 +167,10 @@ def collect(
                 enc["input_ids"],
                 enc["attention_mask"],
                 alpha=cfg.teacher_mix_alpha,
-                max_new_tokens=N,
                 eos_token_id=eos,
                 pad_token_id=pad,
                 generator=g[at] if isinstance(g, list) else g,
-                temperature=cfg.sample_temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                fast=cfg.fast_rollout,
+                **engine.sampling_settings(cfg),  # N = cfg.max_new_tokens new tokens at most
                 score=False,  # log p: the sampler with alpha > 0, else the teacher pass below
                 logits_out=None if logits is None else logits.view(-1, N, logits.shape[-1])[at],
                 layers_out=None if layers is None else [x[at, width - P :] for x in layers],

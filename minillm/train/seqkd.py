@@ -171,11 +171,7 @@ def teacher_data(
                 eos_id=eos,
                 pad_id=pad,
                 generator=engine.generator(cfg.sample_seed, k, device=acc.device),
-                temperature=cfg.sample_temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                max_new_tokens=cfg.max_new_tokens,
-                fast=cfg.fast_rollout,
+                **engine.sampling_settings(cfg),
             )
             for i, resp, cut in zip(batches[k], responses, truncated, strict=True):
                 lines.append(
