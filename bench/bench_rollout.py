@@ -89,7 +89,6 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.2, help="teacher weight of the sampling mixture")
     ap.add_argument("--top-p", type=float, default=1.0, help="top-p for all methods (1 = off)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
-    ap.add_argument("--compile", action="store_true", help="also time the fast path with compile=True")
     ap.add_argument("--skip-eager", action="store_true", help="skip the eager two-model loop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
@@ -104,7 +103,7 @@ def main() -> None:
     N = args.new_tokens
     common = dict(alpha=args.alpha, max_new_tokens=N, eos_token_id=-1, pad_token_id=0, top_p=args.top_p)
 
-    def ours(fast: bool, compile: bool = False) -> Callable[[], object]:
+    def ours(fast: bool) -> Callable[[], object]:
         return lambda: sample_rollout(
             student,
             teacher,
@@ -112,7 +111,6 @@ def main() -> None:
             mask,
             generator=torch.Generator().manual_seed(0),
             fast=fast,
-            compile=compile,
             score=False,  # sampling only: at α = 0 the trainer scores with its own teacher pass
             **common,
         )
@@ -131,8 +129,6 @@ def main() -> None:
     if not args.skip_eager:
         fns[eager_name] = ours(False)
     fns[f"fast path, α={args.alpha}"] = ours(True)
-    if args.compile:
-        fns[f"fast path + compile, α={args.alpha}"] = ours(True, True)
     load = os.getloadavg()[0]
     seconds = median_seconds(fns, args.reps)
 

@@ -7,7 +7,7 @@ On one fixed batch (8 Dolly prompts, 32 tokens sampled from the tiny student, fl
 at an early EOS), TRL's own `DistillationTrainer.compute_loss` (backbones, chunked generalized JSD with
 beta 1 over the valid completion positions, divided by their count) is compared with ours: the same
 prompts and completions as `minillm.data.tokenize.collate` lays them out (the first EOS a target, what
-follows it dropped), through `minillm.train.kd.kd_loss_sums` with the closed-form reverse KL, divided by the
+follows it dropped), through `minillm.train.supervised.kd_loss_sums` with the closed-form reverse KL, divided by the
 valid-token count as `engine.supervised_step` does. Loss and every student gradient must agree. TRL's
 forwards count positions from the left padding, ours run each sequence unpadded (positions from 0): RoPE
 sees only relative positions, so the two differ by rounding alone: our loss path equals float64 autograd
@@ -27,7 +27,7 @@ from check_trl_objective import rel_err, tiny_batch  # noqa: E402
 
 from minillm.data.tokenize import Example, collate  # noqa: E402
 from minillm.objectives.divergences import get_logit_grad, reverse_kl  # noqa: E402
-from minillm.train.kd import kd_loss_sums  # noqa: E402
+from minillm.train.supervised import kd_loss_sums  # noqa: E402
 
 # relative: TRL's chunked kernel computes in float32 tiles even for float64 models
 # (trl/kernels/chunked_divergence.py `_project`), ~2e-6 on these small KL values

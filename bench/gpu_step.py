@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from minillm.config import MiniLLMConfig
 from minillm.objectives import policy
-from minillm.rollout import Rollout, sample_rollout
-from minillm.train.minillm import TeacherStore, minibatch_loss, teacher_cache, teacher_pass
+from minillm.rollout import Rollout, sample_rollout, score_teacher
+from minillm.train.minillm import TeacherStore, minibatch_loss, teacher_cache
 
 
 def build(dims: tuple[int, int, int], vocab: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -101,7 +101,9 @@ def main() -> None:
     rows.append(("teacher-mixed sampling, eager", t, m))
     cfg = MiniLLMConfig(chunk_size=4096, max_new_tokens=T)
     cache = teacher_cache(teacher, B, cfg, torch.device(args.device))  # the trainer's choice (None here)
-    t, m, (t_rows, _) = timed(lambda: teacher_pass(teacher, r, 4096, cache), args.device, args.reps)
+    t, m, (t_rows, _) = timed(
+        lambda: score_teacher(teacher, r, chunk_size=4096, logp_out=cache), args.device, args.reps
+    )
     rows.append(("teacher scoring forward (hidden rows + log p)", t, m))
     t_store = TeacherStore(t_rows, None if cache is None else cache[: len(t_rows)])
     student.train()

@@ -5,7 +5,7 @@
 Both commands train the pair's student on the same Dolly examples (the same seeded step order, batch
 --batch, fp32, gradient checkpointing off, the step-0 validation on one example outside the timed steps),
 each in a fresh process; per timed step the metrics give tokens and seconds. One teacher forward (decoder
-as `kd.kd_loss_sums` runs it, `models.grouped_rows` under no_grad, then the head's logits at the target
+as `supervised.kd_loss_sums` runs it, `models.grouped_rows` under no_grad, then the head's logits at the target
 positions) is timed here, in one process, on the very batches of those steps. The figure of merit is KD's
 seconds per token over SFT's plus the teacher's, per repetition (SFT, KD and the teacher adjacent in time)
 and pooled.
@@ -35,7 +35,7 @@ from minillm.data.tokenize import (
 )
 from minillm.objectives.chunked import head_logits_into  # noqa: E402
 from minillm.train import engine  # noqa: E402
-from minillm.train.sft import load_examples  # noqa: E402
+from minillm.train.setup import load_examples  # noqa: E402
 
 OUT = trl_worker.ROOT / "runs" / "bench" / "kd_cost"
 

@@ -36,8 +36,7 @@ from minillm.data.instructions import load_records
 from minillm.data.tokenize import collate_prompts, encode_prompt
 from minillm.objectives.chunked import head_logits_into
 from minillm.objectives.divergences import log_softmax_inplace
-from minillm.rollout import sample_rollout
-from minillm.train.minillm import response_rows
+from minillm.rollout import response_rows, sample_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,11 +25,11 @@ from test_minillm import minillm_config
 from test_seqkd import seqkd_config
 from tolerances import assert_close_verbose
 
-from minillm import models
+from minillm import models, rollout
 from minillm.config import ConfigError, MiniLLMConfig, SFTConfig
 from minillm.data.instructions import load_records
 from minillm.rollout import sample_rollout
-from minillm.train import engine, kd, seqkd
+from minillm.train import engine, kd, setup
 from minillm.train import minillm as minillm_train
 from minillm.train.gkd import train_gkd
 from minillm.train.kd import train_kd
@@ -71,13 +71,14 @@ def test_every_sampling_generator_is_made_on_the_model_device(
 
     def sampler(student: torch.nn.Module, *args: Any, generator: Any, **kw: Any) -> Any:
         for g in [generator] if isinstance(generator, torch.Generator) else generator:  # one, or one per row
-            asked = made[id(g)][1] if id(g) in made else None
+            # engine.generator's device as asked; evaluation's (generate.sample) is made on the model's device
+            asked = made[id(g)][1] if id(g) in made else g.device
             calls.append((asked, student.get_output_embeddings().weight.device))
         return sample_rollout(student, *args, generator=generator, **kw)
 
     monkeypatch.setattr(engine, "generator", generator)
     monkeypatch.setattr(minillm_train, "sample_rollout", sampler)
-    monkeypatch.setattr(seqkd, "sample_rollout", sampler)
+    monkeypatch.setattr(rollout, "sample_rollout", sampler)  # SeqKD's and GKD's, via sample_responses
     train, make_config = STAGES[stage]
     train(make_config(tiny_llama, teacher, tmp_path))
     assert calls, "the stage never sampled"
@@ -92,7 +93,7 @@ def test_every_sampling_generator_is_made_on_the_model_device(
 def placed_apart(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
     """Make `module`'s load_teacher place the teacher's decoder and head apart (both on the CPU here: the
     hooks, the untied head and every caller's device handling run, only no bytes move)."""
-    real = kd.load_teacher
+    real = setup.load_teacher
 
     def load_teacher(*args: Any) -> torch.nn.Module:
         teacher = real(*args)

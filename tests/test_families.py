@@ -19,9 +19,10 @@ from conftest import FAMILIES, read_metrics, save_tiny_model, stage_config
 from tolerances import assert_close_verbose
 from transformers import PreTrainedTokenizerFast
 
-from minillm import models, rollout
+from minillm import models
 from minillm.config import GKDConfig, KDConfig, MiniLLMConfig, SeqKDConfig, SFTConfig
 from minillm.data.tokenize import collate_prompts
+from minillm.decode import fast as fast_path
 from minillm.rollout import sample_rollout
 from minillm.train import sampling_cache
 from minillm.train.gkd import train_gkd
@@ -228,8 +229,8 @@ class _BareLayer:
     def update(self, *a: object) -> None: ...
 
 
-class _FieldlessStaticCache(rollout.StaticCache):
-    """A StaticCache whose layers lack the fields `_Decoder` writes (a release that renamed them)."""
+class _FieldlessStaticCache(fast_path.StaticCache):
+    """A StaticCache whose layers lack the fields `Decoder` writes (a release that renamed them)."""
 
     def __init__(self, **kw: object) -> None:
         self.layers = [_BareLayer()]
@@ -245,7 +246,7 @@ def test_static_cache_falls_back_logs_once_and_keeps_the_tokens(broken, family_p
         student._can_compile_fullgraph = teacher._can_compile_fullgraph = False
     else:
         monkeypatch.setattr(
-            rollout, "StaticCache", _NoStaticCache if broken == "constructor" else _FieldlessStaticCache
+            fast_path, "StaticCache", _NoStaticCache if broken == "constructor" else _FieldlessStaticCache
         )
     ids = torch.randint(1, 300, (3, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids, dtype=torch.bool)

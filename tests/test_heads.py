@@ -18,11 +18,10 @@ from minillm.data.tokenize import position_ids
 from minillm.objectives.chunked import Head, chunked_head_loss
 from minillm.objectives.divergences import get_logit_grad
 from minillm.objectives.lm import ce_kd_sum
-from minillm.rollout import sample_rollout
-from minillm.train.kd import kd_loss_sums
-from minillm.train.minillm import TeacherStore, minibatch_loss, teacher_pass
+from minillm.rollout import sample_rollout, score_teacher
+from minillm.train.minillm import TeacherStore, minibatch_loss
 from minillm.train.sampling_cache import SamplingCache
-from minillm.train.sft import ce_loss_sum
+from minillm.train.supervised import ce_loss_sum, kd_loss_sums
 
 N, V, H = 23, 41, 7
 SCALE, CAP = 0.25, 1.5
@@ -226,7 +225,7 @@ def test_minillm_loss_matches_forward_logits(student, sampled, tokenizer, tmp_pa
     logits = torch.full((3, 6, Vt), float("nan"))
     kw = dict(alpha=0.3, max_new_tokens=6, eos_token_id=0, pad_token_id=0, generator=g, logits_out=logits)
     r = sample_rollout(s, t, ids, attn, **kw)
-    t_rows, _ = teacher_pass(t, r, chunk_size=4)
+    t_rows, _ = score_teacher(t, r, chunk_size=4)
     adv = torch.randn(r.mask.shape, generator=g)
     cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=4, clip_eps=0.2)
     cache = None
@@ -264,7 +263,7 @@ def test_softcapped_minillm_loss_under_bf16_autocast_tracks_fp32(tokenizer, tmp_
     ids = torch.randint(1, len(tokenizer), (3, 5), generator=g)
     kw = dict(alpha=0.0, max_new_tokens=7, eos_token_id=0, pad_token_id=0, generator=g)
     r = sample_rollout(s, t, ids, torch.ones_like(ids), **kw)
-    t_rows, r.logp = teacher_pass(t, r, chunk_size=4)
+    t_rows, r.logp = score_teacher(t, r, chunk_size=4)
     adv = torch.randn(r.mask.shape, generator=g)
     cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=4)
     results = []

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from minillm import cli, models
 from minillm.config import GKDConfig, KDConfig, SFTConfig
 from minillm.data.tokenize import position_ids
-from minillm.train import engine, gkd, sft
+from minillm.train import engine, gkd, setup, sft
 from minillm.train import kd as kd_train
 from minillm.train import minillm as minillm_train
 from minillm.train.kd import train_kd
@@ -80,7 +80,7 @@ def test_minillm_lora_trains_adapters_only(peaked_teacher, tokenizer, tmp_path, 
     assert (best / "adapter_model.safetensors").is_file() and not (best / "model.safetensors").exists()
     ckpt = engine.latest_checkpoint(str(out))  # the last step's: the trained student's weights
     fresh_cfg = minillm_config(student, teacher, data, tmp_path / "fresh", **LORA)
-    acc, _, fresh = sft.load_student(fresh_cfg)
+    acc, _, fresh = setup.load_student(fresh_cfg)
     optimizer = engine.make_optimizer(fresh, fresh_cfg)
     engine.load_checkpoint(ckpt, acc, fresh, optimizer, engine.make_scheduler(optimizer, fresh_cfg, 1))
     for n, p in fresh.named_parameters():

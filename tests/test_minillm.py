@@ -24,14 +24,12 @@ from minillm.config import MiniLLMConfig, SFTConfig
 from minillm.data.tokenize import length_groups
 from minillm.objectives import policy
 from minillm.objectives.chunked import take_rows
-from minillm.rollout import sample_rollout
+from minillm.rollout import response_rows, sample_rollout, score_teacher
 from minillm.train import minillm as minillm_train
 from minillm.train import sampling_cache
 from minillm.train.minillm import (
     TeacherStore,
     minibatch_loss,
-    response_rows,
-    teacher_pass,
     train_minillm,
 )
 from minillm.train.sampling_cache import SamplingCache
@@ -232,8 +230,8 @@ def test_minibatch_loss_matches_direct_float64(peaked_teacher, tokenizer, tmp_pa
     N = int(r.mask.sum())
     assert N < r.mask.numel(), "an early EOS should leave stale positions"
     cache = torch.full((N + 3, V), float("nan"))  # rows past N must stay unread
-    t_rows, logp = teacher_pass(teacher, r, chunk_size=5, logp_out=None if store == "rows" else cache)
-    torch.testing.assert_close(logp, teacher_pass(teacher, r, chunk_size=5)[1], rtol=1e-5, atol=1e-6)
+    t_rows, logp = score_teacher(teacher, r, chunk_size=5, logp_out=None if store == "rows" else cache)
+    torch.testing.assert_close(logp, score_teacher(teacher, r, chunk_size=5)[1], rtol=1e-5, atol=1e-6)
     t_store = TeacherStore(t_rows, None if store == "rows" else cache[:N])
     if store == "cache, permuted":  # a collection in another order; the mini-batch picks its positions
         perm = torch.randperm(N, generator=g)
@@ -334,13 +332,13 @@ def test_mixed_sampling_gives_the_teacher_side_without_a_teacher_pass(
     def no_pass(*args, **kwargs):
         raise AssertionError("the teacher pass ran")
 
-    monkeypatch.setattr(minillm_train, "teacher_pass", no_pass)
+    monkeypatch.setattr(minillm_train, "score_teacher", no_pass)
     acc = Accelerator(cpu=True)
     store, t_store, _, _ = minillm_train.collect(student, teacher, prompts, 0, 0, cfg, acc, g, cache)
     N = int(store.mask.sum())
     assert N > 8 and len(t_store.rows) == N and t_store.logp.shape[0] == N
     want_logp = torch.empty(N, len(tokenizer))
-    want_rows, _ = teacher_pass(teacher, store, cfg.chunk_size, want_logp)
+    want_rows, _ = score_teacher(teacher, store, chunk_size=cfg.chunk_size, logp_out=want_logp)
     torch.testing.assert_close(t_store.rows, want_rows, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(t_store.logp, want_logp, rtol=1e-4, atol=1e-4)
 
@@ -432,7 +430,7 @@ def test_minibatch_loss_under_bf16_autocast_tracks_fp32(peaked_teacher, tokenize
         pad_token_id=0,
         generator=g,
     )
-    t_rows, r.logp = teacher_pass(teacher, r, chunk_size=4)
+    t_rows, r.logp = score_teacher(teacher, r, chunk_size=4)
     t_store = TeacherStore(t_rows)
     adv = torch.randn(r.mask.shape, generator=g)
     cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=4)
@@ -482,7 +480,7 @@ def test_sampling_cache_matches_recompute_in_other_families(tokenizer, tmp_path,
     layers = [torch.empty(3, 5 + 6, H) for _ in models.decoder_layers(student)]
     kw = dict(alpha=0.0, max_new_tokens=6, eos_token_id=0, pad_token_id=0, generator=g)
     r = sample_rollout(student, teacher, ids, attn, **kw, logits_out=logits, layers_out=layers)
-    t_rows, r.logp = teacher_pass(teacher, r, chunk_size=4)
+    t_rows, r.logp = score_teacher(teacher, r, chunk_size=4)
     adv = torch.randn(r.mask.shape, generator=g)
     cfg = minillm_config(tmp_path, tmp_path, tmp_path, tmp_path, chunk_size=4)
     grid = torch.arange(3 * 6).view(3, 6)[:, : r.mask.shape[1]]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -19,14 +18,12 @@ from tolerances import assert_close_verbose
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from minillm import rollout
+from minillm.decode import fast as fast_path
+from minillm.decode.draw import inverse_cdf, warp_fast, warp_reference
+from minillm.decode.packing import packed_linears
 from minillm.models import decoder_layers
 from minillm.rollout import (
     Rollout,
-    _inverse_cdf,
-    _packed_linears,
-    _warp_fast,
-    _warp_reference,
     sample_rollout,
     score_teacher,
 )
@@ -246,7 +243,7 @@ def test_fast_equals_eager(family: str, setting: str) -> None:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_sampled_logp_equals_score_teacher_and_log_w_float64(family: str, fast: bool) -> None:
     r = run(family, 3, fast, alpha=0.3)
-    assert_close_verbose(r.logp, score_teacher(pair(family)[1], r), torch.float32)
+    assert_close_verbose(r.logp, score_teacher(pair(family)[1], r)[1], torch.float32)
     q, p = r.logq_old.double(), r.logp.double()
     expected = (q - (0.3 * p.exp() + 0.7 * q.exp()).log()).masked_fill(~r.mask, 0.0)
     assert_close_verbose(r.log_w, expected, torch.float32)
@@ -282,7 +279,7 @@ class ScriptedLM(nn.Module):
 @pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
 @pytest.mark.parametrize("pad", [EOS, 5], ids=["pad=eos", "pad!=eos"])
 def test_masks_keep_first_eos_and_flag_truncation(pad: int, fast: bool, monkeypatch) -> None:
-    monkeypatch.setattr(rollout, "_COMPACT_AT", 0)  # ScriptedLM's script is per batch row: keep every row
+    monkeypatch.setattr(fast_path, "COMPACT_AT", 0)  # ScriptedLM's script is per batch row: keep every row
     lengths = (7, 4, 1, 6, 3)
     ids, mask = prompts(lengths)
     L = torch.tensor(lengths)
@@ -312,12 +309,12 @@ def test_masks_keep_first_eos_and_flag_truncation(pad: int, fast: bool, monkeypa
 
 @pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
 def test_stops_when_every_row_has_ended(fast: bool, monkeypatch) -> None:
-    monkeypatch.setattr(rollout, "_COMPACT_AT", 0)  # ScriptedLM's script is per batch row: keep every row
+    monkeypatch.setattr(fast_path, "COMPACT_AT", 0)  # ScriptedLM's script is per batch row: keep every row
     ids, mask = prompts((3, 2, 1))
     model = ScriptedLM(stop=torch.tensor([2, 1, 0]) + torch.tensor([1, 0, 2]))  # EOS at steps 1, 0, 2
     r = sample_rollout(
         model,
-        model,
+        None,  # the student alone: the scripted model has no decoder for a scoring forward
         ids,
         mask,
         alpha=0.0,
@@ -326,6 +323,7 @@ def test_stops_when_every_row_has_ended(fast: bool, monkeypatch) -> None:
         pad_token_id=EOS,
         generator=torch.Generator().manual_seed(0),
         fast=fast,
+        score=False,
     )
     assert r.response_ids.shape == (3, 3)
     assert r.mask.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
@@ -373,7 +371,7 @@ def test_first_token_frequencies_match_the_mixture(kw: dict) -> None:
 
 @pytest.mark.parametrize("V", [1024, 3000, 700])
 def test_inverse_cdf_equals_one_cumsum(V: int) -> None:
-    """The two-level search picks what a float64 cumsum over the whole row picks (the `_draw` rule), for
+    """The two-level search picks what a float64 cumsum over the whole row picks (the `draw` rule), for
     V a multiple of the block, not, and under one block. For u on a block's last CDF value (within
     rounding of a boundary, where the two may differ) it still picks a token of nonzero probability
     whose CDF interval holds u·total to rounding."""
@@ -384,13 +382,13 @@ def test_inverse_cdf_equals_one_cumsum(V: int) -> None:
     cdf = probs.double().cumsum(-1)  # [B, V]
     u = torch.rand(B, 1, generator=g, dtype=torch.float64)
     u[:3] = torch.tensor([[0.0], [1 - 2**-53], [1e-12]], dtype=torch.float64)
-    got, total = _inverse_cdf(probs, u)
+    got, total = inverse_cdf(probs, u)
     assert torch.equal(got, torch.searchsorted(cdf, u * cdf[:, -1:], right=True))
     torch.testing.assert_close(total, cdf[:, -1:], rtol=1e-12, atol=0)
 
     end = min(V, 1024) - 2  # the CDF at the end of the first block, or of the row's second-to-last token
     u = cdf[:, end : end + 1] / cdf[:, -1:]
-    got, total = _inverse_cdf(probs, u)
+    got, total = inverse_cdf(probs, u)
     assert bool((probs.gather(-1, got) > 0).all())
     hi, lo = cdf.gather(-1, got), (cdf - probs.double()).gather(-1, got)
     target, eps = u * total, 1e-12 * total
@@ -407,8 +405,8 @@ def test_warp_fast_equals_reference(temperature: float, top_k: int, top_p: float
     logits = torch.randn(4, 300, generator=g) * scale
     for rows in (slice(0, 2), slice(0, 4)):  # peaky rows only (candidate path), then with flat rows
         x = logits[rows]
-        ref = _warp_reference(x, temperature, top_k, top_p)
-        got = _warp_fast(x, x.log_softmax(-1), temperature, top_k, top_p)
+        ref = warp_reference(x, temperature, top_k, top_p)
+        got = warp_fast(x, x.log_softmax(-1), temperature, top_k, top_p)
         assert torch.equal(ref.isinf(), got.isinf())
         assert_close_verbose(got[~got.isinf()], ref[~ref.isinf()], torch.float32)
         expect = warp64(x, temperature, top_k, top_p)
@@ -421,7 +419,7 @@ def test_top_p_by_hand() -> None:
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     cases = {0.75: [0.625, 0.375, 0.0, 0.0], 0.85: [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]}
     for top_p, expected in cases.items():
-        for out in (_warp_reference(logits, 1.0, 0, top_p), _warp_fast(logits, logits, 1.0, 0, top_p)):
+        for out in (warp_reference(logits, 1.0, 0, top_p), warp_fast(logits, logits, 1.0, 0, top_p)):
             assert_close_verbose(out.exp(), torch.tensor([expected]), torch.float32)
 
 
@@ -469,17 +467,6 @@ def test_outputs_are_normal_tensors_usable_by_autograd() -> None:
     assert_close_verbose(logq_new.grad, ((-r.logq_old).exp() * r.log_w.exp() * r.logp), torch.float32)
 
 
-@pytest.mark.skipif(not os.environ.get("MINILLM_TEST_COMPILE"), reason="~1 min of compilation; opt in")
-@pytest.mark.parametrize("setting", ["mixed", "warped"])
-def test_compiled_step_equals_fast(setting: str) -> None:
-    """Opt-in (MINILLM_TEST_COMPILE=1): the torch.compile'd step gives the same rollout."""
-    kw = SETTINGS[setting]
-    plain, compiled = run("gpt2", 2, **kw), run("gpt2", 2, compile=True, **kw)
-    assert torch.equal(plain.response_ids, compiled.response_ids) and torch.equal(plain.mask, compiled.mask)
-    for name in ("logq_old", "logp", "log_w"):
-        assert_close_verbose(getattr(compiled, name), getattr(plain, name), torch.float32)
-
-
 def test_bad_inputs_raise() -> None:
     student, teacher = pair("llama")
     ids, mask = prompts()
@@ -492,19 +479,35 @@ def test_bad_inputs_raise() -> None:
         sample_rollout(student, teacher, ids, mask, **(kw | dict(alpha=1.5)))
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_no_teacher_samples_the_student_alone(fast: bool) -> None:
+    """teacher=None (SeqKD's and evaluation's student-only sampling) gives the α = 0 rollout of the same
+    student with any teacher beside it, logp 0; it is refused where a teacher would be needed."""
+    student, teacher = pair("llama")
+    ids, mask = prompts()
+    kw = dict(alpha=0.0, max_new_tokens=6, eos_token_id=EOS, pad_token_id=EOS, fast=fast, score=False)
+    want = sample_rollout(student, teacher, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    got = sample_rollout(student, None, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(got.response_ids, want.response_ids) and torch.equal(got.mask, want.mask)
+    assert torch.equal(got.logq_old, want.logq_old) and not got.logp.any()
+    for bad in (dict(alpha=0.2), dict(score=True)):
+        with pytest.raises(ValueError, match="teacher=None"):
+            sample_rollout(student, None, ids, mask, generator=torch.Generator(), **(kw | bad))
+
+
 def test_packed_linears_same_outputs_and_restored() -> None:
-    """Inside `_packed_linears` every plain Linear of an fp32 CPU model runs a packed weight: outputs equal
+    """Inside `packed_linears` every plain Linear of an fp32 CPU model runs a packed weight: outputs equal
     the plain model's to fp32 rounding, and leaving restores the class forward."""
     student, _ = pair("llama")
     ids, mask = prompts()
     linears = [m for m in student.modules() if type(m) is nn.Linear]
     with torch.no_grad():
         want = student(input_ids=ids, attention_mask=mask.long()).logits
-        with _packed_linears(student, len(ids), True):
+        with packed_linears(student, len(ids), True):
             assert all("forward" in m.__dict__ for m in linears)
             got = student(input_ids=ids, attention_mask=mask.long()).logits
         assert not any("forward" in m.__dict__ for m in linears)
-        with _packed_linears(student, len(ids), False):
+        with packed_linears(student, len(ids), False):
             assert not any("forward" in m.__dict__ for m in linears)
     assert_close_verbose(got, want, torch.float32)
 

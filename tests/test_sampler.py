@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from transformers import GenerationConfig
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from minillm import rollout
-from minillm.rollout import Rollout, _ngram_ban, sample_rollout
+from minillm.decode import fast as fast_path
+from minillm.decode.draw import ngram_ban
+from minillm.rollout import Rollout, sample_rollout
 
 
 def hf_banned(row: list[int], n: int, vocab: int) -> Tensor:
@@ -44,7 +45,7 @@ def test_ngram_ban_equals_hf_processor_on_random_sequences(n: int) -> None:
     vocab, B, L = 2 if n > 3 else 4, 64, 40
     seq = torch.randint(0, vocab, (B, L), generator=g)  # [B, L]; the slots before start are padding
     start = torch.randint(0, L, (B,), generator=g)
-    got = _ngram_ban(seq, start, n, vocab)
+    got = ngram_ban(seq, start, n, vocab)
     expect = torch.stack([hf_banned(seq[b, start[b] :].tolist(), n, vocab) for b in range(B)])
     assert torch.equal(got, expect), (got ^ expect).nonzero()[:5]
     assert 0 < int(expect.sum()) < B * vocab, "fixture should ban some tokens, not all"
@@ -55,9 +56,9 @@ def test_ngram_ban_by_hand() -> None:
     # occurred before -> nothing; n = 6: the row is shorter than 6 -> nothing. Row 2 of the batch is padded.
     seq = torch.tensor([[3, 1, 3, 2, 3], [9, 9, 1, 0, 1]])  # 9 = padding slots of row 1
     start = torch.tensor([0, 2])
-    assert _ngram_ban(seq, start, 2, 10).nonzero().tolist() == [[0, 1], [0, 2], [1, 0]]
-    assert not bool(_ngram_ban(seq, start, 3, 10).any())
-    assert not bool(_ngram_ban(seq, start, 6, 10).any())
+    assert ngram_ban(seq, start, 2, 10).nonzero().tolist() == [[0, 1], [0, 2], [1, 0]]
+    assert not bool(ngram_ban(seq, start, 3, 10).any())
+    assert not bool(ngram_ban(seq, start, 6, 10).any())
 
 
 def small_pair(family: str) -> tuple[nn.Module, nn.Module]:
@@ -255,14 +256,14 @@ def test_whole_sequence_frequencies_match_the_exact_law(case: str) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "llama-eager", "gpt2"])
 def test_dropping_ended_rows_changes_nothing(family: str, monkeypatch) -> None:
-    """The fast path drops rows that have ended from its caches and masks (`rollout._COMPACT_AT`); tokens and
+    """The fast path drops rows that have ended from its caches and masks (`decode.fast.COMPACT_AT`); tokens and
     log-probs equal those of the path that keeps every row, with and without the ban and the teacher."""
     for kw in (dict(alpha=0.0, no_repeat_ngram_size=2), dict(alpha=0.2)):
         ended_early = 0
         for seed in range(3):
             dropped = run(family, seed, True, (7, 4, 1, 6, 3, 5, 2, 6), **kw)
             with monkeypatch.context() as m:
-                m.setattr(rollout, "_COMPACT_AT", 0)
+                m.setattr(fast_path, "COMPACT_AT", 0)
                 kept = run(family, seed, True, (7, 4, 1, 6, 3, 5, 2, 6), **kw)
             assert torch.equal(dropped.response_ids, kept.response_ids) and torch.equal(
                 dropped.mask, kept.mask

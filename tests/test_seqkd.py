@@ -52,7 +52,7 @@ def test_cache_reused_then_regenerated_when_a_setting_changes(tiny_llama, teache
 
     # Same generation key, other training settings (the official KD-loss form): nothing is generated.
     with monkeypatch.context() as m:
-        m.setattr(seqkd, "sample_rollout", no_generation)
+        m.setattr(seqkd, "sample_responses", no_generation)
         train_seqkd(seqkd_config(tiny_llama, teacher, tmp_path, "second", seqkd_loss="kd", seed=3))
     second = read_metrics(tmp_path / "second")
     assert second[0]["teacher_data/generated"] == 0 and second[0]["teacher_data/cached"] == n
@@ -60,7 +60,7 @@ def test_cache_reused_then_regenerated_when_a_setting_changes(tiny_llama, teache
 
     # A sampling setting changes: a new cache folder is generated; the old one stays.
     with monkeypatch.context() as m:
-        m.setattr(seqkd, "sample_rollout", no_generation)
+        m.setattr(seqkd, "sample_responses", no_generation)
         with pytest.raises(AssertionError, match="generated although"):
             train_seqkd(seqkd_config(tiny_llama, teacher, tmp_path, "third", sample_temperature=0.7))
     train_seqkd(seqkd_config(tiny_llama, teacher, tmp_path, "third", sample_temperature=0.7))

@@ -1,8 +1,9 @@
 """Batched sampling for evaluation (the project's one sampler, `minillm.rollout`) and the LM loss on gold responses.
 
-`sample` draws from one model alone (α = 0) with `rollout.sample_rollout`: static KV cache, prompts
-prefilled in groups of similar length, one inverse-CDF draw per row and step. Decoding is exactly what the
-caller passes (temperature, 0 = greedy; top_k; top_p; no_repeat_ngram_size, HF's n-gram ban); the model's
+`sample` draws from one model alone (α = 0) with `rollout.sample_responses`, as SeqKD and GKD do: static
+KV cache, prompts prefilled in groups of similar length, one inverse-CDF draw per row and step. Decoding is
+exactly what the caller passes (temperature, 0 = greedy; top_k; top_p; no_repeat_ngram_size, HF's n-gram
+ban); the model's
 own `generation_config` (which may carry top_k=50, repetition penalties, ...) is never read, as the official
 code builds its GenerationConfig from scratch (LMOps `minillm/evaluate_main.py`).
 
@@ -28,7 +29,7 @@ from transformers import GenerationConfig
 
 from minillm import models
 from minillm.data.tokenize import Example, collate, collate_prompts
-from minillm.rollout import sample_rollout
+from minillm.rollout import sample_responses
 
 
 def batch_seed(*parts: Any) -> int:
@@ -59,25 +60,20 @@ def sample(
              b*S+S-1); after a row's first EOS every id is `pad_id`.
     """
     device = next(model.parameters()).device
-    rows = [p for p in prompts for _ in range(num_return_sequences)]
-    batch = collate_prompts(rows, pad_id)  # [B*S, P] each
-    rollout = sample_rollout(
+    responses, _ = sample_responses(
         model,
-        model,  # the mixing partner, never run: α = 0 and score=False
-        batch["input_ids"].to(device),
-        batch["attention_mask"].to(device),
-        alpha=0.0,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
+        [p for p in prompts for _ in range(num_return_sequences)],
+        eos_id=eos_id,
+        pad_id=pad_id,
         generator=torch.Generator(device=device).manual_seed(seed),
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        max_new_tokens=max_new_tokens,
         no_repeat_ngram_size=no_repeat_ngram_size,
-        score=False,
     )
-    return rollout.response_ids.cpu()
+    T = max(map(len, responses))  # the steps taken: the batch stops once every row has ended
+    return torch.tensor([r + [pad_id] * (T - len(r)) for r in responses], dtype=torch.long)  # [B*S, T]
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from minillm import config as config_lib
-from minillm.config import TrainConfig
+from minillm.config import GKDConfig, MiniLLMConfig, SeqKDConfig, TrainConfig
 from minillm.errors import InputError
 
 CKPT_PREFIX = "ckpt-"
@@ -504,3 +504,15 @@ def release_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError):  # not glibc
         pass
+
+
+def sampling_settings(cfg: MiniLLMConfig | SeqKDConfig | GKDConfig) -> dict[str, Any]:
+    """A stage's sampling fields as the keyword arguments of `rollout.sample_rollout` / `sample_responses`
+    (sample_temperature → temperature, fast_rollout → fast)."""
+    return dict(
+        temperature=cfg.sample_temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        fast=cfg.fast_rollout,
+    )

@@ -4,12 +4,13 @@ on-policy baseline (Ko et al., ICML 2024, arXiv 2402.03898).
 Each optimizer step tosses one coin: with probability `lmbda` (GKD's λ, the "student data fraction") the
 step's responses are sampled from the current student for the step's prompts; otherwise the step uses
 train_data's responses (gold, or teacher responses when train_data is a SeqKD cache file
-`teacher_data_cache/<key>/responses.jsonl`, whose decoded answers are re-tokenised). On those responses the loss is the KD loss of `kd.py`:
+`teacher_data_cache/<key>/responses.jsonl`, whose decoded answers are re-tokenised). On those responses
+the loss is the KD loss of `kd.py` (`supervised.kd_loss`):
 kd_ratio·D(p, q) + (1 − kd_ratio)·CE, summed over response tokens and divided by the step's global token
 count, with the full-vocabulary D of `minillm.objectives.divergences` (default: generalised JSD, β = 0.5)
 differentiated through the student's logits only (no gradient through the sampling, GKD §3).
 Sampling reuses MiniLLM's rollout code with α = 0 (student only, same seeded sampler and EOS rules), and
-the update reuses MiniLLM's machinery (`kd.kd_loss_sums`): unpadded forwards grouped by length, a
+the update reuses MiniLLM's machinery (`supervised.kd_loss_sums`): unpadded forwards grouped by length, a
 closed-form chunked logit gradient and, for a student without dropout, what sampling computed at the same
 weights (its logits and decoder-layer outputs, `sampling_cache.py`; `sampling_cache_mib`).
 
@@ -39,11 +40,12 @@ from torch import Tensor
 from minillm import models
 from minillm.config import GKDConfig
 from minillm.data.tokenize import Example, collate
+from minillm.rollout import sample_responses
 from minillm.train import engine
-from minillm.train.kd import kd_loss, load_teacher, make_divergence, validation_metrics
+from minillm.train.loop import rouge_validation, validation_metrics
 from minillm.train.sampling_cache import SamplingCache, sampling_buffers
-from minillm.train.seqkd import sample_responses
-from minillm.train.sft import load_examples, load_student, rouge_validation
+from minillm.train.setup import load_examples, load_student, load_teacher
+from minillm.train.supervised import kd_loss, make_divergence
 
 # Streams of engine.generator(seed, step, place, stream): the coin (place 0 on every rank) and the
 # samples (one per example, by its place in the step).
@@ -112,7 +114,13 @@ def train_gkd(cfg: GKDConfig) -> Path:
                 buffers = sampling_buffers(student, len(prompts), cfg, layers=keep_layers) if reuse else None
                 with acc.autocast():  # sample_responses runs the student in eval mode: no dropout
                     responses, _ = sample_responses(
-                        student, prompts, cfg=cfg, eos_id=eos, pad_id=pad, generator=g, sampling=buffers
+                        student,
+                        prompts,
+                        eos_id=eos,
+                        pad_id=pad,
+                        generator=g,
+                        **engine.sampling_settings(cfg),
+                        sampling=buffers,
                     )
                 mb[:] = [
                     Example(p, r[: cfg.max_length - len(p)]) for p, r in zip(prompts, responses, strict=True)

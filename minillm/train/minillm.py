@@ -54,12 +54,12 @@ from minillm.errors import InputError
 from minillm.objectives import policy
 from minillm.objectives.chunked import chunked_head_loss, take_rows
 from minillm.objectives.divergences import reverse_kl
-from minillm.objectives.lm import ce_kd_sum, fill_log_probs, head_log_probs_into, token_logprobs
-from minillm.rollout import Generators, Rollout, sample_rollout
+from minillm.objectives.lm import ce_kd_sum, fill_log_probs, head_log_probs_into
+from minillm.rollout import Generators, Rollout, response_rows, sample_rollout, score_teacher
 from minillm.train import engine
-from minillm.train.kd import load_teacher
+from minillm.train.loop import mean_validation_rouge_l
 from minillm.train.sampling_cache import SamplingCache, sampling_buffers
-from minillm.train.sft import load_prompts, load_student, mean_validation_rouge_l
+from minillm.train.setup import load_prompts, load_student, load_teacher
 
 ROLLOUT_FIELDS = (
     "prompt_ids",
@@ -71,38 +71,6 @@ ROLLOUT_FIELDS = (
     "logp",
     "log_w",
 )
-
-
-def response_rows(model: torch.nn.Module, batch: Rollout, replay: SamplingCache | None = None) -> Tensor:
-    """Final hidden states of the positions that predict each valid response token, row-major: [N, H],
-    N = batch.mask.sum(), rows in the order of `x[batch.mask]`.
-
-    Each sequence is its prompt's real tokens and its response up to the last valid token, forwarded
-    unpadded in `length_groups`, right-padded within a group: causality keeps the pads out of every row
-    used, so no attention mask is needed. A wrapped (DDP) model gets all sequences in one forward: DDP
-    broadcasts buffers in every forward, so each rank must run as many as the others, whatever its
-    lengths. With `replay` (batch's rows of a collection sampled at the current weights) the decoder
-    layers' outputs come from sampling (`SamplingCache.replay`).
-    """
-    prompt_len = batch.prompt_mask.sum(-1).tolist()  # [B]
-    resp_len = batch.mask.sum(-1).tolist()  # [B]
-    P = batch.prompt_ids.shape[1]
-    seqs = [
-        torch.cat(
-            [batch.prompt_ids[i, P - prompt_len[i] :], batch.response_ids[i, : max(resp_len[i] - 1, 0)]]
-        )
-        for i in range(len(batch))
-    ]
-    seq_len = [len(x) for x in seqs]
-    inner = models.unwrap(model)
-    # row prompt_len − 1 + t predicts response token t
-    return models.grouped_rows(
-        model,
-        seqs,
-        [n - 1 for n in prompt_len],
-        resp_len,
-        None if replay is None else lambda group: replay.replay(inner, group, prompt_len, seq_len),
-    )
 
 
 @dataclass
@@ -147,25 +115,6 @@ def teacher_cache(
     return torch.empty(n, V, device=device)
 
 
-@torch.no_grad()
-def teacher_pass(
-    teacher: torch.nn.Module, batch: Rollout, chunk_size: int, logp_out: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """One teacher forward over prompt + response: hidden rows of the valid response positions [N, H_t]
-    and log p of the sampled tokens [B, T]. With `logp_out` ([≥ N, V] fp32) its first N rows receive
-    the full log-probabilities at those positions (the same head pass)."""
-    rows = response_rows(teacher, batch)  # [N, H_t]
-    head = models.output_head(teacher)
-    targets = batch.response_ids[batch.mask]  # [N]
-    logp = torch.zeros(batch.mask.shape, device=rows.device)
-    if logp_out is None:
-        logp[batch.mask] = token_logprobs(rows, targets, head, chunk_size=chunk_size)
-    else:
-        full = fill_log_probs(logp_out[: len(rows)], rows, head, chunk_size=chunk_size)
-        logp[batch.mask] = full.gather(-1, targets[:, None])[:, 0]
-    return rows, logp
-
-
 def refill_teacher_cache(
     teacher: torch.nn.Module, store: Rollout, rows: Tensor, cache: Tensor, cfg: MiniLLMConfig
 ) -> TeacherStore:
@@ -176,7 +125,7 @@ def refill_teacher_cache(
     start = 0
     for i in range(0, len(store), cfg.batch_size):
         end = start + sum(counts[i : i + cfg.batch_size])
-        with torch.no_grad():  # a fresh tensor per batch, as teacher_pass sees it
+        with torch.no_grad():  # a fresh tensor per batch, as score_teacher sees it
             fill_log_probs(cache[start:end], rows[start:end].clone(), head, chunk_size=cfg.chunk_size)
         start = end
     return TeacherStore(rows, cache[:start])
@@ -218,14 +167,10 @@ def collect(
                 enc["input_ids"],
                 enc["attention_mask"],
                 alpha=cfg.teacher_mix_alpha,
-                max_new_tokens=N,
                 eos_token_id=eos,
                 pad_token_id=pad,
                 generator=g[at] if isinstance(g, list) else g,
-                temperature=cfg.sample_temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                fast=cfg.fast_rollout,
+                **engine.sampling_settings(cfg),  # N = cfg.max_new_tokens new tokens at most
                 score=False,  # log p: the sampler with alpha > 0, else the teacher pass below
                 logits_out=None if logits is None else logits.view(-1, N, logits.shape[-1])[at],
                 layers_out=None if layers is None else [x[at, width - P :] for x in layers],
@@ -233,7 +178,9 @@ def collect(
             )
         t0 = time.perf_counter()
         if t_hidden is None:
-            t_rows, logp = teacher_pass(teacher, r, cfg.chunk_size, None if cache is None else cache[filled:])
+            t_rows, logp = score_teacher(
+                teacher, r, chunk_size=cfg.chunk_size, logp_out=None if cache is None else cache[filled:]
+            )
         else:  # a fresh [N, H_t] tensor, as the teacher pass gives (`refill_teacher_cache` relies on it)
             t_rows = t_hidden[:, : r.mask.shape[1]][r.mask]
             if cache is not None:

@@ -3,10 +3,10 @@
 First the teacher answers every training prompt once (sampling, defaults as the official
 minillm/scripts/gpt2/tools/generate_data_seqkd.sh: temperature 1, top_k 0, top_p 1, 256 new tokens,
 seed 10); the responses are cached on disk. Then the student is trained on (prompt, teacher response),
-in SFT's loop (`sft.fit`): with plain cross-entropy, as the MiniLLM paper describes SeqKD
-(`seqkd_loss: ce`, default), or with the word-level KD loss of `kd.py` on those responses, as the official
-scripts run it (scripts/gpt2/seqkd/seqkd_base.sh: --type kd --kd-ratio 0.5 on the pseudo data;
-`seqkd_loss: kd`).
+in SFT's loop (`loop.fit`): with plain cross-entropy, as the MiniLLM paper describes SeqKD
+(`seqkd_loss: ce`, default), or with the word-level KD loss of `kd.py` (`supervised.kd_loss`) on those
+responses, as the official scripts run it (scripts/gpt2/seqkd/seqkd_base.sh: --type kd --kd-ratio 0.5 on
+the pseudo data; `seqkd_loss: kd`).
 Validation is on the gold validation responses (valid/loss, valid/forward_kl), comparable across stages.
 
 The cache. `teacher_data_cache/<key>/` holds settings.json (what the key hashes: the teacher's weights,
@@ -21,7 +21,7 @@ fsynced) batch by batch; a rerun regenerates only the batches that are incomplet
 longer match or whose lines were sampled in another layout (max_train_examples changes the last
 batch), and a line cut by a kill is dropped. Later lines win for an index.
 
-Generation reuses `minillm.rollout.sample_rollout` with the teacher as the sampled model and α = 0: the
+Generation reuses `minillm.rollout.sample_responses` (`sample_rollout`) with the teacher as the sampled model and α = 0: the
 same seeded inverse-CDF sampler, static-cache decode and EOS/mask rules as MiniLLM's rollouts, no new
 code. Departures from the official pipeline: the student trains on the sampled token ids themselves
 (the official code decodes them to text and re-tokenises, appending an EOS even to truncated answers);
@@ -44,59 +44,14 @@ from torch import Tensor, nn
 
 from minillm.config import SeqKDConfig
 from minillm.data.instructions import load_records
-from minillm.data.tokenize import Example, collate_prompts, encode_prompt
-from minillm.rollout import Generators, sample_rollout
+from minillm.data.tokenize import Example, encode_prompt
+from minillm.rollout import sample_responses
 from minillm.train import engine
-from minillm.train.kd import kd_loss, load_teacher, make_divergence, validation_metrics
-from minillm.train.sft import ce_loss_sum, fit, load_split, load_student, rouge_validation
+from minillm.train.loop import fit, rouge_validation, validation_metrics
+from minillm.train.setup import load_split, load_student, load_teacher
+from minillm.train.supervised import ce_loss_sum, kd_loss, make_divergence
 
 CACHE_FORMAT = 2  # 2: lines record their batch
-
-
-def sample_responses(
-    model: nn.Module,
-    prompts: list[list[int]],
-    *,
-    cfg: Any,
-    eos_id: int,
-    pad_id: int,
-    generator: Generators,
-    sampling: tuple[Tensor, list[Tensor] | None] | None = None,
-) -> tuple[list[list[int]], list[bool]]:
-    """One sampled response per prompt from `model` alone (an α = 0 rollout, not scored afterwards).
-
-    cfg supplies sample_temperature, top_k, top_p, max_new_tokens and fast_rollout (and max_prompt_length
-    with `sampling`); generator: one, or one per prompt (`sample_rollout`).
-    sampling: optional stores from `sampling_cache.sampling_buffers` for these prompts, which receive the
-             student's logits and layer outputs (`sample_rollout`'s logits_out, layers_out), laid out as
-             `SamplingCache` reads them with width max_prompt_length
-    returns: the response ids per prompt, up to and including the first EOS, and whether each was cut at
-             max_new_tokens (no EOS).
-    """
-    device = next(model.parameters()).device
-    batch = collate_prompts(prompts, pad_id)  # left-padded [B, P]
-    logits, layers = sampling if sampling is not None else (None, None)
-    width = batch["input_ids"].shape[1]
-    rollout = sample_rollout(
-        model,
-        model,  # the mixing partner, never run: α = 0 and score=False
-        batch["input_ids"].to(device),
-        batch["attention_mask"].to(device),
-        alpha=0.0,
-        max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        generator=generator,
-        temperature=cfg.sample_temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        fast=cfg.fast_rollout,
-        score=False,
-        logits_out=None if logits is None else logits.view(len(prompts), cfg.max_new_tokens, -1),
-        layers_out=None if layers is None else [x[:, cfg.max_prompt_length - width :] for x in layers],
-    )
-    ids, mask = rollout.response_ids.cpu(), rollout.mask.cpu()
-    return [ids[b][mask[b]].tolist() for b in range(len(prompts))], rollout.truncated.cpu().tolist()
 
 
 def weights_sha1(model: nn.Module) -> str:
@@ -213,10 +168,10 @@ def teacher_data(
             responses, truncated = sample_responses(
                 teacher,
                 [prompts[i] for i in batches[k]],
-                cfg=cfg,
                 eos_id=eos,
                 pad_id=pad,
                 generator=engine.generator(cfg.sample_seed, k, device=acc.device),
+                **engine.sampling_settings(cfg),
             )
             for i, resp, cut in zip(batches[k], responses, truncated, strict=True):
                 lines.append(
