@@ -318,3 +318,13 @@ def test_every_stage_names_its_progress_bar():
             assert log.bar.desc == command
             log.bar.close()
             assert not Path(cfg.output_dir).exists()
+
+
+def test_eval_with_a_bad_set_leaves_no_folder(tiny_llama, tmp_path, capsys):
+    """`minillm eval` reads every set before it creates its output folder."""
+    bad = write_jsonl(tmp_path / "bad.jsonl", [RECORD, '{"instruction": "a", "output": '])
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tiny_llama), "--sets", str(bad), "--seeds", "10", "--output_dir", str(out)]
+    code, _, err = run(argv, capsys)
+    assert_refused(code, err, 2, "bad.jsonl:2: malformed JSON")
+    assert not out.exists()

@@ -406,12 +406,12 @@ def evaluate_model(
 ) -> dict:
     """Generate what is missing, score, summarise; writes the three files above into `out_dir`."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(out_dir, cfg)
-    sets = [load_eval_set(spec, cfg, tokenizer) for spec in cfg.sets]
+    sets = [load_eval_set(spec, cfg, tokenizer) for spec in cfg.sets]  # bad data: fail before any folder
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise ConfigError(f"two sets share a name: {names}; rename a file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_settings(out_dir, cfg)
     gen_path = out_dir / GENERATIONS
     rows = read_generations(gen_path)
     B = cfg.batch_size
