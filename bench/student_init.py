@@ -23,6 +23,7 @@ from minillm.data.pretrain import load_pt_blocks
 from minillm.data.tokenize import collate, encode_records
 from minillm.objectives.lm import ce_kd_sum
 from minillm.train import engine
+from minillm.train.heal import heal
 
 CANDIDATES = [
     "0,5,10,15,20,25",
@@ -52,30 +53,16 @@ def valid_loss(model: torch.nn.Module, examples: list, pad: int) -> float:
     return total / count
 
 
-def train_steps(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module | None,
-    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    lr: float,
-    kd_ratio: float,
-) -> float:
-    """AdamW (the stages' settings) over `batches` of (input_ids, attention_mask, target_mask); returns seconds."""
-    cfg = SFTConfig(lr=lr, warmup_steps=0)
-    opt = engine.make_optimizer(student, cfg)
+def sft_steps(student: torch.nn.Module, batches: list[dict[str, torch.Tensor]], lr: float) -> float:
+    """AdamW (the stages' settings) over collated Dolly `batches`, CE on the responses; returns seconds."""
+    opt = engine.make_optimizer(student, SFTConfig(lr=lr, warmup_steps=0))
     student.train()
     t0 = time.perf_counter()
-    for ids, attn, tmask in batches:
-        hidden = models.final_hidden(student, ids, attn)
-        keep = tmask[:, 1:]
-        rows, targets = hidden[:, :-1][keep], ids[:, 1:][keep]
-        t_side = None
-        if kd_ratio > 0:
-            with torch.no_grad():
-                t_rows = models.final_hidden(teacher, ids, attn)[:, :-1][keep]
-            t_side = (t_rows, models.output_head(teacher))
-        loss = ce_kd_sum(
-            rows, targets, models.output_head(student), chunk_size=256, teacher=t_side, kd_ratio=kd_ratio
-        )
+    for b in batches:
+        keep = b["target_mask"][:, 1:]
+        rows = models.final_hidden(student, b["input_ids"], b["attention_mask"])[:, :-1][keep]
+        targets = b["input_ids"][:, 1:][keep]
+        loss = ce_kd_sum(rows, targets, models.output_head(student), chunk_size=256)
         (loss / len(targets)).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
@@ -116,8 +103,6 @@ def main() -> None:
         return
 
     blocks = load_pt_blocks("pretrain", tok, args.block, max_blocks=8 * args.heal_steps)  # [N, block]
-    ones = torch.ones_like(blocks[:8])
-    heal_batches = [(blocks[i : i + 8], ones, ones.bool()) for i in range(0, len(blocks), 8)]
     train, _ = encode_records(
         load_records("dolly_train", limit=8 * args.sft_steps),
         tok,
@@ -125,10 +110,7 @@ def main() -> None:
         max_prompt_length=256,
         max_length=320,
     )
-    sft_batches = []
-    for part in engine.chunks(train, 8):
-        b = collate(part, pad)
-        sft_batches.append((b["input_ids"], b["attention_mask"], b["target_mask"]))
+    sft_batches = [collate(part, pad) for part in engine.chunks(train, 8)]
     print(
         f"heal: {args.heal_steps} steps x 8 x {args.block} tokens at lr {args.heal_lr}; "
         f"SFT: {len(sft_batches)} steps x 8 records at lr {args.sft_lr}"
@@ -140,10 +122,21 @@ def main() -> None:
             student = models.derive_student(teacher, [int(x) for x in spec.split(",")])
             heal_s = 0.0
             if variant != "none":
+                t0 = time.perf_counter()
                 kd = 1.0 if variant == "kd" else 0.0
-                heal_s = train_steps(student, teacher, heal_batches, args.heal_lr, kd)
+                heal(
+                    student,
+                    teacher,
+                    blocks,
+                    steps=args.heal_steps,
+                    batch_size=8,
+                    lr=args.heal_lr,
+                    seed=10,
+                    kd_ratio=kd,
+                )
+                heal_s = time.perf_counter() - t0
             healed = valid_loss(student, valid, pad)
-            sft_s = train_steps(student, None, sft_batches, args.sft_lr, 0.0)
+            sft_s = sft_steps(student, sft_batches, args.sft_lr)
             print(
                 f"| {spec} | {variant} | {healed:.2f} | {heal_s:.0f} | {valid_loss(student, valid, pad):.2f} "
                 f"| {sft_s:.0f} |",

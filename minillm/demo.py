@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"The student keeps layers {made['layers']} of the teacher's {made['teacher_layers']} "
         f"({made['parameters'] / 1e6:.1f}M parameters against the teacher's "
-        f"{sum(p.numel() for p in models.load_model(TEACHER).parameters()) / 1e6:.1f}M), is healed by "
+        f"{made['teacher_parameters'] / 1e6:.1f}M), is healed by "
         f"{made['heal_steps']} steps of KD towards the teacher on pre-training text (KL {kl_heal[0]:.2f} → "
         f"{kl_heal[-1]:.2f} nats/token), fine-tuned on Dolly for {sft_cfg.max_steps} steps of "
         f"{sft_cfg.batch_size} records (SFT), then trained by MiniLLM for {distill_cfg.max_steps} steps. "

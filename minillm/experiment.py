@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shlex
 import subprocess
@@ -103,7 +102,7 @@ def run_plan(plan: str, only: list[str] | None = None, dry_run: bool = False) ->
             continue
         t0, cpu0 = time.time(), _children_cpu()
         with (root / "logs" / f"{run.name}.log").open("a") as log:
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
         if code != 0:
             raise ChildProcessError(f"run {run.name} exited {code}; see {root / 'logs' / f'{run.name}.log'}")
         record = {

@@ -104,6 +104,7 @@ def cut_student(
     made: dict[str, Any] = {
         "teacher": teacher_spec,
         "teacher_layers": n,
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "layers": layers,
         "parameters": sum(p.numel() for p in student.parameters()),
         "heal_steps": heal_steps,
