@@ -196,10 +196,44 @@ def _report(argv: list[str]) -> None:
     p.add_argument("run_dirs", nargs="+", help="Evaluation output folders (one per model).")
     p.add_argument("--out", default="runs/report", help="Folder for report.md, report.csv and plots.")
     p.add_argument("--baseline", default=None, help="Model name the others are compared with (e.g. SFT).")
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="Recompute every score from the generations beside each results.json (no weights needed); "
+        "a recorded score they do not reproduce is an error.",
+    )
+    p.add_argument("--ablations", default="", help="Comma-separated model names shown in their own table.")
+    p.add_argument("--ablation-base", default=None, help="The model the ablations are compared with.")
     args = p.parse_args(argv)
     from minillm.report import make_report
 
-    print(make_report(args.run_dirs, args.out, args.baseline))
+    ablations = [a for a in args.ablations.split(",") if a]
+    if ablations and not args.ablation_base:
+        raise InputError("--ablations needs --ablation-base, the model they are compared with")
+    path = make_report(
+        args.run_dirs,
+        args.out,
+        args.baseline,
+        rescore=args.rescore,
+        ablations=ablations,
+        ablation_base=args.ablation_base,
+    )
+    print(path)
+
+
+def _publish(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="minillm publish",
+        description="Copy evaluation results, without weights, into one folder per model: the JSON results and "
+        "the generations as generations.jsonl.gz, from which `minillm report --rescore` rebuilds every score.",
+    )
+    p.add_argument("run_dirs", nargs="+", help="Folders holding results/exposure/calibration JSON files.")
+    p.add_argument("--out", default="results", help="Destination folder.")
+    args = p.parse_args(argv)
+    from minillm.publish import publish
+
+    for folder in publish(args.run_dirs, args.out):
+        print(folder)
 
 
 TOOL_COMMANDS = {
@@ -207,6 +241,10 @@ TOOL_COMMANDS = {
     "export": (_export, "A checkpoint as a Hugging Face folder; --merge folds LoRA adapters in."),
     "generate": (_generate, "Answer prompts with any model."),
     "report": (_report, "Markdown/CSV tables and PNG plots from evaluation runs."),
+    "publish": (
+        _publish,
+        "Evaluation results and generations, without weights, ready to commit and rescore.",
+    ),
     "experiment": (
         lambda argv: _load("minillm.experiment:main")(argv),
         "Run a comparison plan (configs/experiments/comparison.yaml), resuming what is not done.",

@@ -539,6 +539,9 @@ class ExposureConfig:
     """Exposure bias (ExAccErr, paper section 3.3): excess accumulated error of the student's own prefixes."""
 
     student: str = _f("runs/student-init", "Student: hub id, folder, .gguf or alias.")
+    name: str | None = _f(
+        None, "Display name in results and reports; default: derived from the student path."
+    )
     teacher: str = _f("smollm2-135m-instruct", "Teacher: hub id, folder, .gguf or alias.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub.")
     dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16.")
@@ -562,6 +565,7 @@ class CalibrationConfig:
     """Calibration (ECE) of label-word probabilities on a binary task built from shipped data."""
 
     model: str = _f("runs/student-init", "Model: hub id, folder, .gguf or alias.")
+    name: str | None = _f(None, "Display name in results and reports; default: derived from the model path.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub.")
     dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16.")
     task: str = _f(

@@ -19,7 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from minillm import publish  # noqa: E402
 from minillm.evaluate import metrics  # noqa: E402
+from minillm.evaluate.calibration import draw_reliability  # noqa: E402
 
 DECODING = (
     "temperature",
@@ -33,7 +35,7 @@ DECODING = (
 EXPOSURE_AT = (10, 25, 50, 100, 128, 256)
 
 
-def _load(run_dirs: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+def _load(run_dirs: list[str], rescore: bool = False) -> tuple[list[dict], list[dict], list[dict]]:
     evals, exposures, calibrations = [], [], []
     seen: set[Path] = set()
     for d in run_dirs:
@@ -46,6 +48,11 @@ def _load(run_dirs: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
                 continue
             seen.add(f.resolve())
             obj = json.loads(f.read_text())
+            if rescore and obj.get("kind") == "eval":
+                generations = publish.generations_file(f.parent)
+                if generations is None:
+                    raise FileNotFoundError(f"{f}: no generations beside it to rescore from")
+                obj = publish.rescore(obj, generations)
             obj["_path"] = str(f)
             kind = obj.get("kind")
             {"eval": evals, "exposure": exposures, "calibration": calibrations}.get(kind, []).append(obj)
@@ -196,6 +203,15 @@ def _plot_exposure(exposures: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_reliability(calibrations: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(calibrations), figsize=(3.6 * len(calibrations), 3.8), squeeze=False)
+    for x, ax in zip(calibrations, axes[0], strict=True):
+        draw_reliability(x, ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _settings_section(evals: list[dict], exposures: list[dict], calibrations: list[dict]) -> list[str]:
     out = ["## What was run", ""]
     for e in evals:
@@ -203,6 +219,8 @@ def _settings_section(evals: list[dict], exposures: list[dict], calibrations: li
         out.append(
             f"**{e['name']}**: `minillm eval --model {e['model']}` ({e['_path']}, finished {e.get('finished_at')})"
         )
+        if e.get("rescored_from"):
+            out.append(f"- scores recomputed from {e['rescored_from']} (the gold LM loss as recorded)")
         out.append(
             f"- seeds {c['seeds']}; max_per_set {c['max_per_set']}; selfinst_242 {c['selfinst_242']}; dtype {env.get('dtype')} "
             f"on {env.get('device')}; " + ", ".join(f"{k} {c[k]}" for k in DECODING)
@@ -237,13 +255,28 @@ def _settings_section(evals: list[dict], exposures: list[dict], calibrations: li
     return out
 
 
-def make_report(run_dirs: list[str], out_dir: str, baseline: str | None = None) -> Path:
-    """Write report.md, report.csv and the PNG plots into `out_dir`; return the path of report.md."""
-    evals, exposures, calibrations = _load(run_dirs)
+def make_report(
+    run_dirs: list[str],
+    out_dir: str,
+    baseline: str | None = None,
+    *,
+    rescore: bool = False,
+    ablations: list[str] = (),
+    ablation_base: str | None = None,
+) -> Path:
+    """Write report.md, report.csv and the PNG plots into `out_dir`; return the path of report.md.
+
+    rescore: recompute every eval from the generations beside its results.json (`publish.rescore`).
+    ablations: models shown in their own Rouge-L table beside `ablation_base` (deltas against it), not in the
+    main table and its plots."""
+    evals, exposures, calibrations = _load(run_dirs, rescore)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [e["name"] for e in evals] + [x["name"] for x in exposures + calibrations]
     base = _match_baseline(baseline, list(dict.fromkeys(names)))
+    ablated = [_match_baseline(a, [e["name"] for e in evals]) for a in ablations]
+    ablation_ref = _match_baseline(ablation_base, [e["name"] for e in evals]) if ablated else None
+    main = [e for e in evals if e["name"] not in ablated]
     sets: list[str] = []
     for e in evals:
         sets += [s for s in e["sets"] if s not in sets]
@@ -255,7 +288,7 @@ def make_report(run_dirs: list[str], out_dir: str, baseline: str | None = None) 
         "",
     ]
     if evals:
-        header, rows = _rouge_table(evals, sets, base)
+        header, rows = _rouge_table(main, sets, base)
         md += [
             "## Rouge-L",
             "",
@@ -267,6 +300,19 @@ def make_report(run_dirs: list[str], out_dir: str, baseline: str | None = None) 
             "",
             "![Rouge-L per set](rougeL_by_set.png)",
             "",
+        ]
+        if ablated:
+            by_name = {e["name"]: e for e in evals}
+            header, rows = _rouge_table([by_name[n] for n in [ablation_ref, *ablated]], sets, ablation_ref)
+            md += [
+                "## Ablations",
+                "",
+                f"Rouge-L as above; in brackets: difference to `{ablation_ref}`.",
+                "",
+                _markdown(header, rows),
+                "",
+            ]
+        md += [
             "## LM loss on gold responses and Dist-4",
             "",
             "LM loss: token-averaged cross-entropy of the gold response and its EOS (nats; lower is better); "
@@ -300,8 +346,8 @@ def make_report(run_dirs: list[str], out_dir: str, baseline: str | None = None) 
             "![Rouge-L per length bucket](length_buckets.png)",
             "",
         ]
-        _plot_rouge(evals, sets, out / "rougeL_by_set.png")
-        _plot_buckets(evals, sets, base, out / "length_buckets.png")
+        _plot_rouge(main, sets, out / "rougeL_by_set.png")
+        _plot_buckets(main, sets, base, out / "length_buckets.png")
         _write_csv(evals, sets, base, out / "report.csv")
     if exposures:
         T = max(len(x["l"]) for x in exposures)
@@ -342,7 +388,10 @@ def make_report(run_dirs: list[str], out_dir: str, baseline: str | None = None) 
             "",
             _markdown(["model", "task", "n", "accuracy", "ECE"], rows5),
             "",
+            "![Reliability diagrams](reliability.png)",
+            "",
         ]
+        _plot_reliability(calibrations, out / "reliability.png")
     md += _settings_section(evals, exposures, calibrations)
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")

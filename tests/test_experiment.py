@@ -26,7 +26,12 @@ def test_shipped_plan_parses_every_recipe():
             flags = argv[:i] + argv[i + 2 :] if i is not None else argv
             cls = getattr(config_lib, STAGE_COMMANDS[run.command][0])
             config_lib.parse(cls, cfg_file, flags)
-    outputs = [r.argv()[r.argv().index("--output_dir") + 1] for r in runs if "--output_dir" in r.argv()]
+
+    def folder(argv: list[str]) -> str:  # evaluations write into output_dir/<name>
+        out = argv[argv.index("--output_dir") + 1]
+        return f"{out}/{argv[argv.index('--name') + 1]}" if "--name" in argv else out
+
+    outputs = [folder(r.argv()) for r in runs if "--output_dir" in r.argv()]
     assert len(outputs) == len(set(outputs))  # ablations never share a folder with the full method
 
 

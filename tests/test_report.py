@@ -93,6 +93,7 @@ def runs(tmp_path) -> Path:
                 "kind": "calibration", "name": name, "model": name, "task": "unni-yesno", "labels": ["No", "Yes"],
                 "gold_counts": {"No": 128, "Yes": 268}, "data_revision": "sha256:d0c9",
                 "config": dataclasses.asdict(CalibrationConfig(model=name)), "n": 396, "ece": value, "accuracy": 0.5,
+                "bins": [{"lo": 0.5, "hi": 0.6, "count": 396, "accuracy": 0.5, "confidence": 0.5 + value}],
             },
         )  # fmt: skip
     return root
@@ -118,7 +119,7 @@ def test_report_table_bold_deltas_and_average(runs, tmp_path):
     # what was run: model, seeds, decoding, data hash, code revision
     assert "`minillm eval --model runs/kd`" in md and "seeds [10, 20]" in md
     assert "sha256:feedfacecafebeef" in md and "code abc123" in md and "no_repeat_ngram_size 6" in md
-    for png in ("rougeL_by_set.png", "length_buckets.png", "exacc_err.png"):
+    for png in ("rougeL_by_set.png", "length_buckets.png", "exacc_err.png", "reliability.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -151,3 +152,14 @@ def test_report_errors(runs, tmp_path):
     # results.json written by protocol is strict JSON (no NaN): empty buckets carry only their count
     data = json.loads((runs / "runs_sft" / "results.json").read_text())
     assert data["sets"]["dolly"]["buckets"]["[6,10]"] == {"n": 0}
+
+
+def test_report_ablation_table(runs, tmp_path):
+    md = make_report(
+        [str(runs)], str(tmp_path / "rep"), "sft", ablations=["runs_kd"], ablation_base="runs_minillm"
+    ).read_text()
+    main, ablation = md.split("## Ablations")[0], md.split("## Ablations")[1].split("## LM loss")[0]
+    assert "| runs_kd |" not in main and "| runs_sft |" in main
+    # deltas against the ablation base: kd 24 - 26, 29 - 32, 26.5 - 29
+    assert "| runs_kd | 24.00 ± 1.41 (-2.00) | 29.00 ± 1.41 (-3.00) | 26.50 ± 1.41 (-2.50) |" in ablation
+    assert "| runs_minillm | **26.00** ± 0.00 | **32.00** ± 1.41 | **29.00** ± 0.71 |" in ablation

@@ -100,13 +100,9 @@ def calibration_result(logprobs: torch.Tensor, gold: list[int], bins: int) -> di
     }
 
 
-def plot_reliability(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+def draw_reliability(result: dict[str, Any], ax: Any) -> None:
+    """The reliability diagram of one calibration result on a matplotlib axis: accuracy per confidence bin
+    (blue), its gap to the bin's mean confidence (red) and the count of each bin."""
     width = 1.0 / len(result["bins"])
     for b in result["bins"]:
         if not b["count"]:
@@ -124,6 +120,16 @@ def plot_reliability(result: dict[str, Any], path: Path) -> None:
         f"{result['name']} on {result['task']}\nECE {result['ece']:.3f}, accuracy {result['accuracy']:.3f}",
         fontsize=9,
     )
+
+
+def plot_reliability(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    draw_reliability(result, ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -141,7 +147,7 @@ def run_calibration(cfg: CalibrationConfig) -> dict:
     lp = label_logprobs(model, tokenizer, records, labels, template=cfg.template, batch_size=cfg.batch_size)
     result = {
         "kind": "calibration",
-        "name": slug(cfg.model),
+        "name": cfg.name or slug(cfg.model),
         "model": cfg.model,
         "task": cfg.task,
         "labels": labels,
@@ -151,7 +157,7 @@ def run_calibration(cfg: CalibrationConfig) -> dict:
     } | calibration_result(lp, gold, cfg.bins)
     result |= {"seconds": time.perf_counter() - t0, "environment": environment(dev, dtype)}
     result = json_safe(result)
-    out_dir = Path(cfg.output_dir) / result["name"]
+    out_dir = Path(cfg.output_dir) / slug(result["name"])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / RESULT, result)
     plot_reliability(result, out_dir / PLOT)

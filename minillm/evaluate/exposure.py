@@ -232,7 +232,7 @@ def run_exposure(cfg: ExposureConfig) -> dict:
     R, eps = per_R.mean(0), per_eps.mean(0)
     result = {
         "kind": "exposure",
-        "name": slug(cfg.student),
+        "name": cfg.name or slug(cfg.student),
         "student": cfg.student,
         "teacher": cfg.teacher,
         "config": dataclasses.asdict(cfg),
@@ -248,7 +248,7 @@ def run_exposure(cfg: ExposureConfig) -> dict:
         "environment": environment(dev, dtype),
     }
     result = json_safe(result)
-    out_dir = Path(cfg.output_dir) / result["name"]
+    out_dir = Path(cfg.output_dir) / slug(result["name"])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / RESULT, result)
     plot_exposure(result, out_dir / PLOT)

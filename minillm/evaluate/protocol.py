@@ -39,6 +39,7 @@ Departures from the official code (LMOps `minillm/evaluate_main.py`, `rouge_metr
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import json
 import math
@@ -224,10 +225,14 @@ def load_eval_set(spec: str, cfg: EvalConfig, tokenizer: Any) -> EvalSet:
 
 
 def read_generations(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """Lines of generations.jsonl keyed by (set, id, seed). A torn last line (a killed run) is dropped."""
+    """Lines of generations.jsonl (or a published .jsonl.gz) keyed by (set, id, seed). A torn last line (a killed
+    run) is dropped."""
     if not path.is_file():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    gz = path.suffix == ".gz"
+    data = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
+    # split on "\n" only: str.splitlines would also cut answers that contain U+2028 and other line separators
+    lines = data.decode("utf-8").removesuffix("\n").split("\n")
     out = {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -235,7 +240,7 @@ def read_generations(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(lines):  # torn final write: rewrite the file without it
+            if n == len(lines) and not gz:  # torn final write: rewrite the file without it
                 path.write_text("".join(x + "\n" for x in lines[:-1]), encoding="utf-8")
                 break
             raise ValueError(f"{path}:{n}: malformed line; delete the file to regenerate") from None
