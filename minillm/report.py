@@ -35,8 +35,10 @@ DECODING = (
 EXPOSURE_AT = (10, 25, 50, 100, 128, 256)
 
 
-def _load(run_dirs: list[str], rescore: bool = False) -> tuple[list[dict], list[dict], list[dict]]:
-    evals, exposures, calibrations = [], [], []
+def _load(
+    run_dirs: list[str], rescore: bool = False
+) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    evals, exposures, calibrations, costs = [], [], [], []
     seen: set[Path] = set()
     for d in run_dirs:
         root = Path(d)
@@ -44,7 +46,12 @@ def _load(run_dirs: list[str], rescore: bool = False) -> tuple[list[dict], list[
             raise FileNotFoundError(f"run dir {d} does not exist")
         files = [root] if root.is_file() else sorted(root.rglob("*.json"))
         for f in files:
-            if f.resolve() in seen or f.name not in ("results.json", "exposure.json", "calibration.json"):
+            if f.resolve() in seen or f.name not in (
+                "results.json",
+                "exposure.json",
+                "calibration.json",
+                "costs.json",
+            ):
                 continue
             seen.add(f.resolve())
             obj = json.loads(f.read_text())
@@ -55,7 +62,9 @@ def _load(run_dirs: list[str], rescore: bool = False) -> tuple[list[dict], list[
                 obj = publish.rescore(obj, generations)
             obj["_path"] = str(f)
             kind = obj.get("kind")
-            {"eval": evals, "exposure": exposures, "calibration": calibrations}.get(kind, []).append(obj)
+            {"eval": evals, "exposure": exposures, "calibration": calibrations, "costs": costs}.get(
+                kind, []
+            ).append(obj)
     if not (evals or exposures or calibrations):
         raise FileNotFoundError(
             f"no results.json, exposure.json or calibration.json under {', '.join(run_dirs)}"
@@ -67,7 +76,7 @@ def _load(run_dirs: list[str], rescore: bool = False) -> tuple[list[dict], list[
         raise ValueError(
             f"model {dup[0]} appears in several run dirs ({', '.join(where)}); pass only one of them"
         )
-    return evals, exposures, calibrations
+    return evals, exposures, calibrations, costs
 
 
 def _match_baseline(baseline: str | None, names: list[str]) -> str | None:
@@ -212,6 +221,35 @@ def _plot_reliability(calibrations: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _cost_section(costs: dict) -> list[str]:
+    rows = [
+        [
+            r["name"],
+            "yes" if r["done"] else "no",
+            str(r["attempts"]),
+            f"{r['wall_seconds'] / 3600:.2f}",
+            f"{r['cpu_seconds'] / 3600:.2f}",
+            *(
+                [str(r["steps"]), f"{r['tokens_trained']:,.0f}", f"{r['tokens_sampled']:,.0f}"]
+                if "steps" in r
+                else ["–", "–", "–"]
+            ),
+        ]
+        for r in costs["runs"]
+    ]
+    header = ["run", "done", "attempts", "wall h", "CPU h", "steps", "tokens trained", "tokens sampled"]
+    return [
+        "## Cost",
+        "",
+        f"Every run of `{costs['plan']}` as it ran, summed over its attempts (a resumed run has several). Tokens: "
+        "the response tokens each optimizer step trained on, and those the student sampled on-policy (MiniLLM's "
+        "collections, GKD's on-policy steps); SeqKD's teacher sampling is in its CPU time.",
+        "",
+        _markdown(header, rows),
+        "",
+    ]
+
+
 def _settings_section(evals: list[dict], exposures: list[dict], calibrations: list[dict]) -> list[str]:
     out = ["## What was run", ""]
     for e in evals:
@@ -269,7 +307,7 @@ def make_report(
     rescore: recompute every eval from the generations beside its results.json (`publish.rescore`).
     ablations: models shown in their own Rouge-L table beside `ablation_base` (deltas against it), not in the
     main table and its plots."""
-    evals, exposures, calibrations = _load(run_dirs, rescore)
+    evals, exposures, calibrations, costs = _load(run_dirs, rescore)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [e["name"] for e in evals] + [x["name"] for x in exposures + calibrations]
@@ -392,6 +430,8 @@ def make_report(
             "",
         ]
         _plot_reliability(calibrations, out / "reliability.png")
+    for c in costs:
+        md += _cost_section(c)
     md += _settings_section(evals, exposures, calibrations)
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")

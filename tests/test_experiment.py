@@ -4,13 +4,14 @@ stops on a failing run."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import yaml
 
 from minillm import config as config_lib
 from minillm.cli import STAGE_COMMANDS, main
-from minillm.experiment import load_plan, run_plan
+from minillm.experiment import _attempt, load_plan, run_plan
 
 
 def test_shipped_plan_parses_every_recipe():
@@ -48,7 +49,11 @@ def test_plan_runs_in_order_skips_done_and_stops_on_failure(teacher, tmp_path, c
                         "command": "derive-student",
                         "args": ["--teacher", str(teacher), "--layers", "0,2", "--output", str(student)],
                     },
-                    {"name": "broken", "command": "sft", "args": {"model": str(tmp_path / "nothing")}},
+                    {
+                        "name": "broken",
+                        "command": "sft",
+                        "args": {"model": str(tmp_path / "nothing"), "output_dir": str(tmp_path / "sft")},
+                    },
                 ],
             }
         )
@@ -69,3 +74,30 @@ def test_plan_runs_in_order_skips_done_and_stops_on_failure(teacher, tmp_path, c
     assert "[done] cut" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--only names no run"):
         run_plan(str(plan), only=["nope"])
+
+    # the cost account: every attempt, failed ones too; tokens from metrics.jsonl, a re-logged step once
+    (tmp_path / "sft").mkdir()
+    rows = [{"step": 0, "valid/loss": 3.0}, {"step": 1, "tokens": 10}, {"step": 2, "tokens": 20}]
+    rows += [{"step": 2, "tokens": 20}, {"step": 3, "tokens": 5, "tokens/sampled": 7}]  # resumed at step 1
+    (tmp_path / "sft" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["experiment", "--plan", str(plan), "--costs", str(tmp_path / "costs.json")])
+    cut, broken = json.loads((tmp_path / "costs.json").read_text())["runs"]
+    assert cut["done"] and cut["attempts"] == 1 and cut["wall_seconds"] == pytest.approx(done["wall_seconds"])
+    assert "steps" not in cut  # not a training stage
+    assert not broken["done"] and broken["attempts"] == 1 and broken["cpu_seconds"] > 0
+    assert (broken["steps"], broken["tokens_trained"], broken["tokens_sampled"]) == (3, 35, 7)
+
+
+def test_an_attempt_is_accounted_while_it_runs(tmp_path):
+    """What a machine that stops mid-run leaves: the running attempt's wall and CPU time as of the last poll."""
+    record = tmp_path / "time" / "x.json"
+    burn = (
+        "import time; t = time.process_time()\n"
+        "while time.process_time() - t < 0.5: pass\n"
+        f"time.sleep(0.3); print(open({str(record)!r}).read())"
+    )
+    attempts = _attempt([sys.executable, "-c", burn], tmp_path / "x.log", record, poll=0.1)
+    seen = json.loads((tmp_path / "x.log").read_text())[-1]  # the record as the child saw it, mid-run
+    assert seen["exit"] is None and seen["cpu_seconds"] > 0.4 and seen["wall_seconds"] > 0.4
+    assert attempts[-1]["exit"] == 0 and attempts[-1]["cpu_seconds"] >= seen["cpu_seconds"]
+    assert json.loads(record.read_text()) == attempts

@@ -96,6 +96,9 @@ def runs(tmp_path) -> Path:
                 "bins": [{"lo": 0.5, "hi": 0.6, "count": 396, "accuracy": 0.5, "confidence": 0.5 + value}],
             },
         )  # fmt: skip
+    costs = {"name": "kd", "done": True, "attempts": 2, "wall_seconds": 5400.0, "cpu_seconds": 9000.0}
+    costs |= {"steps": 400, "tokens_trained": 1234567, "tokens_sampled": 0}
+    protocol.write_json(root / "costs.json", {"kind": "costs", "plan": "plan.yaml", "runs": [costs]})
     return root
 
 
@@ -116,6 +119,7 @@ def test_report_table_bold_deltas_and_average(runs, tmp_path):
     # exposure at l = 10 is the 10th value; calibration: the lower ECE is bold
     assert "| runs_minillm | smollm2-135m-instruct | 10.0 |" in md
     assert "| runs_minillm | unni-yesno | 396 | 0.500 | **0.125** |" in md
+    assert "| kd | yes | 2 | 1.50 | 2.50 | 400 | 1,234,567 | 0 |" in md  # the cost account, in hours
     # what was run: model, seeds, decoding, data hash, code revision
     assert "`minillm eval --model runs/kd`" in md and "seeds [10, 20]" in md
     assert "sha256:feedfacecafebeef" in md and "code abc123" in md and "no_repeat_ngram_size 6" in md

@@ -147,6 +147,9 @@ def train_gkd(cfg: GKDConfig) -> Path:
         metrics |= {
             "tokens/s": metrics["tokens"] / dt,
             "on_policy": float(on_policy),
+            "tokens/sampled": metrics["tokens"]
+            if on_policy
+            else 0.0,  # on-policy: trained on what it sampled
             "time/sample": t_sample,
             "time/update": dt - t_sample,
             "skipped": nonfinite.update(state.step, metrics["grad_norm"]),

@@ -523,10 +523,9 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             "skipped": nonfinite.update(state.step, grad_norm),
         }
         metrics["loss"] = metrics["loss/pg"] + metrics["loss/single"] + cfg.pt_coef * metrics["loss/pt"]
-        if k == 0:
-            metrics["tokens/s_sample"] = engine.global_count(acc, int(store.mask.sum())) / max(
-                time_sample, 1e-9
-            )
+        if k == 0:  # the collection's sampled tokens, counted once (the cost account reads them)
+            metrics["tokens/sampled"] = engine.global_count(acc, int(store.mask.sum()))
+            metrics["tokens/s_sample"] = metrics["tokens/sampled"] / max(time_sample, 1e-9)
         evaluate = engine.is_eval_step(cfg, state.step, total)
         if evaluate:
             metrics.update(validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
