@@ -490,9 +490,9 @@ def end_process_group() -> None:
     DDP's C++ reducer holds the gloo group and is freed with the GIL held. Were it the group's last holder
     (the group destroyed first, as `Accelerator.end_training` does while the stage still holds its model),
     the group's destructor would join gloo's worker threads under the GIL, while a worker that is still
-    freeing a finished collective's tensors waits for the GIL: a deadlock at exit, seen in about one
-    2-process run in seven on a loaded machine (docs/distributed.md). With the model gone first, the last
-    holder is torch's Python handle, whose destructor releases the GIL."""
+    freeing a finished collective's tensors waits for the GIL: a deadlock at exit, now and then on a busy
+    machine (docs/distributed.md). With the model gone first, the last holder is torch's Python handle,
+    whose destructor releases the GIL."""
     gc.collect()  # a model kept alive by a reference cycle is freed now, not after the group
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
