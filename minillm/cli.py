@@ -82,6 +82,7 @@ def _run_stage(command: str, argv: list[str]) -> None:
         config_file, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
     cfg = config_lib.parse(cls, config_file, argv)
     _load(target)(cfg)
+    _load("minillm.train.engine:end_process_group")()  # once the stage's models are freed
 
 
 def _derive_student(argv: list[str]) -> None:

@@ -9,16 +9,18 @@ resume to the weights of the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 from conftest import kill_after_checkpoint, kill_tree, read_metrics, stage_config
@@ -27,7 +29,7 @@ from tolerances import DISTRIBUTED
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minillm import config as config_lib
-from minillm.config import GKDConfig, KDConfig, MiniLLMConfig, SFTConfig
+from minillm.config import GKDConfig, KDConfig, MiniLLMConfig, SeqKDConfig, SFTConfig
 from minillm.data.instructions import load_records
 from minillm.data.tokenize import collate_prompts, encode_prompt, length_groups
 from minillm.rollout import sample_rollout
@@ -35,6 +37,7 @@ from minillm.train import engine
 from minillm.train.gkd import train_gkd
 from minillm.train.kd import train_kd
 from minillm.train.minillm import train_minillm
+from minillm.train.seqkd import read_cache, train_seqkd
 from minillm.train.sft import train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,28 +57,26 @@ def launch_two(stage: str, cfg: Any) -> subprocess.Popen:
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--config_file", str(ACCELERATE_CONFIG)]
     cmd += ["--main_process_port", str(free_port()), "-m", "minillm.cli", stage, *config_lib.to_argv(cfg)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # PYTHONFAULTHANDLER: SIGABRT prints every thread's stack (`finish`, on a hang)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def finish(run: subprocess.Popen, out: Path | None = None, steps: int | None = None) -> None:
-    """Wait for a launched run. With `out` and `steps`: a run still alive after TIMEOUT_S whose final
-    checkpoint (step `steps`) is complete is killed with a warning instead of failing, so the assertions on
-    what it wrote still run. A known, intermittent hang (about 1 run in 7, 2026-12-05): a resumed 2-process
-    MiniLLM run that has written its last checkpoint sometimes never exits (docs/distributed.md)."""
+def finish(run: subprocess.Popen) -> None:
+    """Wait for a launched run. One still alive after TIMEOUT_S fails, with every thread's Python stack of
+    each of its processes in the message (faulthandler, on SIGABRT): a run that hangs, even after writing
+    all it should, is a bug (the deadlock at exit that `engine.end_process_group` avoids was one)."""
     try:
         _, err = run.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        procs = [psutil.Process(run.pid), *psutil.Process(run.pid).children(recursive=True)]
+        for p in reversed(procs):  # workers first: the launcher would kill them on its own way out
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGABRT)
+        psutil.wait_procs(procs, timeout=10)
         kill_tree(run)
         _, err = run.communicate()
-        latest = out / "latest.json" if out is not None else None
-        if latest is not None and latest.is_file() and json.loads(latest.read_text())["step"] == steps:
-            warnings.warn(
-                f"{out}: the run wrote step {steps} but did not exit within {TIMEOUT_S} s; killed",
-                stacklevel=2,
-            )
-            return
-        raise AssertionError(f"still running after {TIMEOUT_S} s:\n{err.decode()[-3000:]}") from None
+        raise AssertionError(f"still running after {TIMEOUT_S} s; stacks:\n{err.decode()[-12000:]}") from None
     assert run.returncode == 0, err.decode()[-3000:]
 
 
@@ -139,17 +140,29 @@ def eos_pair(tiny_llama, teacher, tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def supervised_runs(tiny_llama, teacher, eos_pair, tmp_path_factory) -> dict[str, tuple]:
-    """stage -> (its 2-process run, launched, and the 2- and 1-process configs), for SFT, KD and GKD (every
-    step on-policy, ragged responses). All three are launched at once: start-up is most of their cost."""
+    """stage -> (its 2-process run, launched, and the 2- and 1-process configs), for SFT, KD, SeqKD (6
+    teacher generation batches in 3 rounds of one per rank, a cache of its own per run) and GKD (every step
+    on-policy, ragged responses). All are launched at once: start-up is most of their cost."""
     root = tmp_path_factory.mktemp("supervised")
     student, eos_teacher = eos_pair
     configs = {
         "sft": supervised_configs(SFTConfig, tiny_llama, root / "sft"),
         "kd": supervised_configs(KDConfig, tiny_llama, root / "kd", teacher=str(teacher)),
+        "seqkd": supervised_configs(
+            SeqKDConfig,
+            tiny_llama,
+            root / "seqkd",
+            teacher=str(teacher),
+            teacher_data_cache=str(root / "seqkd" / "cache-two"),
+            sample_batch_size=4,
+            max_new_tokens=8,
+        ),
         "gkd": supervised_configs(
             GKDConfig, student, root / "gkd", teacher=str(eos_teacher), lmbda=1.0, max_new_tokens=8
         ),
     }
+    two, one = configs["seqkd"]
+    configs["seqkd"] = (two, replace(one, teacher_data_cache=str(root / "seqkd" / "cache-one")))
     runs = {stage: launch_two(stage, two) for stage, (two, _) in configs.items()}
     yield {stage: (runs[stage], *configs[stage]) for stage in configs}
     for run in runs.values():
@@ -157,12 +170,17 @@ def supervised_runs(tiny_llama, teacher, eos_pair, tmp_path_factory) -> dict[str
             kill_tree(run)
 
 
-@pytest.mark.parametrize("stage, train", [("sft", train_sft), ("kd", train_kd), ("gkd", train_gkd)])
+@pytest.mark.parametrize(
+    "stage, train", [("sft", train_sft), ("kd", train_kd), ("seqkd", train_seqkd), ("gkd", train_gkd)]
+)
 def test_two_processes_equal_one(supervised_runs, stage, train):
     run, two, one = supervised_runs[stage]
     train(one)
     finish(run)
     assert_same_run(Path(two.output_dir), Path(one.output_dir), 3)
+    if stage == "seqkd":  # the teacher answered every prompt as in one process
+        caches = [read_cache(next(Path(c.teacher_data_cache).glob("*/responses.jsonl"))) for c in (two, one)]
+        assert len(caches[0]) == 21 and caches[0] == caches[1]  # 3 of 24 prompts are too long
 
 
 def ragged_prompts(path: Path) -> Path:
@@ -235,14 +253,28 @@ def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
         for run in runs:
             kill_tree(run)
         raise
-    finish(runs[0], tmp_path / "two", 4)
-    finish(runs[1], tmp_path / "killed", 4)
+    finish(runs[0])
+    finish(runs[1])
     assert_same_run(tmp_path / "two", tmp_path / "one", 4)
     lengths = [[m["length"] for m in read_metrics(tmp_path / run)[1:]] for run in ("two", "one")]
     assert lengths[0] != lengths[1], f"rank 0's responses are as long as everyone's: {lengths}"
     a, b = final_weights(tmp_path / "killed", 4), final_weights(tmp_path / "two", 4)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0.0, atol=0.0, msg=name)
+
+
+def test_process_group_outlives_the_stage(tiny_llama, tmp_path):
+    """A stage's end (`MetricsLog.close`) leaves the process group alive; the CLI destroys it once the stage
+    has returned (`engine.end_process_group`), so that DDP's reducer is never the group's last holder: freed
+    with the GIL held, it deadlocked against gloo's worker threads (docs/distributed.md)."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        cfg = stage_config(SFTConfig, tiny_llama, tmp_path)
+        engine.MetricsLog(engine.make_accelerator(cfg), cfg, total=1, start=0).close()
+        assert torch.distributed.is_initialized()
+    finally:
+        engine.end_process_group()
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("engine_name", ["FSDP", "DEEPSPEED"])

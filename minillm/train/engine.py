@@ -11,6 +11,7 @@ run repeats the uninterrupted one exactly.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import math
 import os
@@ -476,8 +477,25 @@ class MetricsLog:
         self.bar.update(1)
 
     def close(self) -> None:
+        """Close the bar and the TensorBoard writer. Not `acc.end_training()`: the process group must outlive
+        the stage's DDP model, and is destroyed once the stage has returned (`end_process_group`)."""
         self.bar.close()
-        self.acc.end_training()
+        for tracker in self.acc.trackers:
+            tracker.finish()
+
+
+def end_process_group() -> None:
+    """Destroy a launched run's process group, after the stage that trained in it has returned.
+
+    DDP's C++ reducer holds the gloo group and is freed with the GIL held. Were it the group's last holder
+    (the group destroyed first, as `Accelerator.end_training` does while the stage still holds its model),
+    the group's destructor would join gloo's worker threads under the GIL, while a worker that is still
+    freeing a finished collective's tensors waits for the GIL: a deadlock at exit, now and then on a busy
+    machine (docs/distributed.md). With the model gone first, the last holder is torch's Python handle,
+    whose destructor releases the GIL."""
+    gc.collect()  # a model kept alive by a reference cycle is freed now, not after the group
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def truncate_metrics(cfg: TrainConfig, step: int) -> None:
