@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,13 +63,17 @@ def fast_step(
     returns:            ids, logq, logp, log p̃ of this step ([B]; pad / 0 on finished rows) and the
                         updated finished [B]
     """
-    plain = banned is None and s.temperature == 1.0 and s.top_k == 0 and s.top_p == 1.0
+    plain = s.temperature == 1.0 and s.top_k == 0 and s.top_p == 1.0
     if t_logits is None and plain:
-        # the student's own distribution, unwarped: one exp pass, no [B, V] log-softmax
-        top = s_logits.amax(-1, keepdim=True)  # [B, 1]
-        tok, total = inverse_cdf(torch.sub(s_logits, top).exp_(), u)
-        lq = (s_logits.gather(-1, tok) - top - total.log()).squeeze(-1).float()
-        lp, lmix = torch.zeros_like(lq), lq
+        # the student's own distribution, unwarped, after the ban: one exp pass, no [B, V] log-softmax
+        scores = s_logits if banned is None else s_logits.masked_fill(banned, -math.inf)
+        top = scores.amax(-1, keepdim=True)  # [B, 1]; finite, as check_ban leaves every row a token
+        tok, total = inverse_cdf(torch.sub(scores, top).exp_(), u)
+        lmix = (s_logits.gather(-1, tok) - top - total.log()).squeeze(-1).float()
+        lq = lmix  # logq is the raw model's: it differs only where tokens were banned
+        if banned is not None:
+            lq = (s_logits.gather(-1, tok) - s_logits.logsumexp(-1, keepdim=True)).squeeze(-1)
+        lp = torch.zeros_like(lq)
     else:
         tok, lq, lp, lmix = mixed_draw(s_logits, t_logits, u, s, banned)
     tok = tok.squeeze(-1)
