@@ -168,8 +168,9 @@ def test_protocol_scores_aggregates_and_skips_by_hand(llama, tmp_path, monkeypat
 
 
 def test_answers_do_not_depend_on_the_batch_size(llama, tmp_path, monkeypatch):
-    """Each (prompt, seed) row draws from its own generator: batches of 1, 4 and 6 rows give the same answers
-    (3 prompts x 2 seeds); batches hold a prompt's seeds side by side, so its rows share one prefill."""
+    """Each (prompt, seed) row draws from its own generator: batches of at most 1, 4 and 6 rows give the same
+    answers (3 prompts x 2 seeds). Batches are as even as possible (4 -> 3 + 3) and hold a prompt's seeds side
+    by side, so its rows share one prefill."""
     model, tok = llama
     data = write_jsonl(
         tmp_path / "d.jsonl",
@@ -178,13 +179,16 @@ def test_answers_do_not_depend_on_the_batch_size(llama, tmp_path, monkeypatch):
             for i in range(3)
         ],
     )
-    calls = []
+    calls: dict[int, list] = {}
     real = generate.sample
-    monkeypatch.setattr(
-        generate, "sample", lambda m, prompts, **kw: calls.append(prompts) or real(m, prompts, **kw)
-    )
     outputs = []
     for B in (1, 4, 6):
+
+        def record(m, prompts, B=B, **kw):
+            calls.setdefault(B, []).append(prompts)
+            return real(m, prompts, **kw)
+
+        monkeypatch.setattr(generate, "sample", record)
         cfg = EvalConfig(
             model="m", sets=[str(data)], seeds=[1, 2], batch_size=B, max_new_tokens=6, lm_loss=False,
             no_repeat_ngram_size=0,
@@ -194,9 +198,8 @@ def test_answers_do_not_depend_on_the_batch_size(llama, tmp_path, monkeypatch):
         outputs.append({k: r["output"] for k, r in rows.items()})
     assert outputs[0] == outputs[1] == outputs[2]
     assert len(set(outputs[0].values())) > 3, "answers should differ across prompts and seeds"
-    assert [len(c) for c in calls[-1:]] == [6] and calls[-1][0] == calls[-1][
-        1
-    ]  # a prompt's two seeds adjacent
+    assert {B: [len(c) for c in cs] for B, cs in calls.items()} == {1: [1] * 6, 4: [3, 3], 6: [6]}
+    assert all(c[2 * i] == c[2 * i + 1] for c in calls[6] for i in range(3))  # a prompt's seeds adjacent
 
 
 def test_selfinst_242_flag_and_max_per_set(llama, tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ uniform per step, and nothing else. So an answer is the same whatever ran before
 sets, seeds, models, the global RNG) and whatever rows are sampled beside it, on a given device (fp32
 rounding of another batch shape could move a draw that falls within rounding of a CDF boundary, so the
 (prompt, seed) rows are batched in a fixed partition: sorted by prompt length, ties in file order, a
-prompt's seeds side by side, `batch_size` rows a batch). The seeds of a prompt share one prefill of it.
+prompt's seeds side by side, at most `batch_size` rows a batch, the batches as even as possible). The seeds
+of a prompt share one prefill of it.
 
 Files under `output_dir/<model slug>/`:
 - `generations.jsonl`: one line per (set, id, seed): prompt, output, reference(s), score and lengths. A rerun
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -420,8 +422,11 @@ def evaluate_model(
     for s in sets:
         by_length = sorted(s.items, key=lambda it: len(it.prompt_ids))  # stable: less left padding to prefill
         pairs = [(it, seed) for it in by_length for seed in cfg.seeds]  # a prompt's seeds share its prefill
-        for b in range(0, len(pairs), B):
-            part = pairs[b : b + B]
+        # at most B rows a batch, as even as possible: no small last batch decoding at a poor rate per row
+        n = -(-len(pairs) // B)
+        ends = [len(pairs) * k // n for k in range(n + 1)]
+        for lo, hi in itertools.pairwise(ends):
+            part = pairs[lo:hi]
             if any((s.name, it.id, seed) not in rows for it, seed in part):
                 todo.append((s, part))
 
