@@ -202,6 +202,15 @@ def test_answers_do_not_depend_on_the_batch_size(llama, tmp_path, monkeypatch):
     assert all(c[2 * i] == c[2 * i + 1] for c in calls[6] for i in range(3))  # a prompt's seeds adjacent
 
 
+def test_a_set_left_empty_by_the_length_rule(llama, tmp_path, monkeypatch):
+    model, tok = llama
+    data = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 300, "input": "", "output": "x"}])
+    monkeypatch.setattr(generate, "sample", lambda *a, **k: pytest.fail("sampled an empty set"))
+    cfg = EvalConfig(model="m", sets=[str(data)], seeds=[1, 2], lm_loss=False, max_prompt_length=100)
+    res = protocol.evaluate_model(model, tok, cfg, tmp_path / "out", progress=False)
+    assert (res["sets"]["long"]["n_prompts"], res["sets"]["long"]["skipped_long"]) == (0, 1)
+
+
 def test_selfinst_242_flag_and_max_per_set(llama, tmp_path, monkeypatch):
     model, tok = llama
     data = write_jsonl(

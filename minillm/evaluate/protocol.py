@@ -423,7 +423,7 @@ def evaluate_model(
         by_length = sorted(s.items, key=lambda it: len(it.prompt_ids))  # stable: less left padding to prefill
         pairs = [(it, seed) for it in by_length for seed in cfg.seeds]  # a prompt's seeds share its prefill
         # at most B rows a batch, as even as possible: no small last batch decoding at a poor rate per row
-        n = -(-len(pairs) // B)
+        n = max(1, -(-len(pairs) // B))  # a set left empty by the length rule: one empty part
         ends = [len(pairs) * k // n for k in range(n + 1)]
         for lo, hi in itertools.pairwise(ends):
             part = pairs[lo:hi]
