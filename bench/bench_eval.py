@@ -3,16 +3,17 @@ project's sampler (`minillm.rollout`, what it samples with now), same prompts, s
 
     python bench/bench_eval.py              # teacher, 80 DollyEval prompts, <= 128 new tokens, seeds 10 20
     python bench/bench_eval.py --models teacher,student --prompts 20 --max-new-tokens 256
-    python bench/bench_eval.py --runs hf-generate:16,minillm:16 --threads 1
+    python bench/bench_eval.py --runs hf-generate:16,minillm:64 --threads 1 --seeds 10,20,30
 
-Each (seed, path) runs `protocol.evaluate_model`, i.e. exactly what `minillm eval` runs minus model loading and the
-gold LM loss, with the paper's decoding (sampling, temperature 1, top_p 1, top_k 0, no_repeat_ngram_size 6);
-the HF path swaps `generate.sample` for `hf_sample` below, the previous implementation. `--runs`
-lists (path, batch size) pairs: by default both at the protocol's batch of 16, and ours at 32 as well. The
-runs alternate seed by seed so that a change of machine load hits all of them; as the load of a shared
-machine still moves wall-clock rates by 2x within minutes, the sampler's CPU seconds (this process, all its
-threads) are reported too: tokens per CPU second is the steadier rate there. The paths draw different random
-streams, so their answers differ; Rouge-L is compared as mean ± standard error over the (prompt, seed) answers.
+Each (round, path) runs `protocol.evaluate_model` over every seed, i.e. exactly what `minillm eval` runs minus
+model loading and the gold LM loss, with the paper's decoding (sampling, temperature 1, top_p 1, top_k 0,
+no_repeat_ngram_size 6); the HF path swaps `generate.sample` for `hf_sample` below, the previous
+implementation. `--runs` lists (path, batch size) pairs, the batch size in (prompt, seed) rows: by default HF
+at the protocol's former batch of 16, ours at 16 and at 64. The runs alternate within each of `--rounds`
+rounds so that a change of machine load hits all of them; as the load of a shared machine still moves
+wall-clock rates by 2x within minutes, the sampler's CPU seconds (this process, all its threads) are reported
+too: tokens per CPU second is the steadier rate there. The paths draw different random streams, so their
+answers differ; Rouge-L is compared as mean ± standard error over the (prompt, seed) answers.
 
 Teacher: SmolLM2-135M-Instruct (30 layers). Student: its layers 0,5,10,15,20,25 (`models.derive_student`, not
 fine-tuned, so it rarely emits EOS and always pays for the full `--max-new-tokens`). On a CPU shared with
@@ -46,7 +47,7 @@ def hf_sample(
     model: Any,
     prompts: list[list[int]],
     *,
-    seed: int,
+    seed: int | list[int],
     eos_id: int,
     pad_id: int,
     temperature: float,
@@ -56,8 +57,8 @@ def hf_sample(
     no_repeat_ngram_size: int = 0,
     num_return_sequences: int = 1,
 ) -> Tensor:
-    """The previous `generate.sample`: HF `generate` (`generate.decode`, the global RNG seeded with `seed`,
-    the model's own generation_config set aside) with the protocol's decoding."""
+    """The previous `generate.sample`: HF `generate` (`generate.decode`, the global RNG seeded once for the
+    batch, from its rows' seeds; the model's own generation_config set aside) with the protocol's decoding."""
     gen = GenerationConfig(
         do_sample=True,
         temperature=temperature,
@@ -70,14 +71,15 @@ def hf_sample(
         pad_token_id=pad_id,
         use_cache=True,
     )
-    return generate.decode(model, prompts, gen, seed=seed)
+    batch = seed if isinstance(seed, int) else generate.stable_seed(*seed)
+    return generate.decode(model, prompts, gen, seed=batch)
 
 
 PATHS = {"hf-generate": hf_sample, "minillm": generate.sample}
 
 
 def run_once(model: Any, tok: Any, cfg: EvalConfig, path: str) -> dict[str, Any]:
-    """One protocol run (cfg: one seed, one batch size) through `path`: timing (wall, and this process's CPU
+    """One protocol run (cfg: its seeds, one batch size) through `path`: timing (wall, and this process's CPU
     seconds inside the sampler) and the per-answer scores."""
     cpu = 0.0
 
@@ -109,11 +111,12 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument(
         "--runs",
-        default="hf-generate:16,minillm:16,minillm:32",
-        help="Comma-separated path:batch_size pairs.",
+        default="hf-generate:16,minillm:16,minillm:64",
+        help="Comma-separated path:batch_size pairs (batch size in (prompt, seed) rows).",
     )
     p.add_argument("--no-repeat-ngram-size", type=int, default=6)
     p.add_argument("--seeds", default="10,20", help="Comma-separated sampling seeds.")
+    p.add_argument("--rounds", type=int, default=1, help="Times each run is repeated, runs alternating.")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default).")
     args = p.parse_args()
     if args.threads:
@@ -135,18 +138,18 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
     )
     print(
-        "| model | path | batch | seed | wall s | CPU s | new tokens / prompt | tokens / s | tokens / CPU s "
+        "| model | path | batch | round | wall s | CPU s | new tokens / answer | tokens / s | tokens / CPU s "
         "| Rouge-L | EOS rate |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     totals: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for name in args.models.split(","):
-        for seed in seeds:
+        for k in range(args.rounds):
             for path, batch in runs:
                 cfg = EvalConfig(
                     model=models.EMBEDDED_ALIAS,
                     sets=["dolly"],
-                    seeds=[seed],
+                    seeds=seeds,
                     max_per_set=args.prompts,
                     max_new_tokens=args.max_new_tokens,
                     batch_size=batch,
@@ -157,7 +160,7 @@ def main() -> None:
                 totals.setdefault((name, path, batch), []).append(r)
                 n = r["generated_tokens"]
                 print(
-                    f"| {name} | {path} | {batch} | {seed} | {r['generate_seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+                    f"| {name} | {path} | {batch} | {k} | {r['generate_seconds']:.1f} | {r['cpu_seconds']:.1f} | "
                     f"{n / r['generated_prompts']:.1f} | {n / r['generate_seconds']:.1f} | {n / r['cpu_seconds']:.1f} | "
                     f"{sum(r['scores']) / len(r['scores']):.2f} | {sum(r['finished']) / len(r['finished']):.2f} |",
                     flush=True,

@@ -45,8 +45,9 @@ rounding (packed weights, below); both stop once every row has ended:
   step), full-vocabulary sort for top-p, lists of per-step columns;
 - fast path (`minillm/decode/fast.py`): static KV cache (HF `StaticCache`; DynamicCache for families without
   `_can_compile_fullgraph`) prefilled in groups of similar prompt length instead of all prompts padded to
-  the longest (65 % of a Dolly batch's prefill was padding), one preallocated decode mask given to
-  attention as a ready 4D view over the filled cache slots only, output buffers allocated once,
+  the longest (65 % of a Dolly batch's prefill was padding), each distinct prompt once (rows holding the
+  same prompt, such as evaluation's seeds of it, get copies of its keys / values), one preallocated decode
+  mask given to attention as a ready 4D view over the filled cache slots only, output buffers allocated once,
   warping / mixing / draw / EOS bookkeeping in one function per step, no work for warping at the
   defaults and a 256-candidate top-p that sorts only rows with a wider nucleus. Rows that have ended
   leave the batch (cache rows, masks, inputs) once they are 1/8 of it (`fast.COMPACT_AT`), unless a per-step

@@ -100,12 +100,16 @@ def test_gold_nll_matches_an_unpadded_loop(llama):
 
 
 def fake_sampler(tok, answer_of_seed):
-    """Stands in for generate.sample: every prompt of a call gets answer_of_seed(batch seed) followed by EOS."""
+    """Stands in for generate.sample: each prompt gets answer_of_seed(its row's seed) followed by EOS."""
 
     def sample(model, prompts, *, seed, eos_id, pad_id, **_):
-        text = answer_of_seed(seed)
-        ids = tok(text, add_special_tokens=False)["input_ids"] + [eos_id] if text else [eos_id]
-        return torch.tensor([ids] * len(prompts))
+        assert len(seed) == len(prompts)
+        rows = []
+        for row_seed in seed:
+            text = answer_of_seed(row_seed)
+            rows.append(tok(text, add_special_tokens=False)["input_ids"] + [eos_id] if text else [eos_id])
+        width = max(map(len, rows))
+        return torch.tensor([r + [eos_id] * (width - len(r)) for r in rows])
 
     return sample
 
@@ -131,8 +135,9 @@ def test_protocol_scores_aggregates_and_skips_by_hand(llama, tmp_path, monkeypat
         model="m", sets=[str(data)], seeds=[1, 2], batch_size=2, max_new_tokens=8, max_prompt_length=200,
         output_dir=str(tmp_path / "out"), lm_loss=False,
     )  # fmt: skip
-    # set "mini" keeps 3 prompts -> batches 0 and 1 for each seed; seed 1 answers a sentence, seed 2 nothing
-    owner = {generate.batch_seed(seed, "mini", b): seed for seed in (1, 2) for b in (0, 1)}
+    # set "mini" keeps 3 prompts (a, b, c): 6 (prompt, seed) rows in batches of 2; seed 1 answers a sentence,
+    # seed 2 nothing
+    owner = {generate.stable_seed(seed, "mini", i): seed for seed in (1, 2) for i in "abc"}
     answers = {1: "the cat sat on the mat", 2: ""}
     monkeypatch.setattr(generate, "sample", fake_sampler(tok, lambda s: answers[owner[s]]))
     res = protocol.evaluate_model(model, tok, cfg, tmp_path / "out" / "m", progress=False)
@@ -160,6 +165,50 @@ def test_protocol_scores_aggregates_and_skips_by_hand(llama, tmp_path, monkeypat
         assert b["n"] == len(members)
         if members:
             assert b["per_seed"]["1"] == pytest.approx(sum(r["score"] for r in members) / len(members))
+
+
+def test_answers_do_not_depend_on_the_batch_size(llama, tmp_path, monkeypatch):
+    """Each (prompt, seed) row draws from its own generator: batches of at most 1, 4 and 6 rows give the same
+    answers (3 prompts x 2 seeds). Batches are as even as possible (4 -> 3 + 3) and hold a prompt's seeds side
+    by side, so its rows share one prefill."""
+    model, tok = llama
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"id": str(i), "instruction": f"Say thing {i} " * (i + 1), "input": "", "output": "x"}
+            for i in range(3)
+        ],
+    )
+    calls: dict[int, list] = {}
+    real = generate.sample
+    outputs = []
+    for B in (1, 4, 6):
+
+        def record(m, prompts, B=B, **kw):
+            calls.setdefault(B, []).append(prompts)
+            return real(m, prompts, **kw)
+
+        monkeypatch.setattr(generate, "sample", record)
+        cfg = EvalConfig(
+            model="m", sets=[str(data)], seeds=[1, 2], batch_size=B, max_new_tokens=6, lm_loss=False,
+            no_repeat_ngram_size=0,
+        )  # fmt: skip
+        protocol.evaluate_model(model, tok, cfg, tmp_path / f"b{B}", progress=False)
+        rows = protocol.read_generations(tmp_path / f"b{B}" / protocol.GENERATIONS)
+        outputs.append({k: r["output"] for k, r in rows.items()})
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert len(set(outputs[0].values())) > 3, "answers should differ across prompts and seeds"
+    assert {B: [len(c) for c in cs] for B, cs in calls.items()} == {1: [1] * 6, 4: [3, 3], 6: [6]}
+    assert all(c[2 * i] == c[2 * i + 1] for c in calls[6] for i in range(3))  # a prompt's seeds adjacent
+
+
+def test_a_set_left_empty_by_the_length_rule(llama, tmp_path, monkeypatch):
+    model, tok = llama
+    data = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 300, "input": "", "output": "x"}])
+    monkeypatch.setattr(generate, "sample", lambda *a, **k: pytest.fail("sampled an empty set"))
+    cfg = EvalConfig(model="m", sets=[str(data)], seeds=[1, 2], lm_loss=False, max_prompt_length=100)
+    res = protocol.evaluate_model(model, tok, cfg, tmp_path / "out", progress=False)
+    assert (res["sets"]["long"]["n_prompts"], res["sets"]["long"]["skipped_long"]) == (0, 1)
 
 
 def test_selfinst_242_flag_and_max_per_set(llama, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from minillm.decode import fast as fast_path
 from minillm.decode.draw import ngram_ban
+from minillm.models import decoder_layers
 from minillm.rollout import Rollout, sample_rollout
 
 
@@ -272,3 +273,86 @@ def test_dropping_ended_rows_changes_nothing(family: str, monkeypatch) -> None:
                 assert_close_verbose(getattr(dropped, name), getattr(kept, name), torch.float32)
             ended_early += int((dropped.mask.sum(-1) < dropped.mask.shape[1] - 1).sum())
         assert ended_early >= 3, "rows should end well before the batch does, so that some are dropped"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Repeated prompts and one generator per row (evaluation's seeds)
+
+
+def row_generators(B: int, seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(1000 * seed + b) for b in range(B)]
+
+
+@pytest.mark.parametrize("kw", [dict(alpha=0.0, no_repeat_ngram_size=2), dict(alpha=0.2)])
+@pytest.mark.parametrize("family", ["llama", "llama-eager", "gpt2"])
+def test_repeated_prompts_prefill_once_and_sample_as_before(family: str, kw: dict, monkeypatch) -> None:
+    """Rows holding the same prompt share one prefill of it (the forward runs 3 of 7 rows): tokens, log-probs
+    and the per-step outputs (`layers_out` for the student alone, `teacher_rows_out` with a teacher) equal
+    those of a prefill that runs every row."""
+    student, teacher = pair(family)
+    ids, mask = prompts((5, 2, 6))
+    order = torch.tensor([0, 1, 0, 2, 1, 0, 2])  # prompt 0 three times, 1 and 2 twice, interleaved
+    ids, mask = ids[order], mask[order]
+    B, P = ids.shape
+
+    def sample() -> tuple[Rollout, list[Tensor], list[int]]:
+        if kw["alpha"] == 0.0:
+            H = student.config.hidden_size
+            outs = [torch.full((B, P + N, H), float("nan")) for _ in decoder_layers(student)]
+            extra = dict(layers_out=outs)
+        else:
+            outs = [torch.full((B, N, teacher.config.hidden_size), float("nan"))]
+            extra = dict(teacher_rows_out=outs[0])
+        ran: list[int] = []  # rows of each multi-token (prefill) forward of the student
+        hook = student.register_forward_pre_hook(
+            lambda m, a, k: ran.append(k["input_ids"].shape[0]) if k["input_ids"].shape[1] > 1 else None,
+            with_kwargs=True,
+        )
+        try:
+            r = sample_rollout(
+                student, teacher, ids, mask, generator=row_generators(B), max_new_tokens=N,
+                eos_token_id=EOS, pad_token_id=EOS, **kw, **extra,
+            )  # fmt: skip
+        finally:
+            hook.remove()
+        return r, outs, ran
+
+    shared, shared_outs, shared_ran = sample()
+    with monkeypatch.context() as m:
+        m.setattr(fast_path, "prompt_holders", lambda ids, mask: {b: [b] for b in range(len(ids))})
+        each, each_outs, each_ran = sample()
+    assert sum(shared_ran) == 3 and sum(each_ran) == B
+    assert torch.equal(shared.response_ids, each.response_ids) and torch.equal(shared.mask, each.mask)
+    for name in ("logq_old", "logp", "log_w"):
+        assert_close_verbose(getattr(shared, name), getattr(each, name), torch.float32)
+    if (
+        kw["alpha"] == 0.0
+    ):  # every column fed to the student: real prompt tokens, all but the last response token
+        fed = shared.full_inputs()[1].clone()
+        fed[:, -1] = False
+        where = lambda x: x[:, : fed.shape[1]][fed]  # noqa: E731
+    else:  # the teacher's state behind each step's valid token
+        where = lambda x: x[:, : shared.mask.shape[1]][shared.mask]  # noqa: E731
+    for a, b in zip(shared_outs, each_outs, strict=True):
+        assert_close_verbose(where(a), where(b), torch.float32)
+    assert len({tuple(shared.response_ids[b].tolist()) for b in (0, 2, 5)}) > 1, "one stream for all rows"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_row_generators_make_each_row_independent_of_its_batch(family: str) -> None:
+    """With one generator per row, a row samples what it samples alone (ended rows leave the batch on the
+    way: only the rows decoded draw)."""
+    student, _ = pair(family)
+    lengths = (7, 4, 1, 6, 3, 5, 2, 6)
+    ids, mask = prompts(lengths)
+    kw = dict(alpha=0.0, max_new_tokens=N, eos_token_id=EOS, pad_token_id=EOS, no_repeat_ngram_size=2)
+    gens = row_generators(len(ids), seed=1)
+    batch = sample_rollout(student, None, ids, mask, generator=gens, score=False, **kw)
+    assert int((batch.mask.sum(-1) < batch.mask.shape[1] - 1).sum()) >= 2, "no row ended early: weak fixture"
+    for b, n in enumerate(lengths):
+        alone = sample_rollout(
+            student, None, ids[b : b + 1, -n:], mask[b : b + 1, -n:], generator=row_generators(len(ids), 1)[b : b + 1],
+            score=False, **kw,
+        )  # fmt: skip
+        got = batch.response_ids[b][batch.mask[b]].tolist()
+        assert got == alone.response_ids[0][alone.mask[0]].tolist(), b

@@ -57,9 +57,8 @@ def test_validation_rouge_l_decodes_as_eval(tiny_llama, tmp_path, monkeypatch):
     assert {tuple(c[k] for k in DECODING) for c in calls} == {
         tuple(c[k] for k in DECODING) for c in eval_calls
     }
-    answers = protocol.answer(
-        model, tok, prompts[:2], generate.batch_seed(3, "valid", 0, 0), EvalConfig(max_new_tokens=7)
-    )
+    seeds = [generate.stable_seed(3, "valid", 0, i) for i in range(2)]
+    answers = protocol.answer(model, tok, prompts[:2], seeds, EvalConfig(max_new_tokens=7))
     assert scores[:2] == [rouge_l(text, [ref]) for (text, _, _), ref in zip(answers, refs[:2], strict=True)]
     assert protocol.validation_rouge_l(model, tok, prompts, refs, **kw) == scores  # same answers every time
 

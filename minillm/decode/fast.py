@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,13 +63,17 @@ def fast_step(
     returns:            ids, logq, logp, log p̃ of this step ([B]; pad / 0 on finished rows) and the
                         updated finished [B]
     """
-    plain = banned is None and s.temperature == 1.0 and s.top_k == 0 and s.top_p == 1.0
+    plain = s.temperature == 1.0 and s.top_k == 0 and s.top_p == 1.0
     if t_logits is None and plain:
-        # the student's own distribution, unwarped: one exp pass, no [B, V] log-softmax
-        top = s_logits.amax(-1, keepdim=True)  # [B, 1]
-        tok, total = inverse_cdf(torch.sub(s_logits, top).exp_(), u)
-        lq = (s_logits.gather(-1, tok) - top - total.log()).squeeze(-1).float()
-        lp, lmix = torch.zeros_like(lq), lq
+        # the student's own distribution, unwarped, after the ban: one exp pass, no [B, V] log-softmax
+        scores = s_logits if banned is None else s_logits.masked_fill(banned, -math.inf)
+        top = scores.amax(-1, keepdim=True)  # [B, 1]; finite, as check_ban leaves every row a token
+        tok, total = inverse_cdf(torch.sub(scores, top).exp_(), u)
+        lmix = (s_logits.gather(-1, tok) - top - total.log()).squeeze(-1).float()
+        lq = lmix  # logq is the raw model's: it differs only where tokens were banned
+        if banned is not None:
+            lq = (s_logits.gather(-1, tok) - s_logits.logsumexp(-1, keepdim=True)).squeeze(-1)
+        lp = torch.zeros_like(lq)
     else:
         tok, lq, lp, lmix = mixed_draw(s_logits, t_logits, u, s, banned)
     tok = tok.squeeze(-1)
@@ -106,8 +111,11 @@ class Decoder:
     ) -> None:
         B, P = prompt_mask.shape
         self.model, self.P, self.L, self.V = model, P, P + max_new_tokens, vocab_size(model)
-        # where the running forward's positions go in layers_out: (rows, slots) of [B, P+N]
+        # where the running forward's positions go in layers_out: (rows, slots) of [B, P+N], and which row of
+        # the forward each of those rows takes (None: the forward's rows in order; a prefill of repeated
+        # prompts runs each once)
         self.where: tuple[Tensor | slice, slice] = (slice(None), slice(0, P))
+        self.expand: Tensor | None = None
         self.hooks = []
         if layers_out is not None:
             layers = decoder_layers(model)
@@ -150,12 +158,16 @@ class Decoder:
         keys, values = update(*args, **kwargs)  # [B, kv heads, P + N, head_dim] each
         return keys[:, :, : self.filled], values[:, :, : self.filled]
 
+    def _spread(self, x: Tensor) -> Tensor:
+        """The running forward's rows [R, ...] as the rows of `where` (repeated prompts)."""
+        return x if self.expand is None else x[self.expand]
+
     def _keep(self, buf: Tensor, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
         rows, slots = self.where
-        buf[rows, slots] = output[0] if isinstance(output, tuple) else output
+        buf[rows, slots] = self._spread(output[0] if isinstance(output, tuple) else output)
 
     def _keep_head_in(self, module: nn.Module, args: tuple) -> None:
-        self.head_in[self.where[0]] = args[0][:, -1]
+        self.head_in[self.where[0]] = self._spread(args[0][:, -1])
         self.head_seen = True
 
     def close(self) -> None:
@@ -181,27 +193,38 @@ class Decoder:
             return prefill(self.model, ids, self.attn.long(), self.cache)
         # Static cache: the prompts run in groups of similar length, each unpadded but for ≤ 10 %, through a
         # DynamicCache whose keys / values are then copied into the batch's left-padded slots: a batch of 8
-        # Dolly prompts is 60-70 % padding at its longest prompt's width.
+        # Dolly prompts is 60-70 % padding at its longest prompt's width. A prompt held by several rows
+        # (several samples of it: evaluation's seeds) runs once and its keys / values go to each of them.
         B, P = ids.shape
+        holders = prompt_holders(ids, self.attn[:, :P])
+        firsts = list(holders)
         lengths = self.attn[:, :P].sum(-1).tolist()
         logits = None
-        for group in length_groups(lengths):
-            rows = torch.tensor(group, device=ids.device)
-            width = max(lengths[i] for i in group)
+        for group in length_groups([lengths[f] for f in firsts]):
+            run = [firsts[i] for i in group]  # the rows the forward runs
+            dest = [b for f in run for b in holders[f]]  # every row holding one of their prompts
+            rows = torch.tensor(dest, device=ids.device)
+            self.expand = torch.tensor([j for j, f in enumerate(run) for _ in holders[f]], device=ids.device)
+            width = max(lengths[f] for f in run)
             part = DynamicCache(config=self.model.config)
             self.where = (rows, slice(P - width, P))
-            out = prefill(self.model, ids[rows, P - width :], self.attn[rows, P - width : P].long(), part)
+            src_rows = torch.tensor(run, device=ids.device)
+            out = prefill(
+                self.model, ids[src_rows, P - width :], self.attn[src_rows, P - width : P].long(), part
+            )
             if logits is None:
                 logits = out.new_empty(B, out.shape[-1])
-            logits[rows] = out
+            logits[rows] = out[self.expand]
             for layer, src in zip(self.cache.layers, part.layers, strict=True):
                 if not layer.is_initialized:  # allocates [B, heads, L, head_dim] from src's shape and dtype
                     layer.lazy_initialization(
                         src.keys[:1].expand(B, -1, -1, -1), src.values[:1].expand(B, -1, -1, -1)
                     )
                 at = rows.to(layer.keys.device)  # a decoder placed apart from its inputs (teacher_device)
-                layer.keys[at, :, P - width : P] = src.keys
-                layer.values[at, :, P - width : P] = src.values
+                spread = self.expand.to(src.keys.device)
+                layer.keys[at, :, P - width : P] = src.keys[spread]
+                layer.values[at, :, P - width : P] = src.values[spread]
+        self.expand = None
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(P)  # the next token goes to slot P
         return logits
@@ -224,6 +247,19 @@ class Decoder:
             input_ids=tok, attention_mask=mask, position_ids=pos, use_cache=True, **self.cache_kw
         )
         return out.logits[:, -1, : self.V].float()
+
+
+def prompt_holders(ids: Tensor, mask: Tensor) -> dict[int, list[int]]:
+    """Each distinct prompt's first row → every row holding it (the same ids on the same real slots), in
+    row order.
+
+    ids: [B, P] long, left-padded; mask: [B, P] bool, True on real tokens
+    """
+    _, inverse = torch.unique(ids.masked_fill(~mask, -1), dim=0, return_inverse=True)  # [B]
+    by_prompt: dict[int, list[int]] = {}
+    for b, k in enumerate(inverse.tolist()):
+        by_prompt.setdefault(k, []).append(b)
+    return {rows[0]: rows for rows in by_prompt.values()}
 
 
 # What `Decoder` reads and writes on each layer of a StaticCache (transformers 5.24's StaticLayer)
@@ -297,13 +333,16 @@ def sample_fast(
         compact = COMPACT_AT > 0 and logits_out is None and layers_out is None
         compact = compact and teacher_rows_out is None
         live: Tensor | slice = slice(None)  # the original row of each row decoded (all, until a drop)
+        # one generator: B uniforms a step, row b takes the b-th, ended or not (as `draw`); one per row: only
+        # the rows decoded draw, each from its own
+        shared = isinstance(generator, torch.Generator)
         T = N
         for t in range(N):
             if logits_out is not None:
                 logits_out[:, t] = s_logits
             if teacher_rows_out is not None:
                 teacher_rows_out[:, t] = t_dec.head_in
-            u = uniforms(generator, B, device)[live]  # as `draw`; every row draws, ended or not
+            u = uniforms(generator, B, device)[live] if shared else uniforms(generator, len(finished), device)
             banned = None
             if s.ngram:
                 banned = ngram_ban(seq[:, : P + t], start, s.ngram, s_logits.shape[-1])
@@ -329,6 +368,8 @@ def sample_fast(
                 pos = torch.empty_like(base)
                 if s.ngram:
                     seq, start = seq[keep], start[keep]
+                if not shared:
+                    generator = [generator[i] for i in keep.tolist()]
                 s_dec.keep_rows(keep)
                 if t_dec is not None:
                     t_dec.keep_rows(keep)

@@ -137,7 +137,7 @@ def prompt_errors(
         responses = generate.sample(
             prefix_model,
             part,
-            seed=generate.batch_seed(seed, "exposure", b // batch_size),
+            seed=generate.stable_seed(seed, "exposure", b // batch_size),
             eos_id=eos_id,
             pad_id=pad_id,
             temperature=1.0,

@@ -7,12 +7,14 @@ ban); the model's
 own `generation_config` (which may carry top_k=50, repetition penalties, ...) is never read, as the official
 code builds its GenerationConfig from scratch (LMOps `minillm/evaluate_main.py`).
 
-Seeding: every call draws its uniforms from its own `torch.Generator` seeded with the caller's seed, so its
-output depends only on (model, prompts, seed, decoding settings, device), never on what ran before, and the
-global RNG is not touched. Row b takes the b-th uniform of each step, so a seed covers one batch as a whole:
-the same prompt in another batch composition gets another sample. The protocol therefore fixes the batch
-partition and derives one seed per batch (`batch_seed`). HF `generate` under the same seed gives other
-tokens (it draws with `torch.multinomial` from the global generator), from the same distribution.
+Seeding: every call draws its uniforms from its own `torch.Generator`(s) seeded with the caller's seed(s), so
+its output depends only on (model, prompts, seeds, decoding settings, device), never on what ran before, and
+the global RNG is not touched. One seed covers a batch as a whole (row b takes the b-th uniform of each step:
+the same prompt in another batch composition gets another sample); one seed per row gives each row its own
+generator, so a row's tokens do not depend on the rows beside it (up to fp32 rounding of another batch
+shape). The protocol seeds each (prompt, seed) row (`stable_seed`), and rows holding the same prompt share
+its prefill. HF `generate` under the same seed gives other tokens (it draws with `torch.multinomial` from
+the global generator), from the same distribution.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from transformers import GenerationConfig
 
 from minillm import models
 from minillm.data.tokenize import Example, collate, collate_prompts
+from minillm.decode.draw import Generators
 from minillm.rollout import sample_responses
 
 
-def batch_seed(*parts: Any) -> int:
-    """A stable 63-bit seed from any printable parts (e.g. seed, set name, batch index); never Python's hash()."""
+def stable_seed(*parts: Any) -> int:
+    """A stable 63-bit seed from any printable parts (e.g. seed, set name, prompt id); never Python's hash()."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
@@ -42,7 +45,7 @@ def sample(
     model: Any,
     prompts: list[list[int]],
     *,
-    seed: int,
+    seed: int | list[int],
     eos_id: int,
     pad_id: int,
     temperature: float,
@@ -55,17 +58,25 @@ def sample(
     """Sampled continuations of `prompts` (left-padded together; dropout off, the model's mode restored).
 
     prompts: B lists of token ids (no padding)
+    seed:    one seed for the batch, or one per returned row (B * num_return_sequences, rows as below)
     returns: [B * num_return_sequences, T] long response ids on the CPU, T <= max_new_tokens (the batch stops
              once every row has ended), rows in prompt order (the samples of prompt b are rows b*S ..
              b*S+S-1); after a row's first EOS every id is `pad_id`.
     """
     device = next(model.parameters()).device
+    rows = [p for p in prompts for _ in range(num_return_sequences)]
+    if isinstance(seed, int):
+        generator: Generators = torch.Generator(device=device).manual_seed(seed)
+    elif len(seed) == len(rows):
+        generator = [torch.Generator(device=device).manual_seed(s) for s in seed]
+    else:
+        raise ValueError(f"{len(seed)} seeds for {len(rows)} rows")
     responses, _ = sample_responses(
         model,
-        [p for p in prompts for _ in range(num_return_sequences)],
+        rows,
         eos_id=eos_id,
         pad_id=pad_id,
-        generator=torch.Generator(device=device).manual_seed(seed),
+        generator=generator,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,

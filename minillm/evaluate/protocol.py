@@ -9,12 +9,14 @@ answers (per seed, then averaged) and Rouge-L per gold-length bucket ([0,5], [6,
 first reference in the evaluated model's tokenizer, EOS excluded).
 
 Sampling is the project's one sampler (`minillm.rollout`, through `generate.sample`): static KV cache,
-inverse-CDF draws, HF's n-gram ban. Its randomness is a `torch.Generator` per batch: prompts are batched in a
-fixed partition (sorted by prompt length, ties in file order), batch k of seed s of a set draws from a
-generator seeded with `generate.batch_seed(s, set, k)`, one uniform per row and step, and nothing else. So a
-(set, batch, seed) gives the same tokens whatever ran before it in the process (other sets, seeds, models, the
-global RNG), on a given device and batch size (fp32 rounding of another batch shape could move a draw that
-falls within rounding of a CDF boundary).
+inverse-CDF draws, HF's n-gram ban. Its randomness is a `torch.Generator` per (prompt, seed): the answer to
+prompt `id` of a set under seed s draws from a generator seeded with `generate.stable_seed(s, set, id)`, one
+uniform per step, and nothing else. So an answer is the same whatever ran before it in the process (other
+sets, seeds, models, the global RNG) and whatever rows are sampled beside it, on a given device (fp32
+rounding of another batch shape could move a draw that falls within rounding of a CDF boundary, so the
+(prompt, seed) rows are batched in a fixed partition: sorted by prompt length, ties in file order, a
+prompt's seeds side by side, at most `batch_size` rows a batch, the batches as even as possible). The seeds
+of a prompt share one prefill of it.
 
 Files under `output_dir/<model slug>/`:
 - `generations.jsonl`: one line per (set, id, seed): prompt, output, reference(s), score and lengths. A rerun
@@ -41,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -86,7 +89,7 @@ FROZEN_FIELDS = (
     "no_repeat_ngram_size",
 )
 # Names the sampler behind generations.jsonl; change it whenever the tokens a seed gives change.
-SAMPLER = "minillm.rollout inverse-CDF"
+SAMPLER = "minillm.rollout inverse-CDF, one generator per (prompt, seed)"
 
 
 @dataclass
@@ -272,16 +275,16 @@ def check_settings(out_dir: Path, cfg: EvalConfig) -> None:
 
 
 def answer(
-    model: Any, tokenizer: Any, prompts: list[list[int]], seed: int, cfg: EvalConfig
+    model: Any, tokenizer: Any, prompts: list[list[int]], seeds: list[int], cfg: EvalConfig
 ) -> list[tuple[str, int, bool]]:
-    """The protocol's answer to each prompt, sampled as one batch under `seed` with cfg's decoding: its text
-    (cut at the first EOS, special tokens dropped, stripped), its token count before that EOS and whether an
-    EOS came."""
+    """The protocol's answer to each prompt, sampled as one batch, prompt b from a generator seeded with
+    seeds[b], with cfg's decoding: its text (cut at the first EOS, special tokens dropped, stripped), its
+    token count before that EOS and whether an EOS came."""
     eos = tokenizer.eos_token_id
     responses = generate.sample(
         model,
         prompts,
-        seed=seed,
+        seed=seeds,
         eos_id=eos,
         pad_id=tokenizer.pad_token_id,
         temperature=cfg.temperature,
@@ -310,15 +313,14 @@ def validation_rouge_l(
 ) -> list[float]:
     """Rouge-L of each prompt's answer under `minillm eval`'s decoding (EvalConfig's defaults, the paper's:
     temperature 1, top_p 1, top_k 0, no_repeat_ngram_size 6), so that training picks its best checkpoint by
-    the protocol's own metric. Batches of batch_size in the given order; batch k draws from
-    batch_seed(seed, "valid", rank, k), the same answers at every evaluation of the same weights."""
+    the protocol's own metric. Batches of batch_size in the given order; prompt i draws from
+    stable_seed(seed, "valid", rank, i), the same answers at every evaluation of the same weights."""
     cfg = EvalConfig(max_new_tokens=max_new_tokens)
     scores = []
-    for k, start in enumerate(range(0, len(prompts), batch_size)):
-        seed_k = generate.batch_seed(seed, "valid", rank, k)
-        texts = [
-            text for text, _, _ in answer(model, tokenizer, prompts[start : start + batch_size], seed_k, cfg)
-        ]
+    for start in range(0, len(prompts), batch_size):
+        part = prompts[start : start + batch_size]
+        seeds = [generate.stable_seed(seed, "valid", rank, start + i) for i in range(len(part))]
+        texts = [text for text, _, _ in answer(model, tokenizer, part, seeds, cfg)]
         refs = references[start : start + batch_size]
         scores += [metrics.rouge_l(text, [ref]) for text, ref in zip(texts, refs, strict=True)]
     return scores
@@ -421,31 +423,34 @@ def evaluate_model(
     rows = read_generations(gen_path)
     B = cfg.batch_size
 
-    todo = []  # (set, seed, batch index, items) for every batch with a missing line
+    todo = []  # (set, [(item, seed)]) for every batch with a missing line
     for s in sets:
         by_length = sorted(s.items, key=lambda it: len(it.prompt_ids))  # stable: less left padding to prefill
-        for seed in cfg.seeds:
-            for b in range(0, len(by_length), B):
-                part = by_length[b : b + B]
-                if any((s.name, it.id, seed) not in rows for it in part):
-                    todo.append((s, seed, b // B, part))
+        pairs = [(it, seed) for it in by_length for seed in cfg.seeds]  # a prompt's seeds share its prefill
+        # at most B rows a batch, as even as possible: no small last batch decoding at a poor rate per row
+        n = max(1, -(-len(pairs) // B))  # a set left empty by the length rule: one empty part
+        ends = [len(pairs) * k // n for k in range(n + 1)]
+        for lo, hi in itertools.pairwise(ends):
+            part = pairs[lo:hi]
+            if any((s.name, it.id, seed) not in rows for it, seed in part):
+                todo.append((s, part))
 
     gen_seconds, gen_prompts, gen_tokens = 0.0, 0, 0
     bar = tqdm(todo, desc="eval", unit="batch", disable=not progress or not todo)
     with gen_path.open("a", encoding="utf-8") as fh:
-        for s, seed, index, part in bar:
-            bar.set_postfix_str(f"{s.name} seed {seed}")
+        for s, part in bar:
+            bar.set_postfix_str(s.name)
             t0 = time.perf_counter()
             answers = answer(
                 model,
                 tokenizer,
-                [it.prompt_ids for it in part],
-                generate.batch_seed(seed, s.name, index),
+                [it.prompt_ids for it, _ in part],
+                [generate.stable_seed(seed, s.name, it.id) for it, seed in part],
                 cfg,
             )
             gen_seconds += time.perf_counter() - t0
             gen_prompts += len(part)
-            for it, (text, n_tokens, finished) in zip(part, answers, strict=True):
+            for (it, seed), (text, n_tokens, finished) in zip(part, answers, strict=True):
                 gen_tokens += n_tokens + finished
                 key = (s.name, it.id, seed)
                 if key in rows:
