@@ -245,14 +245,6 @@ def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=0.0, atol=0.0, msg=name)
 
 
-@pytest.mark.parametrize("engine_name", ["FSDP", "DEEPSPEED"])
-def test_sharded_engines_refused(engine_name, tiny_llama, tmp_path, monkeypatch):
-    """On a CPU accelerate 1.15 would run plain DDP under an FSDP config: refused, as on a GPU for now."""
-    monkeypatch.setenv(f"ACCELERATE_USE_{engine_name}", "true")
-    with pytest.raises(NotImplementedError, match=engine_name):
-        engine.make_accelerator(stage_config(SFTConfig, tiny_llama, tmp_path))
-
-
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "eager"])
 def test_row_generators_sample_the_same_responses_in_any_batch(eos_pair, fast):
     """With one generator per row, a prompt's response does not depend on the prompts beside it: 6 prompts

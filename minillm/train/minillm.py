@@ -46,7 +46,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from minillm import models
+from minillm import models, sharding
 from minillm.config import MiniLLMConfig
 from minillm.data.pretrain import load_pt_blocks
 from minillm.data.tokenize import collate_prompts
@@ -420,7 +420,8 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             t_store = refill_teacher_cache(teacher, store, t_store.rows, cache, cfg)
     log = engine.MetricsLog(acc, cfg, total, state.step)
     if state.step == 0:
-        log.log(0, validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
+        with sharding.gathered(student):  # each rank samples until its own responses end
+            log.log(0, validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
     all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
     # Dropout off in the whole RL phase, sampling and update alike (official code: eval mode), so q_new/q_old
     # is 1 at a collection's first step; train mode only for gradient checkpointing (no dropout, see above)
@@ -435,20 +436,21 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             t0 = time.perf_counter()
             idx = engine.step_indices(len(prompts), cfg.num_rollouts, cfg.seed, collection)
             mine = range(acc.process_index, cfg.num_rollouts, acc.num_processes)  # places in idx
-            store, t_store, sampled, time_teacher = collect(
-                student,
-                teacher,
-                [prompts[idx[i]] for i in mine],
-                pad,
-                eos,
-                cfg,
-                acc,
-                # one stream per rollout, by its place in the collection: the same rollouts on any
-                # number of processes
-                [engine.generator(cfg.seed, collection, i, device=acc.device) for i in mine],
-                cache,
-                sampling_buffers(acc.unwrap_model(student), per_rank, cfg, layers=keep_layers),
-            )
+            with sharding.gathered(student):  # each rank samples until its own responses end
+                store, t_store, sampled, time_teacher = collect(
+                    student,
+                    teacher,
+                    [prompts[idx[i]] for i in mine],
+                    pad,
+                    eos,
+                    cfg,
+                    acc,
+                    # one stream per rollout, by its place in the collection: the same rollouts on any
+                    # number of processes
+                    [engine.generator(cfg.seed, collection, i, device=acc.device) for i in mine],
+                    cache,
+                    sampling_buffers(acc.unwrap_model(student), per_rank, cfg, layers=keep_layers),
+                )
             time_sample = time.perf_counter() - t0
         # --- one optimizer step on mini-batch b of inner epoch `epoch` ---
         t0 = time.perf_counter()
@@ -529,7 +531,8 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             )
         evaluate = engine.is_eval_step(cfg, state.step, total)
         if evaluate:
-            metrics.update(validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
+            with sharding.gathered(student):
+                metrics.update(validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
         if state.step % cfg.log_every == 0 or evaluate:
             log.log(state.step, metrics)
         log.advance()
