@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -47,14 +48,20 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     check_engine(os.environ, torch.accelerator.is_available())
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-    return Accelerator(mixed_precision=mp, cpu=cpu, log_with="tensorboard", project_dir=cfg.output_dir)
+    acc = Accelerator(mixed_precision=mp, cpu=cpu, log_with="tensorboard", project_dir=cfg.output_dir)
+    if _flag(os.environ, "ACCELERATE_USE_FSDP") and acc.distributed_type != DistributedType.FSDP:
+        raise InputError(
+            f"the launch asks for FSDP but accelerate set up {acc.distributed_type}: start minillm with "
+            "`accelerate launch --config_file configs/accelerate/fsdp.yaml` (docs/distributed.md)"
+        )
+    return acc
 
 
 def check_engine(env: Mapping[str, str], accelerator: bool) -> None:
     """Refuse the launcher settings (`accelerate launch` exports them) of an engine minillm does not run:
     FSDP1 (minillm reads sharded parameters the FSDP2 way, `minillm.sharding`), FSDP on a machine without
     an accelerator (accelerate 1.15 then quietly runs DDP under the FSDP name) and DeepSpeed."""
-    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if _flag(env, "ACCELERATE_USE_FSDP"):
         if env.get("FSDP_VERSION", "1") != "2":
             raise InputError(
                 "FSDP1 is not supported: set `fsdp_config: fsdp_version: 2` in the accelerate config "
@@ -65,12 +72,17 @@ def check_engine(env: Mapping[str, str], accelerator: bool) -> None:
                 "FSDP needs GPUs: on a CPU accelerate gives every process plain DDP instead; use "
                 "configs/accelerate/cpu-2proc.yaml there (docs/distributed.md)"
             )
-    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
         raise InputError(
-            "DeepSpeed is not supported: ZeRO-3 partitions the LM head that the chunked losses read outside the "
-            "forward, and no DeepSpeed run of minillm has been tested; use FSDP (configs/accelerate/fsdp.yaml), "
-            "which covers ZeRO-2/3's sharding (docs/distributed.md)"
+            "DeepSpeed is not supported: its engine steps inside backward and clips by its own config, ZeRO-2/3 "
+            "partition the optimizer state that checkpoints save and ZeRO-3 the LM head the chunked losses read "
+            "outside the forward; use FSDP (configs/accelerate/fsdp.yaml), whose full sharding is ZeRO-3's "
+            "(docs/distributed.md)"
         )
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "false").lower() == "true"
 
 
 def generator(seed: int, *keys: int, device: torch.device | str) -> torch.Generator:
