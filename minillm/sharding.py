@@ -63,7 +63,8 @@ def gathered(model: nn.Module) -> Iterator[None]:
     """Every FSDP2 unit of `model` whole for the duration, and kept whole through its forwards (no
     reshard after forward, so no all-gather inside): ranks may then run different numbers of forwards
     (sampling) and read weights directly. Costs the whole model's memory on each rank meanwhile. The
-    per-unit reshard-after-forward settings are restored on exit, when every unit is resharded."""
+    per-unit reshard-after-forward settings are restored on exit, when every unit is resharded. Use it
+    between optimizer steps only (`reset_iter_state` drops gradients accumulated under no_sync)."""
     fsdp = units(model)
     if not fsdp or id(fsdp[0]) in _GATHERED:  # nothing sharded, or inside an enclosing `gathered`
         yield
@@ -82,8 +83,11 @@ def gathered(model: nn.Module) -> Iterator[None]:
     finally:
         for g, info in zip(groups, after_forward, strict=True):
             g.post_forward_mesh_info = info
-        for u in fsdp:
-            u.reshard()
+        # Reshard every unit and forget the forwards inside: FSDP records each forward's order, gradients or
+        # not, and prefetches the next backward's all-gathers from that record; the ranks ran different
+        # numbers of forwards here, so their records would differ. Called between optimizer steps, so no
+        # accumulated gradient is dropped.
+        fsdp[0].reset_iter_state()
         _GATHERED.discard(id(fsdp[0]))
 
 
@@ -103,8 +107,13 @@ def full_state(model: nn.Module, optimizer: Any) -> tuple[dict[str, Tensor], dic
     """The model's and optimizer's full state dicts on rank 0 (empty elsewhere); a collective.
     `optimizer` is the torch optimizer (accelerate's wrapper's `.optimizer`); the optimizer state is keyed
     by parameter name, as torch.distributed.checkpoint writes it."""
+    weights = get_model_state_dict(model, options=_GATHER)
+    # a tied weight comes out once per name, as separate copies: keep the first name, as save_pretrained
+    # does with an unsharded model's state dict, whose tied entries share storage
+    first = {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
     return (
-        get_model_state_dict(model, options=_GATHER),
+        {k: v for k, v in weights.items() if k not in tied},
         get_optimizer_state_dict(model, optimizer, options=_GATHER),
     )
 

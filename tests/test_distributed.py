@@ -49,11 +49,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(stage: str, cfg: Any) -> subprocess.Popen:
-    """`accelerate launch` of `minillm <stage>` on 2 CPU processes."""
+def launch_two(stage: str, cfg: Any, entry: list[str] | None = None) -> subprocess.Popen:
+    """`accelerate launch` of `minillm <stage>` on 2 CPU processes (`entry`: the script or module to run
+    instead of `-m minillm.cli`, given the same arguments)."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--config_file", str(ACCELERATE_CONFIG)]
-    cmd += ["--main_process_port", str(free_port()), "-m", "minillm.cli", stage, *config_lib.to_argv(cfg)]
+    cmd = [str(accelerate), "launch", "--config_file", str(ACCELERATE_CONFIG), "--main_process_port"]
+    cmd += [str(free_port()), *(entry or ["-m", "minillm.cli"]), stage, *config_lib.to_argv(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

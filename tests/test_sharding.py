@@ -1,4 +1,5 @@
-"""minillm's code for sharded parameters (`minillm.sharding`) under FSDP2, in 2 gloo CPU processes.
+"""Sharded students (`minillm.sharding`) under FSDP2, in 2 gloo CPU processes: minillm's code under torch's own
+`fully_shard`, then SFT and MiniLLM under accelerate's FSDP2 code forced on the CPU (tests/fsdp_cpu.py).
 
 accelerate 1.15 runs FSDP only on GPUs (on a CPU an FSDP config gives plain DDP, docs/distributed.md), so
 tests/sharded_worker.py shards a float64 tiny Llama itself, in the layout accelerate's FSDP2 engine applies
@@ -13,16 +14,29 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_tree, model_config
-from test_distributed import ACCELERATE_CONFIG, free_port
+from conftest import kill_tree, model_config, stage_config
+from test_distributed import (
+    ACCELERATE_CONFIG,
+    assert_same_run,
+    eos_pair,  # noqa: F401 (a fixture)
+    finish,
+    free_port,
+    launch_two,
+    ragged_prompts,
+    supervised_configs,
+)
 from transformers import AutoModelForCausalLM
 
+from minillm.config import MiniLLMConfig, SFTConfig
 from minillm.errors import InputError
 from minillm.train import engine
+from minillm.train.minillm import train_minillm
+from minillm.train.sft import train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG_S = 150  # the run takes ~30 s on 2 busy cores; a rank waiting in a collective never ends
@@ -67,3 +81,51 @@ def test_unsupported_engines_are_refused(env, message):
     with pytest.raises(InputError, match=message):
         engine.check_engine(env, accelerator=False)
     engine.check_engine({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, accelerator=True)
+
+
+def test_accelerate_fsdp_engine_equals_one_process(tiny_llama, eos_pair, tmp_path):  # noqa: F811
+    """SFT and MiniLLM (teacher mixing, ragged responses, 2 inner epochs, the PT loss, a mid-run checkpoint)
+    in 2 processes under accelerate's own FSDP2 code, forced on the CPU (tests/fsdp_cpu.py), equal one
+    process with the same global batch, as DDP does (tests/test_distributed.py, its tolerances)."""
+    student, teacher = eos_pair
+    sft_two, sft_one = supervised_configs(SFTConfig, tiny_llama, tmp_path / "sft")
+    data = ragged_prompts(tmp_path / "prompts.jsonl")
+    distill_two = stage_config(
+        MiniLLMConfig,
+        student,
+        tmp_path / "distill" / "two",
+        teacher=str(teacher),
+        train_data=str(data),
+        valid_data=str(data),
+        max_valid_examples=4,
+        num_rollouts=8,
+        batch_size=2,
+        grad_accum=2,
+        ppo_epochs=2,
+        max_steps=4,
+        max_new_tokens=8,
+        valid_max_new_tokens=4,
+        pt_loss="ce+kd",
+        pt_block_length=32,
+        teacher_mix_alpha=0.2,
+        eval_every=0,
+        save_every=3,
+        lr=1e-2,
+        warmup_steps=0,
+        max_prompt_length=160,
+        max_length=192,
+        chunk_size=16,
+    )
+    entry = [str(ROOT / "tests" / "fsdp_cpu.py")]
+    runs = [launch_two("sft", sft_two, entry), launch_two("distill", distill_two, entry)]
+    try:
+        train_sft(sft_one)
+        train_minillm(replace(distill_two, output_dir=str(tmp_path / "distill" / "one"), batch_size=4))
+    except BaseException:
+        for run in runs:
+            kill_tree(run)
+        raise
+    finish(runs[0])
+    finish(runs[1])
+    assert_same_run(Path(sft_two.output_dir), Path(sft_one.output_dir), 3)
+    assert_same_run(tmp_path / "distill" / "two", tmp_path / "distill" / "one", 4)

@@ -483,6 +483,17 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             t_micro = t_store.select(at.to(store.mask.device))
             s_micro = None if sampled is None else sampled.select(at.to(store.mask.device), mb_idx[sel])
             last = j == cfg.grad_accum - 1
+            pt_part = {}
+            # The PT loss gets its own forward and backward, never synced (the mini-batch's backward below
+            # syncs both): one student forward per backward, which accelerate's FSDP2 layout needs (two
+            # forwards whose head outputs go unused, then one backward, crash it: docs/distributed.md)
+            if pt_blocks is not None:
+                pick = pt_picks[j * cfg.batch_size : (j + 1) * cfg.batch_size]
+                with acc.no_sync(student), acc.autocast():
+                    pt = pt_loss_sum(student, teacher, pt_blocks[pick].to(acc.device), cfg)
+                pt_tokens = len(pt_picks) * acc.num_processes * (cfg.pt_block_length - 1)
+                acc.backward(cfg.pt_coef * pt * engine.loss_scale(acc, pt_tokens))
+                pt_part = {"pt": float(pt.detach()) / pt_tokens}
             if last:
                 sampled = None  # this step's last forward is its last reader: the weights move next
             with acc.no_sync(student) if not last else nullcontext(), acc.autocast():
@@ -490,14 +501,8 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                     student, teacher, micro, t_micro, adv[sel], 1.0 / scale, cfg, s_micro
                 )
                 s_micro = None  # frees the sampling cache before backward
-                if pt_blocks is not None:
-                    pick = pt_picks[j * cfg.batch_size : (j + 1) * cfg.batch_size]
-                    pt = pt_loss_sum(student, teacher, pt_blocks[pick].to(acc.device), cfg)
-                    pt_tokens = len(pt_picks) * acc.num_processes * (cfg.pt_block_length - 1)
-                    loss = loss + cfg.pt_coef * pt * engine.loss_scale(acc, pt_tokens)
-                    stats["pt"] = float(pt.detach()) / pt_tokens
             acc.backward(loss)
-            for key, value in stats.items():
+            for key, value in (stats | pt_part).items():
                 sums[key] += value
         lr = scheduler.get_last_lr()[0]
         grad_norm = engine.clip_and_step(acc, student, optimizer, scheduler, cfg)
