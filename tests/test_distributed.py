@@ -189,17 +189,14 @@ def group_counts(cfg: MiniLLMConfig, collection: int) -> list[list[int]]:
     return [[len(length_groups(x[j : j + b])) for j in range(0, len(x), b)] for x in lengths]
 
 
-def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
-    """Teacher mixing on, ragged responses and length groups across ranks, 2 inner epochs of one
-    mini-batch each (num_rollouts = the processes' batch_size x grad_accum), 2 collections, the PT loss;
-    and a 2-process run killed mid-collection (step 3 of 4; collections start at steps 0 and 2) resumes to
-    the same weights."""
-    student, teacher = eos_pair
-    data = ragged_prompts(tmp_path / "prompts.jsonl")
-    two = stage_config(
+def minillm_config(student: Path, teacher: Path, data: Path, out: Path) -> MiniLLMConfig:
+    """A 2-process MiniLLM run of 4 steps on `data` (`ragged_prompts`): teacher mixing, 2 inner epochs of
+    one mini-batch each (num_rollouts = the processes' batch_size x grad_accum), 2 collections, the PT
+    loss, a checkpoint at step 3. One process takes it with batch_size 4."""
+    return stage_config(
         MiniLLMConfig,
         student,
-        tmp_path / "two",
+        out,
         teacher=str(teacher),
         train_data=str(data),
         valid_data=str(data),
@@ -222,6 +219,16 @@ def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
         max_length=192,
         chunk_size=16,
     )
+
+
+def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
+    """Teacher mixing on, ragged responses and length groups across ranks, 2 inner epochs of one
+    mini-batch each (num_rollouts = the processes' batch_size x grad_accum), 2 collections, the PT loss;
+    and a 2-process run killed mid-collection (step 3 of 4; collections start at steps 0 and 2) resumes to
+    the same weights."""
+    student, teacher = eos_pair
+    data = ragged_prompts(tmp_path / "prompts.jsonl")
+    two = minillm_config(student, teacher, data, tmp_path / "two")
     counts = [group_counts(two, c) for c in (0, 1)]
     assert any(c[0] != c[1] for c in counts), f"every micro-batch pair has as many groups: {counts}"
     killed = replace(two, output_dir=str(tmp_path / "killed"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_tree, model_config, stage_config
+from conftest import kill_tree, model_config
 from test_distributed import (
     ACCELERATE_CONFIG,
     assert_same_run,
@@ -27,12 +27,13 @@ from test_distributed import (
     finish,
     free_port,
     launch_two,
+    minillm_config,
     ragged_prompts,
     supervised_configs,
 )
 from transformers import AutoModelForCausalLM
 
-from minillm.config import MiniLLMConfig, SFTConfig
+from minillm.config import SFTConfig
 from minillm.errors import InputError
 from minillm.train import engine
 from minillm.train.minillm import train_minillm
@@ -90,32 +91,7 @@ def test_accelerate_fsdp_engine_equals_one_process(tiny_llama, eos_pair, tmp_pat
     student, teacher = eos_pair
     sft_two, sft_one = supervised_configs(SFTConfig, tiny_llama, tmp_path / "sft")
     data = ragged_prompts(tmp_path / "prompts.jsonl")
-    distill_two = stage_config(
-        MiniLLMConfig,
-        student,
-        tmp_path / "distill" / "two",
-        teacher=str(teacher),
-        train_data=str(data),
-        valid_data=str(data),
-        max_valid_examples=4,
-        num_rollouts=8,
-        batch_size=2,
-        grad_accum=2,
-        ppo_epochs=2,
-        max_steps=4,
-        max_new_tokens=8,
-        valid_max_new_tokens=4,
-        pt_loss="ce+kd",
-        pt_block_length=32,
-        teacher_mix_alpha=0.2,
-        eval_every=0,
-        save_every=3,
-        lr=1e-2,
-        warmup_steps=0,
-        max_prompt_length=160,
-        max_length=192,
-        chunk_size=16,
-    )
+    distill_two = minillm_config(student, teacher, data, tmp_path / "distill" / "two")
     entry = [str(ROOT / "tests" / "fsdp_cpu.py")]
     runs = [launch_two("sft", sft_two, entry), launch_two("distill", distill_two, entry)]
     try:
