@@ -21,6 +21,8 @@ import contextlib
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +34,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
+from minillm import config as config_lib
 from minillm.config import GKDConfig, KDConfig, MiniLLMConfig, SeqKDConfig, SFTConfig
 from minillm.data.template import ALPACA_NO_INPUT, build_prompt
 from minillm.train import engine, gkd, kd, seqkd, sft
@@ -42,6 +45,9 @@ EOS, UNK = "<|endoftext|>", "<unk>"
 STAGES = ("sft", "kd", "seqkd", "gkd", "minillm")
 # design §5's targets for one MiniLLM iteration at the full shape on one H100
 TARGET_ITERATION_S, TARGET_SAMPLING_S, TARGET_PEAK_GIB = 1.5, 1.0, 16.0
+FSDP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+FSDP_TIMEOUT_S = 300  # a rank waiting in a collective never ends
+FSDP_RTOL = 2e-2  # bf16 compute on both sides (autocast; FSDP's mixed-precision policy), summed differently
 
 
 @dataclass(frozen=True)
@@ -175,11 +181,10 @@ class PeakMemory:
         return run
 
 
-def run_stage(
-    stage: str, student: Path, teacher: Path, root: Path, shape: Shape
-) -> tuple[list[dict], PeakMemory]:
-    """3 optimizer steps of `stage` at `shape`; its metrics lines and the peak memory of its phases."""
-    out = root / stage
+def stage_setup(
+    stage: str, student: Path, teacher: Path, root: Path, shape: Shape, out: Path
+) -> tuple[Callable[[Any], Path], Any, list[tuple[Any, str, str]]]:
+    """`stage`'s trainer, its config for 3 optimizer steps at `shape` writing to `out`, and its phases."""
     data = str(root / "data.jsonl")
     common = dict(
         model=str(student),
@@ -232,10 +237,43 @@ def run_stage(
             [(minillm_train, "collect", "sampling + teacher"), update],
         ),
     }[stage]
+    return train, cfg, spots
+
+
+def run_stage(
+    stage: str, student: Path, teacher: Path, root: Path, shape: Shape
+) -> tuple[list[dict], PeakMemory]:
+    """3 optimizer steps of `stage` at `shape`; its metrics lines and the peak memory of its phases."""
+    out = root / stage
+    train, cfg, spots = stage_setup(stage, student, teacher, root, shape, out)
     memory = PeakMemory("cuda" if torch.cuda.is_available() else "cpu")
     with memory.watch(spots):
         train(cfg)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], memory
+
+
+def run_fsdp(stage: str, student: Path, teacher: Path, root: Path, shape: Shape) -> list[dict]:
+    """`stage` as `run_stage` runs it, under accelerate's FSDP2 engine (configs/accelerate/fsdp.yaml) on
+    every visible GPU, launched as docs/distributed.md says; its metrics lines. Its last checkpoint must
+    load as a plain model: the full weights, gathered from the shards."""
+    out = root / f"{stage}-fsdp"
+    _, cfg, _ = stage_setup(stage, student, teacher, root, shape, out)
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(FSDP_CONFIG)]
+    cmd += ["--num_processes", str(torch.cuda.device_count()), "-m", "minillm.cli", stage]
+    subprocess.run([*cmd, *config_lib.to_argv(cfg)], check=True, timeout=FSDP_TIMEOUT_S)
+    AutoModelForCausalLM.from_pretrained(out / "best")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def fsdp_rows(stage: str, one: list[dict], fsdp: list[dict]) -> list[tuple[str, int, float, float, str]]:
+    """(stage, step, loss in one process, loss under FSDP, agree) per step. Step 1's loss is taken before
+    any update, so the two differ by bf16 rounding only (FSDP_RTOL); later steps are shown, not judged."""
+    rows = []
+    for a, b in zip([m for m in one if m["step"] > 0], [m for m in fsdp if m["step"] > 0], strict=True):
+        rel = abs(b["loss"] - a["loss"]) / max(abs(a["loss"]), 1e-12)
+        verdict = ("yes" if rel <= FSDP_RTOL else "NO") if a["step"] == 1 else "-"
+        rows.append((stage, int(a["step"]), a["loss"], b["loss"], verdict))
+    return rows
 
 
 def stage_rows(stage: str, lines: list[dict], memory: PeakMemory) -> list[tuple[str, int, str, float, float]]:
@@ -280,10 +318,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cuda: the first GPU.")
     p.add_argument("--tiny", action="store_true", help="Tiny shapes, to check the script on a CPU.")
     p.add_argument("--stages", default=",".join(STAGES), help="Comma-separated subset to run, in this order.")
+    p.add_argument(
+        "--fsdp-stages",
+        default="minillm",
+        help="Of --stages, those also run under accelerate's FSDP2 engine on every visible GPU ('' for none). "
+        "CUDA only: accelerate runs FSDP on GPUs only.",
+    )
     args = p.parse_args(argv)
     stages = args.stages.split(",")
     if not set(stages) <= set(STAGES):
         p.error(f"--stages takes {', '.join(STAGES)}; got {args.stages}")
+    fsdp_stages = [s for s in args.fsdp_stages.split(",") if s] if args.device == "cuda" else []
+    if not set(fsdp_stages) <= set(stages):
+        p.error(f"--fsdp-stages takes stages of --stages ({args.stages}); got {args.fsdp_stages}")
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the trainers take the GPU whenever one is visible
     elif not torch.cuda.is_available():
@@ -292,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     shape = TINY if args.tiny else DESIGN
     t0 = time.perf_counter()
-    rows, walls = [], [("random models and data", 0.0)]
+    rows, walls, fsdp = [], [("random models and data", 0.0)], []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         student, teacher = save_models(root, shape, args.device)
@@ -302,6 +349,10 @@ def main(argv: list[str] | None = None) -> None:
             lines, memory = run_stage(stage, student, teacher, root, shape)
             rows += stage_rows(stage, lines, memory)
             walls.append((stage, time.perf_counter() - t1))  # loading, validation, checkpoint included
+            if stage in fsdp_stages:
+                t1 = time.perf_counter()
+                fsdp += fsdp_rows(stage, lines, run_fsdp(stage, student, teacher, root, shape))
+                walls.append((f"{stage} under FSDP", time.perf_counter() - t1))
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(
         f"\ndevice {name}, V={shape.vocab}, {shape.prompts} prompts of {shape.prompt_tokens} tokens, "
@@ -315,6 +366,15 @@ def main(argv: list[str] | None = None) -> None:
         for figure, value, target, unit in minillm_targets(rows):
             met = "n/a" if args.tiny or math.isnan(value) else ("yes" if value <= target else "NO")
             print(f"| {figure} | {value:.3f} {unit} | ≤ {target} {unit} | {met} |")
+    if fsdp:
+        print(
+            f"\n| FSDP2, {torch.cuda.device_count()} GPU(s) | step | loss, one process | loss, FSDP | step 1 agrees |"
+        )
+        print("|---|---:|---:|---:|---|")
+        for stage, step, one, sharded, verdict in fsdp:
+            print(f"| {stage} | {step} | {one:.5f} | {sharded:.5f} | {verdict} |")
+    else:
+        print("\nFSDP2: not run (accelerate runs FSDP on GPUs only; --fsdp-stages)")
     print("\n| part | wall seconds |\n|---|---:|")
     for part, seconds in walls:
         print(f"| {part} | {seconds:.1f} |")

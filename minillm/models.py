@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from minillm import sharding
 from minillm.errors import InputError
 from minillm.objectives.chunked import Head
 
@@ -385,13 +386,19 @@ def vocab_size(model: nn.Module) -> int:
     return getattr(m, "minillm_vocab_size", None) or m.get_output_embeddings().weight.shape[0]
 
 
+def wrapped(model: nn.Module) -> bool:
+    """Whether forwards must go through `model` itself: a DDP wrapper (gradient sync, buffer broadcasts) or
+    an FSDP2 root (`sharding`: its hooks all-gather the units and set up backward)."""
+    return hasattr(model, "module") or sharding.is_sharded(model)
+
+
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden state after the final norm, [B, L, H]: logits are `hidden @ head.T`.
 
-    A wrapped (DDP) model goes through its own forward, so gradient sync works, asking its head for one
-    position only (`logits_to_keep=1`) and taking the last of its hidden states. A plain model runs just
-    its base model, whose output is what the head reads, so the other layers' hidden states are not kept.
-    The full-vocabulary maths runs in token chunks elsewhere.
+    A `wrapped` model (DDP, FSDP) goes through its own forward, so gradient sync and sharding work, asking
+    its head for one position only (`logits_to_keep=1`) and taking the last of its hidden states. A plain
+    model runs just its base model, whose output is what the head reads, so the other layers' hidden states
+    are not kept. The full-vocabulary maths runs in token chunks elsewhere.
     """
     from minillm.data.tokenize import position_ids
 
@@ -401,7 +408,7 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         "position_ids": position_ids(attention_mask),
         "use_cache": False,
     }
-    if hasattr(model, "module"):
+    if wrapped(model):
         return model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     return unwrap(model).base_model(**kwargs).last_hidden_state
 
@@ -418,16 +425,15 @@ def grouped_rows(
 
     The sequences are forwarded unpadded in `length_groups`, right-padded within a group: causality keeps
     the pads out of every row used, so no attention mask is needed and no compute goes to left padding.
-    A DDP-wrapped model gets one padded forward instead: DDP broadcasts buffers in every forward, so each
-    rank must run as many as the others, and the number of length groups differs between ranks (a rank with
-    fewer leaves the others waiting forever; docs/distributed.md). replay(group), when given, is a context
+    A `wrapped` model (DDP, FSDP) gets one padded forward instead: DDP broadcasts buffers and FSDP
+    all-gathers in every forward, so each rank must run as many as the others, and the number of length
+    groups differs between ranks (a rank with fewer leaves the others waiting forever; docs/distributed.md). replay(group), when given, is a context
     entered around the forward of the sequences `group` (`SamplingCache.replay`).
     """
     from minillm.data.tokenize import length_groups
 
     out: list[torch.Tensor] = [seqs[0].new_empty(0)] * len(seqs)
-    ddp = hasattr(model, "module")
-    for group in [list(range(len(seqs)))] if ddp else length_groups([len(x) for x in seqs]):
+    for group in [list(range(len(seqs)))] if wrapped(model) else length_groups([len(x) for x in seqs]):
         ids = torch.nn.utils.rnn.pad_sequence([seqs[i] for i in group], batch_first=True)  # [G, L]
         with nullcontext() if replay is None else replay(group):
             hidden = final_hidden(model, ids, torch.ones_like(ids))  # [G, L, H]
@@ -447,7 +453,8 @@ SOFTCAP = "final_logit_softcapping"  # Gemma 2/3: cap · tanh(logits / cap), aft
 def output_head(model: nn.Module) -> Head:
     """The model's `Head`: output embedding weight [V, H], bias [V] or None, cut to `vocab_size`, and the
     logit scale and soft-cap its config sets (`LOGIT_SCALES`, `SOFTCAP`). `check_head` verifies at load
-    that it reproduces the model's logits."""
+    that it reproduces the model's logits. Under FSDP2 the head's unit is all-gathered first if it is
+    sharded (`sharding.whole_head_unit`; every rank must call this together then)."""
     m = unwrap(model)
     config = m.config
     scale = 1.0
@@ -460,6 +467,7 @@ def output_head(model: nn.Module) -> Head:
         scale = scale / value if op == "div" else scale * value
     softcap = getattr(config, SOFTCAP, None)
     head = m.get_output_embeddings()
+    sharding.whole_head_unit(model, head)
     V = vocab_size(m)
     weight, bias = head.weight, getattr(head, "bias", None)
     if V < weight.shape[0]:  # views: gradients still reach the full parameters

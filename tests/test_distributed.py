@@ -52,11 +52,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(stage: str, cfg: Any) -> subprocess.Popen:
-    """`accelerate launch` of `minillm <stage>` on 2 CPU processes."""
+def launch_two(stage: str, cfg: Any, entry: list[str] | None = None) -> subprocess.Popen:
+    """`accelerate launch` of `minillm <stage>` on 2 CPU processes (`entry`: the script or module to run
+    instead of `-m minillm.cli`, given the same arguments)."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--config_file", str(ACCELERATE_CONFIG)]
-    cmd += ["--main_process_port", str(free_port()), "-m", "minillm.cli", stage, *config_lib.to_argv(cfg)]
+    cmd = [str(accelerate), "launch", "--config_file", str(ACCELERATE_CONFIG), "--main_process_port"]
+    cmd += [str(free_port()), *(entry or ["-m", "minillm.cli"]), stage, *config_lib.to_argv(cfg)]
     # PYTHONFAULTHANDLER: SIGABRT prints every thread's stack (`finish`, on a hang)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -206,17 +207,14 @@ def group_counts(cfg: MiniLLMConfig, collection: int) -> list[list[int]]:
     return [[len(length_groups(x[j : j + b])) for j in range(0, len(x), b)] for x in lengths]
 
 
-def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
-    """Teacher mixing on, ragged responses and length groups across ranks, 2 inner epochs of one
-    mini-batch each (num_rollouts = the processes' batch_size x grad_accum), 2 collections, the PT loss;
-    and a 2-process run killed mid-collection (step 3 of 4; collections start at steps 0 and 2) resumes to
-    the same weights."""
-    student, teacher = eos_pair
-    data = ragged_prompts(tmp_path / "prompts.jsonl")
-    two = stage_config(
+def minillm_config(student: Path, teacher: Path, data: Path, out: Path) -> MiniLLMConfig:
+    """A 2-process MiniLLM run of 4 steps on `data` (`ragged_prompts`): teacher mixing, 2 inner epochs of
+    one mini-batch each (num_rollouts = the processes' batch_size x grad_accum), 2 collections, the PT
+    loss, a checkpoint at step 3. One process takes it with batch_size 4."""
+    return stage_config(
         MiniLLMConfig,
         student,
-        tmp_path / "two",
+        out,
         teacher=str(teacher),
         train_data=str(data),
         valid_data=str(data),
@@ -239,6 +237,16 @@ def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
         max_length=192,
         chunk_size=16,
     )
+
+
+def test_minillm_two_processes_equal_one_and_resume(eos_pair, tmp_path):
+    """Teacher mixing on, ragged responses and length groups across ranks, 2 inner epochs of one
+    mini-batch each (num_rollouts = the processes' batch_size x grad_accum), 2 collections, the PT loss;
+    and a 2-process run killed mid-collection (step 3 of 4; collections start at steps 0 and 2) resumes to
+    the same weights."""
+    student, teacher = eos_pair
+    data = ragged_prompts(tmp_path / "prompts.jsonl")
+    two = minillm_config(student, teacher, data, tmp_path / "two")
     counts = [group_counts(two, c) for c in (0, 1)]
     assert any(c[0] != c[1] for c in counts), f"every micro-batch pair has as many groups: {counts}"
     killed = replace(two, output_dir=str(tmp_path / "killed"))
@@ -275,14 +283,6 @@ def test_process_group_outlives_the_stage(tiny_llama, tmp_path):
     finally:
         engine.end_process_group()
     assert not torch.distributed.is_initialized()
-
-
-@pytest.mark.parametrize("engine_name", ["FSDP", "DEEPSPEED"])
-def test_sharded_engines_refused(engine_name, tiny_llama, tmp_path, monkeypatch):
-    """On a CPU accelerate 1.15 would run plain DDP under an FSDP config: refused, as on a GPU for now."""
-    monkeypatch.setenv(f"ACCELERATE_USE_{engine_name}", "true")
-    with pytest.raises(NotImplementedError, match=engine_name):
-        engine.make_accelerator(stage_config(SFTConfig, tiny_llama, tmp_path))
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "eager"])

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +25,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from minillm import config as config_lib
+from minillm import sharding
 from minillm.config import GKDConfig, MiniLLMConfig, SeqKDConfig, TrainConfig
 from minillm.errors import InputError
 
@@ -45,14 +47,43 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    for engine in ("FSDP", "DEEPSPEED"):  # on a CPU accelerate would quietly run DDP instead
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
-            raise NotImplementedError(
-                f"{engine} is not supported yet: the chunked losses read the LM head outside the forward and "
-                "checkpoints are one process's state_dict (docs/distributed.md)"
-            )
+    check_engine(os.environ, torch.accelerator.is_available())
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-    return Accelerator(mixed_precision=mp, cpu=cpu, log_with="tensorboard", project_dir=cfg.output_dir)
+    acc = Accelerator(mixed_precision=mp, cpu=cpu, log_with="tensorboard", project_dir=cfg.output_dir)
+    if _flag(os.environ, "ACCELERATE_USE_FSDP") and acc.distributed_type != DistributedType.FSDP:
+        raise InputError(
+            f"the launch asks for FSDP but accelerate set up {acc.distributed_type}: start minillm with "
+            "`accelerate launch --config_file configs/accelerate/fsdp.yaml` (docs/distributed.md)"
+        )
+    return acc
+
+
+def check_engine(env: Mapping[str, str], accelerator: bool) -> None:
+    """Refuse the launcher settings (`accelerate launch` exports them) of an engine minillm does not run:
+    FSDP1 (minillm reads sharded parameters the FSDP2 way, `minillm.sharding`), FSDP on a machine without
+    an accelerator (accelerate 1.15 then quietly runs DDP under the FSDP name) and DeepSpeed."""
+    if _flag(env, "ACCELERATE_USE_FSDP"):
+        if env.get("FSDP_VERSION", "1") != "2":
+            raise InputError(
+                "FSDP1 is not supported: set `fsdp_config: fsdp_version: 2` in the accelerate config "
+                "(configs/accelerate/fsdp.yaml)"
+            )
+        if not accelerator:
+            raise InputError(
+                "FSDP needs GPUs: on a CPU accelerate gives every process plain DDP instead; use "
+                "configs/accelerate/cpu-2proc.yaml there (docs/distributed.md)"
+            )
+    if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
+        raise InputError(
+            "DeepSpeed is not supported: its engine steps inside backward and clips by its own config, ZeRO-2/3 "
+            "partition the optimizer state that checkpoints save and ZeRO-3 the LM head the chunked losses read "
+            "outside the forward; use FSDP (configs/accelerate/fsdp.yaml), whose full sharding is ZeRO-3's "
+            "(docs/distributed.md)"
+        )
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "false").lower() == "true"
 
 
 def generator(seed: int, *keys: int, device: torch.device | str) -> torch.Generator:
@@ -143,7 +174,11 @@ def clip_and_step(
     non-finite loss or reward gives one) skips the update: the gradients are dropped, weights, optimizer
     and schedule stay as they were (`NonFiniteSteps` counts it)."""
     grad_norm = float(
-        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        sharding.full_norm(
+            acc.clip_grad_norm_(
+                model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            )
+        )
     )
     if math.isfinite(grad_norm):
         optimizer.step()
@@ -251,6 +286,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
+    # A sharded model's full state dicts are gathered onto the main process, every rank taking part
+    weights, optim_state = (
+        sharding.full_state(model, optimizer.optimizer) if sharding.is_sharded(model) else (None, None)
+    )
     try:
         if extra:
             save_file(
@@ -258,9 +297,9 @@ def save_checkpoint(
                 tmp / f"extra-rank{acc.process_index}.safetensors",
             )
         if acc.is_main_process:
-            acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            acc.unwrap_model(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer.state_dict() if optim_state is None else optim_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             _atomic_write_json(tmp / "trainer_state.json", state.__dict__)
             config_lib.save(cfg, tmp / "minillm_config.json")
@@ -299,46 +338,57 @@ def latest_checkpoint(output_dir: str) -> Path | None:
 def load_checkpoint(
     path: Path, acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any
 ) -> TrainerState:
-    """Restore weights, optimizer, scheduler and trainer state written by `save_checkpoint`."""
+    """Restore weights, optimizer, scheduler and trainer state written by `save_checkpoint`. A sharded model
+    (FSDP2) takes them from the same full files: every rank reads them and keeps its slices."""
+    sharded = sharding.is_sharded(model)
+    # gloo ranks run on "cpu:0", which safetensors and torch.load refuse as a target; full files for a
+    # sharded model stay on the CPU, only each rank's slices move to its device
+    device = "cpu" if acc.device.type == "cpu" or sharded else str(acc.device)
+    optim_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
     inner = acc.unwrap_model(model)
-    if (path / "adapter_model.safetensors").is_file():  # a LoRA run: the checkpoint holds its adapters
-        _load_adapters(path, inner, "cpu" if acc.device.type == "cpu" else acc.device)
-        return _load_training_state(path, acc, optimizer, scheduler)
+    lora = (path / "adapter_model.safetensors").is_file()  # a LoRA run: the checkpoint holds its adapters
+    if sharded:
+        if lora:
+            raise InputError(f"{path} holds LoRA adapters: resuming a LoRA run under FSDP is not supported")
+        sharding.load_full_state(model, optimizer.optimizer, _read_weights(path, device), optim_state)
+    else:
+        if lora:
+            _load_adapters(path, inner, device)
+        else:
+            _load_weights(path, inner, device)
+        optimizer.load_state_dict(optim_state)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+def _read_weights(path: Path, device: str) -> dict[str, Tensor]:
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} holds no .safetensors weights")
     weights: dict[str, Tensor] = {}
-    device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # gloo ranks: "cpu:0", refused below
     for f in files:
         weights.update(load_file(f, device=device))
-    missing, unexpected = inner.load_state_dict(weights, strict=False)
-    tied = set(getattr(inner, "_tied_weights_keys", None) or [])
+    return weights
+
+
+def _load_weights(path: Path, model: torch.nn.Module, device: str) -> None:
+    missing, unexpected = model.load_state_dict(_read_weights(path, device), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
         raise InputError(
             f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}; "
             "resume with the model that run started from, or choose another output_dir"
         )
-    inner.tie_weights()
-    return _load_training_state(path, acc, optimizer, scheduler)
+    model.tie_weights()
 
 
-def _load_adapters(path: Path, model: torch.nn.Module, device: torch.device) -> None:
+def _load_adapters(path: Path, model: torch.nn.Module, device: str) -> None:
     """The LoRA adapter weights of a checkpoint into the run's `PeftModel` (its base is loaded already)."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(
-        model, load_file(path / "adapter_model.safetensors", device=str(device))
-    )
+    result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors", device=device))
     if result.unexpected_keys:
         raise ValueError(f"checkpoint {path} adapters do not match the model: {result.unexpected_keys}")
-
-
-def _load_training_state(path: Path, acc: Accelerator, optimizer: Any, scheduler: Any) -> TrainerState:
-    # gloo ranks run on "cpu:0", which safetensors and torch.load refuse as a target
-    device = "cpu" if acc.device.type == "cpu" else str(acc.device)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 
 
 def load_extra(path: Path, acc: Accelerator) -> dict[str, Tensor]:

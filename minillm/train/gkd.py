@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minillm import models
+from minillm import models, sharding
 from minillm.config import GKDConfig
 from minillm.data.tokenize import Example, collate
 from minillm.rollout import sample_responses
@@ -112,7 +112,9 @@ def train_gkd(cfg: GKDConfig) -> Path:
                     for _ in mb
                 ]
                 buffers = sampling_buffers(student, len(prompts), cfg, layers=keep_layers) if reuse else None
-                with acc.autocast():  # sample_responses runs the student in eval mode: no dropout
+                # sample_responses runs the student in eval mode (no dropout); under FSDP each rank
+                # samples until its own responses end (`sharding.gathered`)
+                with acc.autocast(), sharding.gathered(model):
                     responses, _ = sample_responses(
                         student,
                         prompts,

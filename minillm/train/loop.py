@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from minillm import sharding
 from minillm.config import KDConfig, TrainConfig
 from minillm.data.tokenize import Example, collate
 from minillm.evaluate import protocol
@@ -118,9 +119,10 @@ def validation_metrics(
 ) -> dict[str, float]:
     """valid/loss (gold CE) and, if cfg.valid_forward_kl, valid/forward_kl on the validation examples
     (`teacher` may be None without it)."""
-    out = {"valid/loss": validation_loss(model, examples, pad_id, cfg, acc)}
-    if cfg.valid_forward_kl:
-        out["valid/forward_kl"] = validation_forward_kl(model, teacher, examples, pad_id, cfg, acc)
+    with sharding.gathered(model):  # ranks run different numbers of batches (`minillm.sharding`)
+        out = {"valid/loss": validation_loss(model, examples, pad_id, cfg, acc)}
+        if cfg.valid_forward_kl:
+            out["valid/forward_kl"] = validation_forward_kl(model, teacher, examples, pad_id, cfg, acc)
     return out
 
 
@@ -135,16 +137,17 @@ def mean_validation_rouge_l(
     """valid/rougeL: Rouge-L of answers to the validation prompts decoded as `minillm eval` decodes them
     (`protocol.validation_rouge_l`), averaged over all prompts; each rank answers every num_processes-th."""
     mine = list(range(acc.process_index, len(prompts), acc.num_processes))
-    scores = protocol.validation_rouge_l(
-        acc.unwrap_model(model),
-        tokenizer,
-        [prompts[i] for i in mine],
-        [records[i]["output"] for i in mine],
-        seed=cfg.seed,
-        rank=acc.process_index,
-        batch_size=cfg.batch_size,
-        max_new_tokens=cfg.valid_max_new_tokens,
-    )
+    with sharding.gathered(model):  # each rank decodes until its own answers end
+        scores = protocol.validation_rouge_l(
+            acc.unwrap_model(model),
+            tokenizer,
+            [prompts[i] for i in mine],
+            [records[i]["output"] for i in mine],
+            seed=cfg.seed,
+            rank=acc.process_index,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.valid_max_new_tokens,
+        )
     return engine.global_count(acc, sum(scores)) / engine.global_count(acc, len(scores))
 
 

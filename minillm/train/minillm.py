@@ -46,7 +46,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from minillm import models
+from minillm import models, sharding
 from minillm.config import MiniLLMConfig
 from minillm.data.pretrain import load_pt_blocks
 from minillm.data.tokenize import collate_prompts
@@ -420,7 +420,8 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             t_store = refill_teacher_cache(teacher, store, t_store.rows, cache, cfg)
     log = engine.MetricsLog(acc, cfg, total, state.step)
     if state.step == 0:
-        log.log(0, validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
+        with sharding.gathered(student):  # each rank samples until its own responses end
+            log.log(0, validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
     all_reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
     # Dropout off in the whole RL phase, sampling and update alike (official code: eval mode), so q_new/q_old
     # is 1 at a collection's first step; train mode only for gradient checkpointing (no dropout, see above)
@@ -435,20 +436,21 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             t0 = time.perf_counter()
             idx = engine.step_indices(len(prompts), cfg.num_rollouts, cfg.seed, collection)
             mine = range(acc.process_index, cfg.num_rollouts, acc.num_processes)  # places in idx
-            store, t_store, sampled, time_teacher = collect(
-                student,
-                teacher,
-                [prompts[idx[i]] for i in mine],
-                pad,
-                eos,
-                cfg,
-                acc,
-                # one stream per rollout, by its place in the collection: the same rollouts on any
-                # number of processes
-                [engine.generator(cfg.seed, collection, i, device=acc.device) for i in mine],
-                cache,
-                sampling_buffers(acc.unwrap_model(student), per_rank, cfg, layers=keep_layers),
-            )
+            with sharding.gathered(student):  # each rank samples until its own responses end
+                store, t_store, sampled, time_teacher = collect(
+                    student,
+                    teacher,
+                    [prompts[idx[i]] for i in mine],
+                    pad,
+                    eos,
+                    cfg,
+                    acc,
+                    # one stream per rollout, by its place in the collection: the same rollouts on any
+                    # number of processes
+                    [engine.generator(cfg.seed, collection, i, device=acc.device) for i in mine],
+                    cache,
+                    sampling_buffers(acc.unwrap_model(student), per_rank, cfg, layers=keep_layers),
+                )
             time_sample = time.perf_counter() - t0
         # --- one optimizer step on mini-batch b of inner epoch `epoch` ---
         t0 = time.perf_counter()
@@ -481,6 +483,17 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             t_micro = t_store.select(at.to(store.mask.device))
             s_micro = None if sampled is None else sampled.select(at.to(store.mask.device), mb_idx[sel])
             last = j == cfg.grad_accum - 1
+            pt_part = {}
+            # The PT loss gets its own forward and backward, never synced (the mini-batch's backward below
+            # syncs both): one student forward per backward, which accelerate's FSDP2 layout needs (two
+            # forwards whose head outputs go unused, then one backward, crash it: docs/distributed.md)
+            if pt_blocks is not None:
+                pick = pt_picks[j * cfg.batch_size : (j + 1) * cfg.batch_size]
+                with acc.no_sync(student), acc.autocast():
+                    pt = pt_loss_sum(student, teacher, pt_blocks[pick].to(acc.device), cfg)
+                pt_tokens = len(pt_picks) * acc.num_processes * (cfg.pt_block_length - 1)
+                acc.backward(cfg.pt_coef * pt * engine.loss_scale(acc, pt_tokens))
+                pt_part = {"pt": float(pt.detach()) / pt_tokens}
             if last:
                 sampled = None  # this step's last forward is its last reader: the weights move next
             with acc.no_sync(student) if not last else nullcontext(), acc.autocast():
@@ -488,14 +501,8 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                     student, teacher, micro, t_micro, adv[sel], 1.0 / scale, cfg, s_micro
                 )
                 s_micro = None  # frees the sampling cache before backward
-                if pt_blocks is not None:
-                    pick = pt_picks[j * cfg.batch_size : (j + 1) * cfg.batch_size]
-                    pt = pt_loss_sum(student, teacher, pt_blocks[pick].to(acc.device), cfg)
-                    pt_tokens = len(pt_picks) * acc.num_processes * (cfg.pt_block_length - 1)
-                    loss = loss + cfg.pt_coef * pt * engine.loss_scale(acc, pt_tokens)
-                    stats["pt"] = float(pt.detach()) / pt_tokens
             acc.backward(loss)
-            for key, value in stats.items():
+            for key, value in (stats | pt_part).items():
                 sums[key] += value
         lr = scheduler.get_last_lr()[0]
         grad_norm = engine.clip_and_step(acc, student, optimizer, scheduler, cfg)
@@ -528,7 +535,8 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
             metrics["tokens/s_sample"] = metrics["tokens/sampled"] / max(time_sample, 1e-9)
         evaluate = engine.is_eval_step(cfg, state.step, total)
         if evaluate:
-            metrics.update(validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
+            with sharding.gathered(student):
+                metrics.update(validate(student, teacher, valid_prompts, valid_records, tokenizer, cfg, acc))
         if state.step % cfg.log_every == 0 or evaluate:
             log.log(state.step, metrics)
         log.advance()
