@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kill_after_checkpoint, launch, read_metrics, stage_config
+from tolerances import assert_close_verbose
 
 from minillm import models
 from minillm.config import SFTConfig
 from minillm.data.tokenize import Example, collate
+from minillm.train import engine
 from minillm.train.sft import ce_loss_sum, train_sft
 
 
@@ -74,3 +76,30 @@ def test_killed_run_resumes_exactly(tiny_llama, tmp_path):
     assert [m["step"] for m in got] == [m["step"] for m in want]
     for a, b in zip(got, want, strict=True):
         assert a.get("loss") == b.get("loss") and a.get("valid/loss") == b.get("valid/loss"), (a, b)
+
+
+def test_make_optimizer_is_fused_adamw_matching_float64_steps():
+    """Every stage's optimizer (`engine.make_optimizer`) is torch's fused AdamW on CPU: one kernel per
+    parameter, no foreach copies of every parameter at step time (the step's memory peak). Two steps
+    equal AdamW written out in float64 (Loshchilov & Hutter, decoupled weight decay, bias correction)."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    cfg = SFTConfig(lr=1e-2, adam_beta1=0.8, adam_beta2=0.9, weight_decay=0.1, warmup_steps=0)
+    optimizer = engine.make_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    params = [p.detach().double().clone() for p in model.parameters()]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    b1, b2, eps = cfg.adam_beta1, cfg.adam_beta2, 1e-8
+    for step in (1, 2):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+        for p, grad in zip(model.parameters(), grads, strict=True):
+            p.grad = grad.float()
+        optimizer.step()
+        for i, grad in enumerate(grads):
+            m[i] = b1 * m[i] + (1 - b1) * grad
+            v[i] = b2 * v[i] + (1 - b2) * grad**2
+            update = (m[i] / (1 - b1**step)) / ((v[i] / (1 - b2**step)).sqrt() + eps)
+            params[i] = params[i] * (1 - cfg.lr * cfg.weight_decay) - cfg.lr * update
+        for p, ref in zip(model.parameters(), params, strict=True):
+            assert_close_verbose(p.detach(), ref, torch.float32)

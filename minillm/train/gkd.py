@@ -130,6 +130,7 @@ def train_gkd(cfg: GKDConfig) -> Path:
                 if buffers is not None:
                     sampled[k] = step_cache(buffers, [len(e.response_ids) for e in mb], cfg)
                 buffers = None  # the caches own them now: freed as the update consumes them (below)
+            engine.release_freed_memory()  # what the decode freed (packed weights, caches), before the update
         t_sample = time.perf_counter() - t0
         micro = [collate(mb, pad) for mb in examples]
         metrics = engine.supervised_step(

@@ -13,6 +13,7 @@ from minillm.config import KDConfig
 from minillm.data.tokenize import target_sequences
 from minillm.objectives.divergences import LogitGrad, get_logit_grad
 from minillm.objectives.lm import ce_kd_sum
+from minillm.train import engine
 from minillm.train.sampling_cache import SamplingCache
 
 
@@ -69,6 +70,8 @@ def kd_loss_sums(
     if kd_ratio > 0.0:
         with torch.no_grad():
             teacher_side = (models.grouped_rows(teacher, seqs, rows_at, count), models.output_head(teacher))
+        # the teacher's freed activations would otherwise stay mapped under the chunked pass, the step's peak
+        engine.release_freed_memory()
     sums: dict[str, float] = {}
     loss = ce_kd_sum(
         rows,
