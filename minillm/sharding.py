@@ -15,7 +15,8 @@ and each needs the whole tensor:
   collective runs inside;
 - checkpoints: `full_state` / `load_full_state` gather and scatter the model's and optimizer's state
   dicts through torch.distributed.checkpoint, every rank taking part.
-A model that is not sharded goes through each of these unchanged.
+A model that is not sharded goes through each of these unchanged. DeepSpeed ZeRO-3 partitions parameters
+too; `whole_head_unit` and `gathered` hand its engines to `minillm.zero`, which does the same for them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from minillm import zero
+
 
 def units(model: nn.Module) -> list[FSDPModule]:
     """The FSDP2 units in `model` (root first), empty when its parameters are whole."""
@@ -48,7 +51,9 @@ def is_sharded(model: nn.Module) -> bool:
 def whole_head_unit(model: nn.Module, head: nn.Module) -> None:
     """All-gather the FSDP2 unit owning `head` (the innermost unit containing it) if its weight is a shard
     now. A collective: every rank calls it at the same point (the update's loss, evaluated on all ranks).
-    FSDP reshards the unit in its post-backward, or after its next forward, as it would have anyway."""
+    FSDP reshards the unit in its post-backward, or after its next forward, as it would have anyway.
+    A ZeRO-3 head is all-gathered and kept whole until the engine's step (`zero.hold`)."""
+    zero.hold([p for p in (head.weight, getattr(head, "bias", None)) if p is not None])
     if not isinstance(head.weight, DTensor):
         return
     owners = [u for u in units(model) if any(m is head for m in u.modules())]
@@ -64,7 +69,12 @@ def gathered(model: nn.Module) -> Iterator[None]:
     reshard after forward, so no all-gather inside): ranks may then run different numbers of forwards
     (sampling) and read weights directly. Costs the whole model's memory on each rank meanwhile. The
     per-unit reshard-after-forward settings are restored on exit, when every unit is resharded. Use it
-    between optimizer steps only (`reset_iter_state` drops gradients accumulated under no_sync)."""
+    between optimizer steps only (`reset_iter_state` drops gradients accumulated under no_sync). A
+    DeepSpeed engine's ZeRO-3 parameters likewise (`zero.gathered`)."""
+    if zero.is_engine(model):
+        with zero.gathered(model):
+            yield
+        return
     fsdp = units(model)
     if not fsdp or id(fsdp[0]) in _GATHERED:  # nothing sharded, or inside an enclosing `gathered`
         yield

@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from minillm import config as config_lib
-from minillm import sharding
+from minillm import sharding, zero
 from minillm.config import GKDConfig, MiniLLMConfig, SeqKDConfig, TrainConfig
 from minillm.errors import InputError
 
@@ -48,8 +48,26 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     check_engine(os.environ, torch.accelerator.is_available())
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-    acc = Accelerator(mixed_precision=mp, cpu=cpu, log_with="tensorboard", project_dir=cfg.output_dir)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    deepspeed = _flag(os.environ, "ACCELERATE_USE_DEEPSPEED")
+    acc = Accelerator(
+        mixed_precision=mp,
+        # accelerate runs DeepSpeed only when not asked for the CPU; without an accelerator it then needs
+        # gloo named, or every process calls itself rank 0 of 1
+        cpu=launched and not deepspeed,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if launched and deepspeed else None,
+        log_with="tensorboard",
+        project_dir=cfg.output_dir,
+    )
+    if deepspeed and acc.distributed_type != DistributedType.DEEPSPEED:
+        raise InputError(
+            f"the launch asks for DeepSpeed but accelerate set up {acc.distributed_type}: start minillm with "
+            "`accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml` (docs/distributed.md)"
+        )
+    if deepspeed:
+        zero.configure(
+            acc.state.deepspeed_plugin, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm, cfg.lora_r > 0
+        )
     if _flag(os.environ, "ACCELERATE_USE_FSDP") and acc.distributed_type != DistributedType.FSDP:
         raise InputError(
             f"the launch asks for FSDP but accelerate set up {acc.distributed_type}: start minillm with "
@@ -60,8 +78,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 def check_engine(env: Mapping[str, str], accelerator: bool) -> None:
     """Refuse the launcher settings (`accelerate launch` exports them) of an engine minillm does not run:
-    FSDP1 (minillm reads sharded parameters the FSDP2 way, `minillm.sharding`), FSDP on a machine without
-    an accelerator (accelerate 1.15 then quietly runs DDP under the FSDP name) and DeepSpeed."""
+    FSDP1 (minillm reads sharded parameters the FSDP2 way, `minillm.sharding`) and FSDP on a machine without
+    an accelerator (accelerate 1.15 then quietly runs DDP under the FSDP name), and DeepSpeed until its
+    two-process tests have passed (`minillm.zero`, tests/test_deepspeed.py)."""
     if _flag(env, "ACCELERATE_USE_FSDP"):
         if env.get("FSDP_VERSION", "1") != "2":
             raise InputError(
@@ -75,10 +94,10 @@ def check_engine(env: Mapping[str, str], accelerator: bool) -> None:
             )
     if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
         raise InputError(
-            "DeepSpeed is not supported: its engine steps inside backward and clips by its own config, ZeRO-2/3 "
-            "partition the optimizer state that checkpoints save and ZeRO-3 the LM head the chunked losses read "
-            "outside the forward; use FSDP (configs/accelerate/fsdp.yaml), whose full sharding is ZeRO-3's "
-            "(docs/distributed.md)"
+            "DeepSpeed is not supported yet: minillm's ZeRO-2/3 code (minillm/zero.py, "
+            "configs/accelerate/deepspeed-zero{2,3}.yaml) has not run end to end against one process "
+            "(tests/test_deepspeed.py); use FSDP (configs/accelerate/fsdp.yaml), whose full sharding is "
+            "ZeRO-3's (docs/distributed.md)"
         )
 
 
@@ -167,12 +186,28 @@ def loss_scale(acc: Accelerator, n_tokens: float) -> float:
     return acc.num_processes / n_tokens
 
 
+def backward(acc: Accelerator, model: torch.nn.Module, loss: Tensor, sync: bool) -> None:
+    """Backward of a loss already normalised for the whole step; `sync`: the step's last backward, whose
+    gradients are reduced over ranks. Under DDP and FSDP the caller's `acc.no_sync` decides that; DeepSpeed
+    is told here, and does not step inside backward as accelerate's `backward` would make it (`zero`)."""
+    if zero.is_engine(model):
+        zero.backward(model, loss, sync)
+    else:
+        acc.backward(loss)
+
+
 def clip_and_step(
     acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any, cfg: TrainConfig
 ) -> float:
     """Clip, step and return the gradient norm. A non-finite norm (every loss term is differentiated, so a
     non-finite loss or reward gives one) skips the update: the gradients are dropped, weights, optimizer
-    and schedule stay as they were (`NonFiniteSteps` counts it)."""
+    and schedule stay as they were (`NonFiniteSteps` counts it). DeepSpeed's engine clips (at
+    `max_grad_norm`, `zero.configure`), skips and steps itself."""
+    if zero.is_engine(model):
+        grad_norm = zero.step(model)
+        if math.isfinite(grad_norm):
+            scheduler.step()
+        return grad_norm
     grad_norm = float(
         sharding.full_norm(
             acc.clip_grad_norm_(
@@ -233,9 +268,10 @@ def supervised_step(
     sums: dict[str, float] = {"loss": 0.0}
     for k, batch in enumerate(micro):
         batch = {key: v.to(acc.device) for key, v in batch.items()}
-        with acc.no_sync(model) if k < len(micro) - 1 else nullcontext(), acc.autocast():
+        last = k == len(micro) - 1
+        with acc.no_sync(model) if not last else nullcontext(), acc.autocast():
             micro_sum, parts = loss(model, batch)
-        acc.backward(micro_sum * scale)
+        backward(acc, model, micro_sum * scale, sync=last)
         for key, value in {"loss": float(micro_sum.detach()), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value / n_tokens
     lr = scheduler.get_last_lr()[0]
@@ -288,9 +324,11 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     # A sharded model's full state dicts are gathered onto the main process, every rank taking part
-    weights, optim_state = (
-        sharding.full_state(model, optimizer.optimizer) if sharding.is_sharded(model) else (None, None)
-    )
+    weights, optim_state = None, None
+    if sharding.is_sharded(model):
+        weights, optim_state = sharding.full_state(model, optimizer.optimizer)
+    elif zero.is_engine(model):
+        weights, optim_state = zero.full_state(model, optimizer.optimizer)
     try:
         if extra:
             save_file(
@@ -340,8 +378,9 @@ def load_checkpoint(
     path: Path, acc: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any
 ) -> TrainerState:
     """Restore weights, optimizer, scheduler and trainer state written by `save_checkpoint`. A sharded model
-    (FSDP2) takes them from the same full files: every rank reads them and keeps its slices."""
-    sharded = sharding.is_sharded(model)
+    (FSDP2, DeepSpeed ZeRO) takes them from the same full files: every rank reads them and keeps its
+    slices."""
+    sharded = sharding.is_sharded(model) or zero.is_engine(model)
     # gloo ranks run on "cpu:0", which safetensors and torch.load refuse as a target; full files for a
     # sharded model stay on the CPU, only each rank's slices move to its device
     device = "cpu" if acc.device.type == "cpu" or sharded else str(acc.device)
@@ -351,7 +390,8 @@ def load_checkpoint(
     if sharded:
         if lora:
             raise InputError(f"{path} holds LoRA adapters: resuming a LoRA run under FSDP is not supported")
-        sharding.load_full_state(model, optimizer.optimizer, _read_weights(path, device), optim_state)
+        load = zero.load_full_state if zero.is_engine(model) else sharding.load_full_state
+        load(model, optimizer.optimizer, _read_weights(path, device), optim_state)
     else:
         if lora:
             _load_adapters(path, inner, device)

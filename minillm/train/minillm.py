@@ -492,7 +492,9 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                 with acc.no_sync(student), acc.autocast():
                     pt = pt_loss_sum(student, teacher, pt_blocks[pick].to(acc.device), cfg)
                 pt_tokens = len(pt_picks) * acc.num_processes * (cfg.pt_block_length - 1)
-                acc.backward(cfg.pt_coef * pt * engine.loss_scale(acc, pt_tokens))
+                engine.backward(
+                    acc, student, cfg.pt_coef * pt * engine.loss_scale(acc, pt_tokens), sync=False
+                )
                 pt_part = {"pt": float(pt.detach()) / pt_tokens}
             if last:
                 sampled = None  # this step's last forward is its last reader: the weights move next
@@ -501,7 +503,7 @@ def train_minillm(cfg: MiniLLMConfig) -> Path:
                     student, teacher, micro, t_micro, adv[sel], 1.0 / scale, cfg, s_micro
                 )
                 s_micro = None  # frees the sampling cache before backward
-            acc.backward(loss)
+            engine.backward(acc, student, loss, sync=last)
             for key, value in (stats | pt_part).items():
                 sums[key] += value
         lr = scheduler.get_last_lr()[0]
