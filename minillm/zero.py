@@ -155,6 +155,12 @@ def _trained(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.module.named_parameters() if p.requires_grad]
 
 
+def _buffers(model: nn.Module) -> dict[str, Tensor]:
+    """The module's persistent buffers by state-dict name (DeepSpeed never partitions buffers)."""
+    params = {name for name, _ in model.module.named_parameters(remove_duplicate=False)}
+    return {k: v.detach().cpu() for k, v in model.module.state_dict().items() if k not in params}
+
+
 def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside DeepSpeed's ZeRO optimizer (its parameters: flat fp32 partitions)."""
     return optimizer.optimizer
@@ -168,7 +174,7 @@ def full_state(model: nn.Module, optimizer: Any) -> tuple[dict[str, Tensor], dic
 
     base = _base_optimizer(optimizer)
     trained = _trained(model)
-    weights = {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in trained}
+    weights = _buffers(model) | {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in trained}
     steps = [s["step"] for s in base.state.values() if "step" in s]
     state: dict[int, dict[str, Tensor]] = {}
     if steps:  # AdamW creates its state at its first step
@@ -190,7 +196,9 @@ def load_full_state(
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     trained = _trained(model)
-    unexpected = set(weights) - {name for name, _ in model.module.named_parameters(remove_duplicate=False)}
+    buffers = _buffers(model)
+    known = {name for name, _ in model.module.named_parameters(remove_duplicate=False)} | set(buffers)
+    unexpected = set(weights) - known
     missing = [name for name, _ in trained if name not in weights]
     if unexpected or missing:
         raise InputError(
@@ -207,6 +215,10 @@ def load_full_state(
                     "exp_avg": torch.zeros_like(flat),
                     "exp_avg_sq": torch.zeros_like(flat),
                 }
+    with torch.no_grad():
+        for name, buffer in model.module.named_buffers():
+            if name in buffers and name in weights:
+                buffer.copy_(weights[name])
     for i, (name, p) in enumerate(trained):
         value = weights[name].to(torch.float32)
         safe_set_full_fp32_param(p, value)
