@@ -25,8 +25,8 @@ under FSDP2 (`minillm.sharding`):
 - checkpoints: `full_state` / `load_full_state` gather and set the fp32 weights and AdamW state through
   DeepSpeed's tensor-fragment API (ZeRO-2 partitions the optimizer state as well), in the files a
   one-process run writes.
-None of this has run to a first step yet, so `engine.check_engine` still refuses DeepSpeed; the tests that
-must pass before the refusal goes are tests/test_deepspeed.py's (docs/distributed.md, "DeepSpeed").
+Only SFT under ZeRO-2 has run (once, by hand, equal to one process), so `engine.check_engine` still
+refuses DeepSpeed; tests/test_deepspeed.py's must pass before the refusal goes (docs/distributed.md).
 """
 
 from __future__ import annotations
