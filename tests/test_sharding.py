@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_tree, model_config
+from conftest import kill_tree, model_config, read_metrics
+from safetensors.torch import load_file
 from test_distributed import (
     ACCELERATE_CONFIG,
     assert_same_run,
@@ -31,6 +32,7 @@ from test_distributed import (
     ragged_prompts,
     supervised_configs,
 )
+from tolerances import DISTRIBUTED
 from transformers import AutoModelForCausalLM
 
 from minillm.config import SFTConfig
@@ -105,3 +107,37 @@ def test_accelerate_fsdp_engine_equals_one_process(tiny_llama, eos_pair, tmp_pat
     finish(runs[1])
     assert_same_run(Path(sft_two.output_dir), Path(sft_one.output_dir), 3)
     assert_same_run(tmp_path / "distill" / "two", tmp_path / "distill" / "one", 4)
+
+
+def test_lora_under_accelerate_fsdp_resumes_and_equals_one_process(tiny_llama, tmp_path):
+    """A LoRA student under accelerate's FSDP2 code (tests/fsdp_cpu.py) in 2 processes, stopped after its
+    step-2 checkpoint and resumed for step 3, equals one uninterrupted process with the same global batch:
+    the adapters written (full, by every rank gathering), reloaded into the sharded model with their
+    optimizer state, and trained on, within test_distributed.py's tolerances."""
+    lora = dict(lora_r=4, lora_alpha=16, lora_target_modules=["q_proj", "v_proj", "down_proj"])
+    two, one = supervised_configs(SFTConfig, tiny_llama, tmp_path, **lora)
+    entry = [str(ROOT / "tests" / "fsdp_cpu.py")]
+    first = launch_two("sft", replace(two, max_steps=2), entry)
+    try:
+        train_sft(one)
+    except BaseException:
+        kill_tree(first)
+        raise
+    finish(first)
+    finish(launch_two("sft", replace(two, resume=True), entry))
+    got = {m["step"]: m for m in read_metrics(Path(two.output_dir)) if "loss" in m}
+    want = {m["step"]: m for m in read_metrics(Path(one.output_dir)) if "loss" in m}
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("loss", "grad_norm"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=DISTRIBUTED["metric_rtol"]), (
+                step,
+                key,
+            )
+    a, b = (load_file(Path(c.output_dir) / "ckpt-3" / "adapter_model.safetensors") for c in (two, one))
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for name in a:
+        torch.testing.assert_close(
+            a[name], b[name], rtol=DISTRIBUTED["weight_rtol"], atol=DISTRIBUTED["weight_atol"], msg=name
+        )
+    assert not (Path(two.output_dir) / "ckpt-3" / "model.safetensors").exists()  # adapters only

@@ -349,9 +349,8 @@ def load_checkpoint(
     inner = acc.unwrap_model(model)
     lora = (path / "adapter_model.safetensors").is_file()  # a LoRA run: the checkpoint holds its adapters
     if sharded:
-        if lora:
-            raise InputError(f"{path} holds LoRA adapters: resuming a LoRA run under FSDP is not supported")
-        sharding.load_full_state(model, optimizer.optimizer, _read_weights(path, device), optim_state)
+        weights = _read_adapters(path, inner, device) if lora else _read_weights(path, device)
+        sharding.load_full_state(model, optimizer.optimizer, weights, optim_state)
     else:
         if lora:
             _load_adapters(path, inner, device)
@@ -381,6 +380,22 @@ def _load_weights(path: Path, model: torch.nn.Module, device: str) -> None:
             "resume with the model that run started from, or choose another output_dir"
         )
     model.tie_weights()
+
+
+def _read_adapters(path: Path, model: torch.nn.Module, device: str) -> dict[str, Tensor]:
+    """A checkpoint's LoRA adapter weights keyed by the `PeftModel`'s own parameter names: peft's files drop
+    the adapter's name (`get_peft_model_state_dict` removes ".default" from every key), which is put back
+    here so that a sharded model can load them through torch's state-dict API (`sharding.load_full_state`);
+    peft's own loader copies into the parameters, which FSDP2's DTensors refuse."""
+    saved = load_file(path / "adapter_model.safetensors", device=device)
+    suffix = f".{model.active_adapter}"
+    names = {name.replace(suffix, ""): name for name, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != names.keys():
+        raise ValueError(
+            f"checkpoint {path} adapters do not match the model: missing {sorted(names.keys() - saved.keys())}, "
+            f"unexpected {sorted(saved.keys() - names.keys())}"
+        )
+    return {names[key]: value for key, value in saved.items()}
 
 
 def _load_adapters(path: Path, model: torch.nn.Module, device: str) -> None:
@@ -421,7 +436,8 @@ def resume(
             "or give this run another output_dir"
         )
     state = load_checkpoint(ckpt, acc, model, optimizer, scheduler)
-    truncate_metrics(cfg, state.step)
+    if acc.is_main_process:  # one writer: a rank reading while another rewrote the file read it empty
+        truncate_metrics(cfg, state.step)
     acc.print(f"resumed from {ckpt} at step {state.step}")
     return state, ckpt
 
@@ -554,7 +570,9 @@ def truncate_metrics(cfg: TrainConfig, step: int) -> None:
     path = Path(cfg.output_dir) / "metrics.jsonl"
     if path.is_file():
         kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        tmp.replace(path)  # a run killed meanwhile keeps the whole log
 
 
 def chunks(seq: list[Any], size: int) -> Iterator[list[Any]]:
