@@ -260,10 +260,15 @@ class TrainerState:
     best_step: int | None = None
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
+def _atomic_write(path: Path, text: str) -> None:
+    """Write through a temporary file and rename: a run killed meanwhile keeps the previous file whole."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, json.dumps(obj, indent=2))
 
 
 def save_checkpoint(
@@ -570,9 +575,7 @@ def truncate_metrics(cfg: TrainConfig, step: int) -> None:
     path = Path(cfg.output_dir) / "metrics.jsonl"
     if path.is_file():
         kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        tmp.replace(path)  # a run killed meanwhile keeps the whole log
+        _atomic_write(path, "".join(ln + "\n" for ln in kept))
 
 
 def chunks(seq: list[Any], size: int) -> Iterator[list[Any]]:
