@@ -205,6 +205,7 @@ def _report(argv: list[str]) -> None:
     )
     p.add_argument("--ablations", default="", help="Comma-separated model names shown in their own table.")
     p.add_argument("--ablation-base", default=None, help="The model the ablations are compared with.")
+    p.add_argument("--order", default="", help="Comma-separated model names: the tables' row order.")
     args = p.parse_args(argv)
     from minillm.report import make_report
 
@@ -218,6 +219,7 @@ def _report(argv: list[str]) -> None:
         rescore=args.rescore,
         ablations=ablations,
         ablation_base=args.ablation_base,
+        order=[n for n in args.order.split(",") if n],
     )
     print(path)
 

@@ -301,13 +301,21 @@ def make_report(
     rescore: bool = False,
     ablations: list[str] = (),
     ablation_base: str | None = None,
+    order: list[str] = (),
 ) -> Path:
     """Write report.md, report.csv and the PNG plots into `out_dir`; return the path of report.md.
 
     rescore: recompute every eval from the generations beside its results.json (`publish.rescore`).
     ablations: models shown in their own Rouge-L table beside `ablation_base` (deltas against it), not in the
-    main table and its plots."""
+    main table and its plots.
+    order: model names in the order of every table's rows; models not listed follow in the order found."""
     evals, exposures, calibrations, costs = _load(run_dirs, rescore)
+    found = {x["name"] for x in evals + exposures + calibrations}
+    if unknown := [n for n in order if n not in found]:
+        raise ValueError(f"--order names {unknown}, which no result has; models: {', '.join(sorted(found))}")
+    rank = {name: i for i, name in enumerate(order)}
+    for group in (evals, exposures, calibrations):
+        group.sort(key=lambda x: rank.get(x["name"], len(rank)))  # stable: the rest keep their order
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [e["name"] for e in evals] + [x["name"] for x in exposures + calibrations]

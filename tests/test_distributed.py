@@ -82,7 +82,10 @@ def finish(run: subprocess.Popen) -> None:
 
 
 def final_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(out / f"ckpt-{step}" / "model.safetensors")
+    """A checkpoint's weights: the model's, or a LoRA run's adapters (its checkpoints hold only those)."""
+    ckpt = out / f"ckpt-{step}"
+    adapters = ckpt / "adapter_model.safetensors"
+    return load_file(adapters if adapters.is_file() else ckpt / "model.safetensors")
 
 
 def assert_same_run(two: Path, one: Path, steps: int) -> None:

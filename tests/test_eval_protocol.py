@@ -211,6 +211,25 @@ def test_a_set_left_empty_by_the_length_rule(llama, tmp_path, monkeypatch):
     assert (res["sets"]["long"]["n_prompts"], res["sets"]["long"]["skipped_long"]) == (0, 1)
 
 
+def test_results_record_the_display_name_not_its_folder_slug(llama, tmp_path, monkeypatch):
+    # the comparison plan's ablations are named "MiniLLM w/o ...": results.json recorded the folder's slug
+    # "MiniLLM_w_o_...", so `minillm report --ablations "MiniLLM w/o ..."` matched no model
+    model, tok = llama
+    data = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 300, "input": "", "output": "x"}])
+    monkeypatch.setattr(generate, "sample", lambda *a, **k: pytest.fail("sampled an empty set"))
+    kw = dict(model="runs/exp/m/best", sets=[str(data)], seeds=[1], lm_loss=False, max_prompt_length=100)
+    cfg = EvalConfig(**kw, name="MiniLLM w/o length norm")
+    res = protocol.evaluate_model(model, tok, cfg, tmp_path / protocol.slug(cfg.name), progress=False)
+    assert res["name"] == "MiniLLM w/o length norm"
+    assert (
+        json.loads((tmp_path / "MiniLLM_w_o_length_norm" / "results.json").read_text())["name"] == res["name"]
+    )
+    unnamed = protocol.evaluate_model(
+        model, tok, EvalConfig(**kw), tmp_path / "runs_exp_m_best", progress=False
+    )
+    assert unnamed["name"] == "runs_exp_m_best"  # no name given: the folder's, as before
+
+
 def test_selfinst_242_flag_and_max_per_set(llama, tmp_path, monkeypatch):
     model, tok = llama
     data = write_jsonl(

@@ -140,3 +140,17 @@ def test_lora_dropout_counts_as_dropout(tiny_llama):
         0.1,
         {"q_proj"},
     )
+
+
+def test_adapters_start_from_the_seed(tiny_llama, tmp_path):
+    """LoRA A's random init is the config seed's, whatever the global RNG held before: two processes (or two
+    runs) start from the same adapters, and another seed from others."""
+
+    def adapters(seed: int) -> dict[str, torch.Tensor]:
+        torch.rand(7)  # the global RNG in some other state
+        _, _, model = setup.load_student(stage_config(SFTConfig, tiny_llama, tmp_path, seed=seed, **LORA))
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    a, b, c = adapters(1), adapters(1), adapters(2)
+    assert a and all(torch.equal(a[n], b[n]) for n in a)
+    assert not any(torch.equal(a[n], c[n]) for n in a)

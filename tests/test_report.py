@@ -167,3 +167,18 @@ def test_report_ablation_table(runs, tmp_path):
     # deltas against the ablation base: kd 24 - 26, 29 - 32, 26.5 - 29
     assert "| runs_kd | 24.00 ± 1.41 (-2.00) | 29.00 ± 1.41 (-3.00) | 26.50 ± 1.41 (-2.50) |" in ablation
     assert "| runs_minillm | **26.00** ± 0.00 | **32.00** ± 1.41 | **29.00** ± 0.71 |" in ablation
+
+
+def test_report_rows_follow_the_given_order(runs, tmp_path):
+    """Found in folder order (kd, minillm, sft); listed ones first, in the given order, in every table."""
+    md = make_report([str(runs)], str(tmp_path / "rep"), None, order=["runs_sft", "runs_minillm"]).read_text()
+    rouge = md[md.index("## Rouge-L") :]
+    assert [r.split(" |")[0] for r in rouge.splitlines() if r.startswith("| runs_")][:3] == [
+        "| runs_sft",
+        "| runs_minillm",
+        "| runs_kd",
+    ]
+    calibration = [r.split(" |")[0] for r in md.splitlines() if "| unni-yesno |" in r]
+    assert calibration == ["| runs_sft", "| runs_minillm"]
+    with pytest.raises(ValueError, match="no result has"):
+        make_report([str(runs)], str(tmp_path / "rep"), None, order=["runs_gkd"])

@@ -24,6 +24,7 @@ from test_distributed import (
     ACCELERATE_CONFIG,
     assert_same_run,
     eos_pair,  # noqa: F401 (a fixture)
+    final_weights,
     finish,
     free_port,
     launch_two,
@@ -105,3 +106,24 @@ def test_accelerate_fsdp_engine_equals_one_process(tiny_llama, eos_pair, tmp_pat
     finish(runs[1])
     assert_same_run(Path(sft_two.output_dir), Path(sft_one.output_dir), 3)
     assert_same_run(tmp_path / "distill" / "two", tmp_path / "distill" / "one", 4)
+
+
+def test_lora_under_accelerate_fsdp_resumes_and_equals_one_process(tiny_llama, tmp_path):
+    """A LoRA student under accelerate's FSDP2 code (tests/fsdp_cpu.py) in 2 processes, stopped after its
+    step-2 checkpoint and resumed for step 3, equals one uninterrupted process with the same global batch:
+    the adapters written (full, by every rank gathering), reloaded into the sharded model with their
+    optimizer state, and trained on, within test_distributed.py's tolerances."""
+    lora = dict(lora_r=4, lora_alpha=16, lora_target_modules=["q_proj", "v_proj", "down_proj"])
+    two, one = supervised_configs(SFTConfig, tiny_llama, tmp_path, **lora)
+    entry = [str(ROOT / "tests" / "fsdp_cpu.py")]
+    first = launch_two("sft", replace(two, max_steps=2), entry)
+    try:
+        train_sft(one)
+    except BaseException:
+        kill_tree(first)
+        raise
+    finish(first)
+    finish(launch_two("sft", replace(two, resume=True), entry))
+    assert_same_run(Path(two.output_dir), Path(one.output_dir), 3)  # the resumed log keeps steps 1-2
+    assert any("lora_B" in k for k in final_weights(Path(two.output_dir), 3))
+    assert not (Path(two.output_dir) / "ckpt-3" / "model.safetensors").exists()  # adapters only

@@ -483,7 +483,8 @@ def evaluate_model(
     param = next(model.parameters())
     results = {
         "kind": "eval",
-        "name": out_dir.name,
+        # the name as given (reports match ablations by it), not its folder's slug ("w/o" -> "w_o")
+        "name": cfg.name or out_dir.name,
         "model": cfg.model,
         "config": dataclasses.asdict(cfg),
         "sets": results_sets,

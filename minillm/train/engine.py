@@ -296,10 +296,15 @@ class TrainerState:
     best_step: int | None = None
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
+def _atomic_write(path: Path, text: str) -> None:
+    """Write through a temporary file and rename: a run killed meanwhile keeps the previous file whole."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, json.dumps(obj, indent=2))
 
 
 def save_checkpoint(
@@ -388,10 +393,9 @@ def load_checkpoint(
     inner = acc.unwrap_model(model)
     lora = (path / "adapter_model.safetensors").is_file()  # a LoRA run: the checkpoint holds its adapters
     if sharded:
-        if lora:
-            raise InputError(f"{path} holds LoRA adapters: resuming a LoRA run under FSDP is not supported")
+        weights = _read_adapters(path, inner, device) if lora else _read_weights(path, device)
         load = zero.load_full_state if zero.is_engine(model) else sharding.load_full_state
-        load(model, optimizer.optimizer, _read_weights(path, device), optim_state)
+        load(model, optimizer.optimizer, weights, optim_state)
     else:
         if lora:
             _load_adapters(path, inner, device)
@@ -421,6 +425,22 @@ def _load_weights(path: Path, model: torch.nn.Module, device: str) -> None:
             "resume with the model that run started from, or choose another output_dir"
         )
     model.tie_weights()
+
+
+def _read_adapters(path: Path, model: torch.nn.Module, device: str) -> dict[str, Tensor]:
+    """A checkpoint's LoRA adapter weights keyed by the `PeftModel`'s own parameter names: peft's files drop
+    the adapter's name (`get_peft_model_state_dict` removes ".default" from every key), which is put back
+    here so that a sharded model can load them through torch's state-dict API (`sharding.load_full_state`);
+    peft's own loader copies into the parameters, which FSDP2's DTensors refuse."""
+    saved = load_file(path / "adapter_model.safetensors", device=device)
+    suffix = f".{model.active_adapter}"
+    names = {name.replace(suffix, ""): name for name, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != names.keys():
+        raise ValueError(
+            f"checkpoint {path} adapters do not match the model: missing {sorted(names.keys() - saved.keys())}, "
+            f"unexpected {sorted(saved.keys() - names.keys())}"
+        )
+    return {names[key]: value for key, value in saved.items()}
 
 
 def _load_adapters(path: Path, model: torch.nn.Module, device: str) -> None:
@@ -461,7 +481,8 @@ def resume(
             "or give this run another output_dir"
         )
     state = load_checkpoint(ckpt, acc, model, optimizer, scheduler)
-    truncate_metrics(cfg, state.step)
+    if acc.is_main_process:  # one writer: a rank reading while another rewrote the file read it empty
+        truncate_metrics(cfg, state.step)
     acc.print(f"resumed from {ckpt} at step {state.step}")
     return state, ckpt
 
@@ -594,7 +615,7 @@ def truncate_metrics(cfg: TrainConfig, step: int) -> None:
     path = Path(cfg.output_dir) / "metrics.jsonl"
     if path.is_file():
         kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        _atomic_write(path, "".join(ln + "\n" for ln in kept))
 
 
 def chunks(seq: list[Any], size: int) -> Iterator[list[Any]]:

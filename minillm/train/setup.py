@@ -31,6 +31,9 @@ def load_student(cfg: TrainConfig) -> tuple[Accelerator, Any, torch.nn.Module]:
     if cfg.gradient_checkpointing:  # non-reentrant: works whether or not the inputs require grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
+        # The adapters' random init (LoRA A) is the seed's, the same in every process and every run: DDP would
+        # broadcast rank 0's, but FSDP keeps each rank's slice of that rank's own init
+        torch.manual_seed(cfg.seed)
         model = models.add_lora(
             model,
             r=cfg.lora_r,
