@@ -100,6 +100,12 @@ def configure(plugin: Any, batch_size: int, grad_accum: int, max_grad_norm: floa
             )
     if lora:
         raise InputError("LoRA students under DeepSpeed are not supported (untested): use DDP or lora_r 0")
+    # accelerate registers a ZeRO-3 config with transformers even when zero3_init_flag is false, and
+    # from_pretrained then partitions every model it loads (under deepspeed.zero.Init), the teacher too,
+    # whose forwards no engine gathers. minillm loads both whole; `acc.prepare` partitions the student.
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def backward(model: nn.Module, loss: Tensor, sync: bool) -> None:
@@ -166,6 +172,14 @@ def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer.optimizer
 
 
+def _flat_partitions(optimizer: Any) -> list[Tensor]:
+    """This rank's flat fp32 partitions, the tensors AdamW's state is keyed by (ZeRO-3 puts them in AdamW's
+    param groups only during its step)."""
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        return optimizer.fp32_partitioned_groups_flat
+    return optimizer.single_partition_of_fp32_groups
+
+
 def full_state(model: nn.Module, optimizer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The fp32 weights by name and the AdamW state in torch's own layout (parameters numbered in
     `make_optimizer`'s order), as a one-process run's `optimizer.state_dict()`; a collective, every rank
@@ -206,15 +220,18 @@ def load_full_state(
         )
     base = _base_optimizer(optimizer)
     saved = optim_state["state"]
-    if saved and not base.state:  # AdamW's state, which it would create at its first step, to be filled
+    if saved:  # AdamW's state, which it creates at its first step (ZeRO-3 starts with empty entries), filled below
         step = next(iter(saved.values()))["step"]
-        for group in base.param_groups:
-            for flat in group["params"]:
-                base.state[flat] = {
-                    "step": step.clone().to(flat.device),
-                    "exp_avg": torch.zeros_like(flat),
-                    "exp_avg_sq": torch.zeros_like(flat),
-                }
+        for flat in _flat_partitions(optimizer):
+            state = base.state[flat]
+            if "exp_avg" not in state:
+                state |= {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+            state["step"] = step.clone().to(flat.device)
+        # ZeRO-2 links each parameter to its fragments of that state only after its first step (ZeRO-3 reads
+        # the state directly); the setters below need the link now
+        link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            link()
     with torch.no_grad():
         for name, buffer in model.module.named_buffers():
             if name in buffers and name in weights:

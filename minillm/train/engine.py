@@ -92,13 +92,6 @@ def check_engine(env: Mapping[str, str], accelerator: bool) -> None:
                 "FSDP needs GPUs: on a CPU accelerate gives every process plain DDP instead; use "
                 "configs/accelerate/cpu-2proc.yaml there (docs/distributed.md)"
             )
-    if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
-        raise InputError(
-            "DeepSpeed is not supported yet: minillm's ZeRO-2/3 code (minillm/zero.py, "
-            "configs/accelerate/deepspeed-zero{2,3}.yaml) has not run end to end against one process "
-            "(tests/test_deepspeed.py); use FSDP (configs/accelerate/fsdp.yaml), whose full sharding is "
-            "ZeRO-3's (docs/distributed.md)"
-        )
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
