@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DS_STAMP := $(VENV)/.deepspeed
 
 .PHONY: setup demo test lint bench clean
 
@@ -19,7 +20,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/minillm demo
 
-test: $(STAMP)
+# DeepSpeed, for tests/test_deepspeed.py only: an sdist whose build imports torch (so no build isolation;
+# DS_BUILD_OPS=0 prebuilds no CUDA op), and the shared-memory op its CPU backend JIT-compiles at a first launch,
+# built here once rather than inside a test's time limit.
+$(DS_STAMP): $(STAMP)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -c constraints.txt -e '.[deepspeed]'
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+	touch $(DS_STAMP)
+
+test: $(STAMP) $(DS_STAMP)
 	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)

@@ -25,8 +25,8 @@ under FSDP2 (`minillm.sharding`):
 - checkpoints: `full_state` / `load_full_state` gather and set the fp32 weights and AdamW state through
   DeepSpeed's tensor-fragment API (ZeRO-2 partitions the optimizer state as well), in the files a
   one-process run writes.
-Only SFT under ZeRO-2 has run (once, by hand, equal to one process), so `engine.check_engine` still
-refuses DeepSpeed; tests/test_deepspeed.py's must pass before the refusal goes (docs/distributed.md).
+tests/test_deepspeed.py runs SFT and MiniLLM at both stages in 2 CPU processes against one process, and a
+MiniLLM resume; nothing here has run on a GPU (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -220,7 +220,8 @@ def load_full_state(
         )
     base = _base_optimizer(optimizer)
     saved = optim_state["state"]
-    if saved:  # AdamW's state, which it creates at its first step (ZeRO-3 starts with empty entries), filled below
+    # AdamW's state, which it creates at its first step (ZeRO-3 starts with empty entries), filled below
+    if saved:
         step = next(iter(saved.values()))["step"]
         for flat in _flat_partitions(optimizer):
             state = base.state[flat]

@@ -7,9 +7,8 @@ gathers the embedding the chunked loss reads as the head), 2 micro-batches, a co
 norm below the gradient norms (DeepSpeed clips, at max_grad_norm); MiniLLM with teacher mixing, ragged
 responses, 2 inner epochs and the PT loss (two backwards per micro-batch). The checkpoints hold the files a
 one-process run writes (the full model and AdamW state, gathered), and a run resumed from the mid-collection
-checkpoint at step 3 ends where the uninterrupted one does. The 2-process tests skip without deepspeed (an
-optional extra: DS_BUILD_OPS=0 pip install --no-build-isolation -e '.[deepspeed]') and while
-engine.check_engine still refuses DeepSpeed: they have not yet run to the end (docs/distributed.md).
+checkpoint at step 3 ends where the uninterrupted one does. `make test` installs deepspeed (an optional extra:
+DS_BUILD_OPS=0 pip install --no-build-isolation -e '.[deepspeed]'); without it the 2-process tests skip.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ from minillm import config as config_lib
 from minillm import zero
 from minillm.config import SFTConfig
 from minillm.errors import InputError
-from minillm.train import engine
 from minillm.train.minillm import train_minillm
 from minillm.train.sft import train_sft
 
@@ -54,19 +52,10 @@ STAGES = (2, 3)
 MAX_GRAD_NORM = 0.05  # below every step's gradient norm in these runs: each step is clipped
 
 
-def _refused() -> bool:
-    try:
-        engine.check_engine({"ACCELERATE_USE_DEEPSPEED": "true"}, accelerator=False)
-    except InputError:
-        return True
-    return False
-
-
-# a mark, not importorskip in the test: skipped before the fixtures build their models. Remove the refusal
-# in engine.check_engine to run them (they are what must pass before it goes, docs/distributed.md)
+# a mark, not importorskip in the test: skipped before the fixtures build their models
 needs_deepspeed = pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None or _refused(),
-    reason="deepspeed is not installed (the optional extra `deepspeed`), or engine.check_engine refuses it",
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (the optional extra `deepspeed`, which `make test` installs)",
 )
 
 

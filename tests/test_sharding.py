@@ -76,7 +76,6 @@ def test_sharded_student_equals_one_process(tmp_path, tokenizer):
     [
         ({"ACCELERATE_USE_FSDP": "true"}, "FSDP1 is not supported"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP needs GPUs"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported yet"),
     ],
 )
 def test_unsupported_engines_are_refused(env, message):
