@@ -199,6 +199,21 @@ def test_resume_on_another_stage_or_a_finished_run(tiny_llama, teacher, tmp_path
     assert f"{out} holds a finished run (1 of 1 steps): nothing to train" in stdout
 
 
+def test_restart_before_the_first_checkpoint_logs_one_run(tiny_llama, tmp_path, capsys):
+    """An attempt killed before its first checkpoint leaves its log lines; the rerun, which starts afresh,
+    must not append to them (step 0 twice, and steps whose weights no checkpoint holds)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [{"step": 0, "valid/loss": 9.0}, {"step": 1, "loss": 9.0}]
+    write_jsonl(out / "metrics.jsonl", [json.dumps(m) for m in stale])
+    code, _, err = run(sft_argv(tiny_llama, out, max_steps=2, resume=True), capsys)
+    assert code == 0, err
+    logged = read_metrics(out)
+    assert not [m for m in logged if m in stale]
+    assert [m["step"] for m in logged if "loss" in m] == [1, 2]
+    assert len([m for m in logged if m["step"] == 0]) == 1
+
+
 # --- runtime: non-finite batches, failed checkpoint writes ----------------------------------------
 
 

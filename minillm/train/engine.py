@@ -464,6 +464,8 @@ def resume(
     """The state to start from: the latest checkpoint's when `cfg.resume` is set (and one exists)."""
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if ckpt is None:
+        if acc.is_main_process:  # a fresh start: lines of an attempt killed before its first checkpoint go
+            truncate_metrics(cfg, -1)
         return TrainerState(), None
     saved = json.loads((ckpt / "minillm_config.json").read_text())["stage"]
     if saved != type(cfg).__name__:
@@ -604,7 +606,8 @@ def end_process_group() -> None:
 
 
 def truncate_metrics(cfg: TrainConfig, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint's step so the log reads as one run."""
+    """Drop lines logged after `step` (the resumed checkpoint's; -1 for a fresh start, every line) so the
+    log reads as one run."""
     path = Path(cfg.output_dir) / "metrics.jsonl"
     if path.is_file():
         kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
