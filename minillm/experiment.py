@@ -43,6 +43,7 @@ import yaml
 from minillm.errors import InputError
 
 TRAINING = {"sft", "kd", "seqkd", "gkd", "distill"}
+BOOKKEEPING = {"publish", "experiment", "report"}  # no cost of the comparison: left out of `costs`
 POLL_SECONDS = 60.0
 
 
@@ -172,13 +173,16 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def costs(plan: str) -> dict[str, Any]:
     """Every run's wall and CPU seconds over its attempts, and for training stages the optimizer steps, the
-    tokens trained on and the tokens sampled on-policy (from the run's metrics.jsonl)."""
+    tokens trained on and the tokens sampled on-policy (from the run's metrics.jsonl). The plan's own
+    bookkeeping (publish, costs, report) is left out."""
     from minillm import config as config_lib
     from minillm.cli import STAGE_COMMANDS
 
     root, runs = load_plan(plan)
     out = []
     for run in runs:
+        if run.command in BOOKKEEPING:
+            continue
         path = root / "time" / f"{run.name}.json"
         attempts = json.loads(path.read_text()) if path.is_file() else []
         entry: dict[str, Any] = {

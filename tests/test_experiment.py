@@ -54,6 +54,7 @@ def test_plan_runs_in_order_skips_done_and_stops_on_failure(teacher, tmp_path, c
                         "command": "sft",
                         "args": {"model": str(tmp_path / "nothing"), "output_dir": str(tmp_path / "sft")},
                     },
+                    {"name": "costs", "command": "experiment", "args": ["--plan", "p", "--costs", "c"]},
                 ],
             }
         )
@@ -81,7 +82,7 @@ def test_plan_runs_in_order_skips_done_and_stops_on_failure(teacher, tmp_path, c
     rows += [{"step": 2, "tokens": 20}, {"step": 3, "tokens": 5, "tokens/sampled": 7}]  # resumed at step 1
     (tmp_path / "sft" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     main(["experiment", "--plan", str(plan), "--costs", str(tmp_path / "costs.json")])
-    cut, broken = json.loads((tmp_path / "costs.json").read_text())["runs"]
+    cut, broken = json.loads((tmp_path / "costs.json").read_text())["runs"]  # not the costs run itself
     assert cut["done"] and cut["attempts"] == 1 and cut["wall_seconds"] == pytest.approx(done["wall_seconds"])
     assert "steps" not in cut  # not a training stage
     assert not broken["done"] and broken["attempts"] == 1 and broken["cpu_seconds"] > 0
