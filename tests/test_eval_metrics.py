@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minillm.evaluate.calibration import calibration_result
-from minillm.evaluate.exposure import accumulated_error, ex_acc_err
+from minillm.evaluate.exposure import PrefixStats, accumulated_error, ex_acc_err, explain
 from minillm.evaluate.metrics import distinct_n, ece, ece_bins, length_bucket, mean_std, rouge_l
 
 # ------------------------------------------------------------------------------------------------ Rouge-L
@@ -126,6 +126,22 @@ def test_accumulated_error_by_hand():
     alive = torch.tensor([[[1, 1, 0], [1, 1, 1]], [[1, 0, 0], [1, 0, 0]]], dtype=torch.bool)
     out = accumulated_error(kl, alive)
     torch.testing.assert_close(out, torch.tensor([[2.0, 5.0, 10.0], [1.0, 1.0, 1.0]], dtype=torch.float64))
+
+
+def test_explain_by_hand():
+    # two prompts over 3 steps; prompt 1 stops running after step 1, so its error stays flat from there
+    stats = PrefixStats(
+        error=torch.tensor([[2.0, 5.0, 10.0], [4.0, 4.0, 4.0]], dtype=torch.float64),
+        live=torch.tensor([[True, True, True], [True, False, False]]),
+        entropy=torch.tensor([[1.0, 2.0, 3.0], [3.0, 0.0, 0.0]], dtype=torch.float64),
+    )
+    out = explain(stats)
+    assert out["live"] == [1.0, 0.5, 0.5]
+    assert out["step_error"] == [3.0, 3.0, 5.0]  # step 1: (2 + 4) / 2; then prompt 0's alone: 3, 5
+    assert out["teacher_entropy"] == [2.0, 2.0, 3.0]
+    none = torch.zeros(2, 3, dtype=torch.float64)
+    stats = PrefixStats(none, torch.zeros(2, 3, dtype=torch.bool), none)
+    assert all(math.isnan(v) for v in explain(stats)["step_error"])  # no prompt running: undefined, not 0
 
 
 def test_ex_acc_err_by_hand():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -315,7 +316,7 @@ def test_step_kl_matches_slow_reference(llama, tiny_gpt2):
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     eos = tok.eos_token_id
     responses = torch.tensor([[20, eos, eos, eos], [21, 22, 23, 24]])  # row 0 ends at step 2
-    kl, alive = step_kl(teacher, student, prompts, responses, eos_id=eos, pad_id=tok.pad_token_id)
+    kl, entropy, alive = step_kl(teacher, student, prompts, responses, eos_id=eos, pad_id=tok.pad_token_id)
     assert alive.tolist() == [[True, True, False, False], [True, True, True, True]]
     for n, p in enumerate(prompts):
         steps = int(alive[n].sum())
@@ -323,9 +324,14 @@ def test_step_kl_matches_slow_reference(llama, tiny_gpt2):
         lp, lq = teacher(input_ids=ids).logits[0], student(input_ids=ids).logits[0]  # [L, V]
         for t in range(steps):
             pos = len(p) - 1 + t  # the position whose logits predict response token t
-            ref = kl_slow(softmax_slow(lp[pos].tolist()), softmax_slow(lq[pos].tolist()))
-            assert kl[n, t].item() == pytest.approx(ref, rel=1e-4, abs=1e-7)
-        assert (kl[n, steps:] == 0).all()
+            p_t = softmax_slow(lp[pos].tolist())
+            assert kl[n, t].item() == pytest.approx(
+                kl_slow(p_t, softmax_slow(lq[pos].tolist())), rel=1e-4, abs=1e-7
+            )
+            assert entropy[n, t].item() == pytest.approx(
+                -sum(x * math.log(x) for x in p_t if x > 0), rel=1e-4
+            )
+        assert (kl[n, steps:] == 0).all() and (entropy[n, steps:] == 0).all()
 
 
 def test_exacc_err_zero_when_prefixes_come_from_the_teacher(llama, tiny_llama, student_path):
@@ -336,9 +342,11 @@ def test_exacc_err_zero_when_prefixes_come_from_the_teacher(llama, tiny_llama, s
     kw = dict(
         samples=2, max_new_tokens=6, seed=10, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, batch_size=2
     )
-    eps = prompt_errors(teacher, teacher, student, prompts, **kw).mean(0)
-    R_teacher = prompt_errors(teacher_copy, teacher, student, prompts, **kw).mean(0)
-    R_student = prompt_errors(student, teacher, student, prompts, **kw).mean(0)
+    on_teacher = prompt_errors(teacher, teacher, student, prompts, **kw)
+    eps = on_teacher.error.mean(0)
+    R_teacher = prompt_errors(teacher_copy, teacher, student, prompts, **kw).error.mean(0)
+    R_student = prompt_errors(student, teacher, student, prompts, **kw).error.mean(0)
+    assert on_teacher.live[:, 0].all() and (on_teacher.entropy[:, 0] > 0).all()  # every prompt runs at step 1
     assert eps[-1] > 1e-3  # the two models do differ: a non-degenerate 0
     torch.testing.assert_close(ex_acc_err(R_teacher, eps), torch.zeros(6, dtype=torch.float64))
     assert (eps.diff() >= 0).all() and (R_student.diff() >= 0).all()  # accumulated errors never decrease
@@ -357,6 +365,9 @@ def test_run_exposure_student_equal_teacher_gives_zero(tiny_llama, tmp_path):
     )  # fmt: skip
     res = run_exposure(cfg)
     assert res["R"] == [0.0] * 5 and res["eps"] == [0.0] * 5 and res["exacc_err"] == [0.0] * 5
+    # one model, one seed: the same prefixes on both sides, so the same prompts run and the teacher is as sure
+    assert res["live_R"] == res["live_eps"] and res["teacher_entropy_R"] == res["teacher_entropy_eps"]
+    assert res["live_R"][0] == 1.0 and res["step_error_R"][0] == 0.0
     out = tmp_path / "exp" / protocol.slug(str(tiny_llama))
     assert json.loads((out / "exposure.json").read_text())["l"] == [1, 2, 3, 4, 5]
     assert (out / "exposure.png").read_bytes()[:4] == b"\x89PNG"

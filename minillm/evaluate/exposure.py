@@ -14,6 +14,10 @@ ban: the definition samples from q and p themselves), then averaged over prompts
 only while alive (no EOS before t; the step that emits EOS counts); a prompt whose samples have all ended adds
 nothing, so its accumulated error stays flat. Student and teacher samples of a batch share one seed.
 
+Beside them the JSON gives, per step and per prefix source (suffix _R: the student's, _eps: the teacher's), what
+explains a difference between R and eps: the share of prompts still running (`live`), their mean step error
+(`step_error`) and the teacher's entropy on their prefixes (`teacher_entropy`).
+
 ExAccErr is 0 where R = eps = 0 (student = teacher: no error to accumulate, hence none in excess) and +inf
 where eps = 0 < R; the JSON writes non-finite values as null.
 
@@ -28,7 +32,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,6 +52,21 @@ PLOT = "exposure.png"
 # the maths (pure)
 
 
+def alive_mean(x: Tensor, alive: Tensor) -> Tensor:
+    """Per prompt and step, x averaged over the samples still alive; 0 where none is.
+
+    x:       [N, S, T] a per-step quantity of S sampled responses for each of N prompts (any value where dead)
+    alive:   [N, S, T] bool, True where sample s is still running at step t
+    returns: [N, T] fp64
+    """
+    N, S, T = x.shape
+    assert alive.shape == (N, S, T) and alive.dtype == torch.bool
+    live = alive.double()
+    total = (x.double() * live).sum(1)  # [N, T]
+    count = live.sum(1)  # [N, T]
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
 def accumulated_error(kl: Tensor, alive: Tensor) -> Tensor:
     """Per prompt, the step error averaged over alive samples, summed over steps 1..l.
 
@@ -56,13 +75,7 @@ def accumulated_error(kl: Tensor, alive: Tensor) -> Tensor:
     returns: [N, T] fp64, out[n, l-1] = sum_{t<=l} (sum_s kl*alive) / (sum_s alive), a step with no alive
              sample adding 0
     """
-    N, S, T = kl.shape
-    assert alive.shape == (N, S, T) and alive.dtype == torch.bool
-    live = alive.double()
-    total = (kl.double() * live).sum(1)  # [N, T]
-    count = live.sum(1)  # [N, T]
-    step = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))  # [N, T]
-    return step.cumsum(-1)
+    return alive_mean(kl, alive).cumsum(-1)
 
 
 def ex_acc_err(R: Tensor, eps: Tensor) -> Tensor:
@@ -83,15 +96,27 @@ def ex_acc_err(R: Tensor, eps: Tensor) -> Tensor:
 # per-step KL on sampled prefixes
 
 
+class PrefixStats(NamedTuple):
+    """Per prompt, on prefixes sampled by one model. ExAccErr needs only `error`; the other two say why R and
+    eps differ: a prompt adds error only while one of its samples runs, and the teacher's entropy shows how
+    sure it is on those prefixes."""
+
+    error: Tensor  # [N, T] fp64 accumulated error (accumulated_error)
+    live: Tensor  # [N, T] bool, some sample of the prompt still running at step t
+    entropy: (
+        Tensor  # [N, T] fp64 the teacher's entropy at step t averaged over the alive samples (alive_mean)
+    )
+
+
 @torch.no_grad()
 def step_kl(
     teacher: Any, student: Any, prompts: list[list[int]], responses: Tensor, *, eos_id: int, pad_id: int
 ) -> tuple[Tensor, Tensor]:
-    """KL(p || q) at every response step of left-padded prompt + response rows.
+    """KL(p || q) and the teacher's entropy H(p) at every response step of left-padded prompt + response rows.
 
     prompts:   N token lists (the prompt of each row)
     responses: [N, T] long sampled ids, pad after the first EOS
-    returns:   kl [N, T] fp32 (0 where dead), alive [N, T] bool
+    returns:   kl [N, T] fp32, entropy [N, T] fp32 (both 0 where dead), alive [N, T] bool
     """
     N, T = responses.shape
     assert len(prompts) == N
@@ -111,9 +136,11 @@ def step_kl(
 
     logp = logprobs(teacher)
     logq = logprobs(student)
-    kl = (logp.exp() * (logp - logq)).sum(-1)  # [N, T]
-    alive = alive.to(dev)
-    return kl.masked_fill(~alive, 0.0).cpu(), alive.cpu()
+    p = logp.exp()
+    kl = (p * (logp - logq)).sum(-1)  # [N, T]
+    entropy = -(p * logp).sum(-1)  # [N, T]
+    dead = ~alive.to(dev)
+    return kl.masked_fill(dead, 0.0).cpu(), entropy.masked_fill(dead, 0.0).cpu(), alive
 
 
 def prompt_errors(
@@ -129,8 +156,8 @@ def prompt_errors(
     pad_id: int,
     batch_size: int,
     progress: Any = None,
-) -> Tensor:
-    """Accumulated error per prompt on prefixes sampled by `prefix_model`: [N, max_new_tokens] fp64."""
+) -> PrefixStats:
+    """Accumulated error per prompt on prefixes sampled by `prefix_model`, with what explains it."""
     out = []
     for b in range(0, len(prompts), batch_size):
         part = prompts[b : b + batch_size]
@@ -151,10 +178,10 @@ def prompt_errors(
         # come after it and are dead
         responses = torch.nn.functional.pad(responses, (0, max_new_tokens - T), value=pad_id)  # [n*S, T]
         rows = [p for p in part for _ in range(samples)]
-        kls, alives = [], []
+        kls, entropies, alives = [], [], []
         # score at most batch_size rows at once: each model's logits are [rows, T, V]
         for r in range(0, len(rows), batch_size):
-            kl, alive = step_kl(
+            kl, entropy, alive = step_kl(
                 teacher,
                 student,
                 rows[r : r + batch_size],
@@ -163,13 +190,27 @@ def prompt_errors(
                 pad_id=pad_id,
             )
             kls.append(kl)
+            entropies.append(entropy)
             alives.append(alive)
-        kl = torch.cat(kls).view(len(part), samples, max_new_tokens)  # [n, S, T]
-        alive = torch.cat(alives).view(len(part), samples, max_new_tokens)
-        out.append(accumulated_error(kl, alive))
+        shape = (len(part), samples, max_new_tokens)  # [n, S, T]
+        kl, entropy, alive = (torch.cat(x).view(shape) for x in (kls, entropies, alives))
+        out.append(PrefixStats(accumulated_error(kl, alive), alive.any(1), alive_mean(entropy, alive)))
         if progress is not None:
             progress.update(1)
-    return torch.cat(out)
+    return PrefixStats(*(torch.cat(x) for x in zip(*out, strict=True)))
+
+
+def explain(stats: PrefixStats) -> dict[str, list[float]]:
+    """Per step l, over the prompts still running: their share (`live`), their mean step error (`step_error`:
+    R(l) - R(l-1) = live * step_error) and the teacher's mean entropy (`teacher_entropy`); NaN where none runs."""
+    live = stats.live.double()  # [N, T]
+    count = live.sum(0)  # [T]
+    step = stats.error.diff(dim=-1, prepend=torch.zeros_like(stats.error[:, :1]))  # [N, T], 0 where not live
+    return {
+        "live": live.mean(0).tolist(),
+        "step_error": (step.sum(0) / count).tolist(),
+        "teacher_entropy": (stats.entropy.sum(0) / count).tolist(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,8 +268,9 @@ def run_exposure(cfg: ExposureConfig) -> dict:
         batch_size=cfg.batch_size,
     )
     with tqdm(total=2 * n_batches, desc="exposure", unit="batch") as bar:
-        per_R = prompt_errors(student, teacher, student, prompts, progress=bar, **args)  # [N, T]
-        per_eps = prompt_errors(teacher, teacher, student, prompts, progress=bar, **args)  # [N, T]
+        on_student = prompt_errors(student, teacher, student, prompts, progress=bar, **args)
+        on_teacher = prompt_errors(teacher, teacher, student, prompts, progress=bar, **args)
+    per_R, per_eps = on_student.error, on_teacher.error  # [N, T] each
     R, eps = per_R.mean(0), per_eps.mean(0)
     result = {
         "kind": "exposure",
@@ -244,6 +286,8 @@ def run_exposure(cfg: ExposureConfig) -> dict:
         "exacc_err": ex_acc_err(R, eps).tolist(),
         "R_std": per_R.std(0).tolist() if len(prompts) > 1 else [0.0] * cfg.max_new_tokens,
         "eps_std": per_eps.std(0).tolist() if len(prompts) > 1 else [0.0] * cfg.max_new_tokens,
+        **{f"{k}_R": v for k, v in explain(on_student).items()},
+        **{f"{k}_eps": v for k, v in explain(on_teacher).items()},
         "seconds": time.perf_counter() - t0,
         "environment": environment(dev, dtype),
     }
