@@ -221,6 +221,30 @@ def _plot_reliability(calibrations: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _exposure_explained(exposures: list[dict]) -> list[str]:
+    """The step-l view behind R and eps, for exposure results that record it (`exposure.explain`)."""
+    if not exposures:
+        return []
+    rows = []
+    for x in exposures:
+        for la in (la for la in EXPOSURE_AT if la <= len(x["l"])):
+            rows.append(
+                [x["name"], str(la)]
+                + [
+                    f"{_fmt(x[f'{k}_R'][la - 1], d)} / {_fmt(x[f'{k}_eps'][la - 1], d)}"
+                    for k, d in (("live", 2), ("step_error", 3), ("teacher_entropy", 2))
+                ]
+            )
+    return [
+        "What lies behind R and eps at step l, on student / teacher prefixes: the share of prompts with a sample "
+        "still running (a prompt adds error only then), the mean KL(teacher || student) of the step over those "
+        "prompts, and the teacher's mean entropy on their prefixes (nats).",
+        "",
+        _markdown(["model", "l", "running", "step KL", "teacher entropy"], rows),
+        "",
+    ]
+
+
 def _cost_section(costs: dict) -> list[str]:
     rows = [
         [
@@ -414,6 +438,7 @@ def make_report(
             "![ExAccErr](exacc_err.png)",
             "",
         ]
+        md += _exposure_explained([x for x in exposures if "live_R" in x])
         _plot_exposure(exposures, out / "exacc_err.png")
     if calibrations:
         best = min(x["ece"] for x in calibrations)
