@@ -97,6 +97,14 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _mean(e: dict, set_name: str, key: str) -> float | None:
+    return (e["sets"].get(set_name, {}).get(key) or {}).get("mean")
+
+
+def _scaled(x: float | None, factor: float) -> float | None:
+    return None if x is None else x * factor
+
+
 def _average(e: dict, sets: list[str]) -> dict | None:
     """Mean over sets of Rouge-L, with its std over seeds when every set has the same seeds."""
     parts = [e["sets"].get(s, {}).get("rougeL") for s in sets]
@@ -394,9 +402,26 @@ def make_report(
         for e in evals:
             row = [e["name"]]
             row += [_fmt(e["sets"].get(s, {}).get("lm_loss"), 3) for s in sets]
-            row += [_fmt((e["sets"].get(s, {}).get("dist4") or {}).get("mean"), 1) for s in sets]
+            row += [_fmt(_mean(e, s, "dist4"), 1) for s in sets]
             rows2.append(row)
         md += [_markdown(hdr, rows2), ""]
+        rows_len = [
+            [e["name"]]
+            + [
+                f"{_fmt(_mean(e, s, 'gen_tokens'), 1)} ({_fmt(_scaled(_mean(e, s, 'eos_rate'), 100), 0)} %)"
+                for s in sets
+            ]
+            for e in evals
+        ]
+        md += [
+            "## Answer length",
+            "",
+            "New tokens per answer and, in brackets, the share of answers that ended with EOS rather than at the "
+            "token cap; mean over seeds. Rouge-L F falls with an answer much longer than its reference.",
+            "",
+            _markdown(["model", *sets], rows_len),
+            "",
+        ]
         buckets = [b for b, _, _ in metrics.BUCKETS]
         rows3 = []
         for e in evals:

@@ -37,8 +37,8 @@ def write_eval(root: Path, name: str) -> None:
                 rows[(set_name, it.id, seed)] = {
                     "score": score,
                     "output": "a b c d e",
-                    "new_tokens": 5,
-                    "finished": True,
+                    "new_tokens": 5 if it is items[0] else 20,
+                    "finished": it is items[0],  # y ran into the token cap
                 }
         sets[set_name] = protocol.summarise(es, rows, cfg.seeds) | {
             "lm_loss": 2.0,
@@ -118,6 +118,7 @@ def test_report_table_bold_deltas_and_average(runs, tmp_path):
     )
     # length buckets: sft dolly [0,5] = mean(15, 17) = 16, [11,inf) = mean(25, 27) = 26
     assert "| runs_sft | dolly | 16.00 (n=1) | – (n=0) | 26.00 (n=1) |" in md
+    assert "| runs_kd | 12.5 (50 %) | 12.5 (50 %) |" in md  # answer length: (5 + 20) / 2, half ended with EOS
     # exposure at l = 10 is the 10th value; calibration: the lower ECE is bold
     assert "| runs_minillm | smollm2-135m-instruct | 10.0 |" in md
     # ... and what lies behind it at l = 10: student / teacher prefixes; a step no prompt reached shows as –
