@@ -230,7 +230,12 @@ def _publish(argv: list[str]) -> None:
         description="Copy evaluation results, without weights, into one folder per model: the JSON results and "
         "the generations as generations.jsonl.gz, from which `minillm report --rescore` rebuilds every score.",
     )
-    p.add_argument("run_dirs", nargs="+", help="Folders holding results/exposure/calibration JSON files.")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        help="Folders holding results/exposure/calibration JSON files, or training runs' folders (their "
+        "metrics.jsonl goes to OUT/training/).",
+    )
     p.add_argument("--out", default="results", help="Destination folder.")
     args = p.parse_args(argv)
     from minillm.publish import publish

@@ -2,7 +2,9 @@
 
 `publish` copies, per model, what `minillm eval`, `eval-exposure` and `eval-calibration` wrote (results.json,
 settings.json, exposure.json, calibration.json) into `<out>/<model name>/`, and the generations compressed as
-generations.jsonl.gz: no weights, a few MB per model, enough for anyone to check every score.
+generations.jsonl.gz: no weights, a few MB per model, enough for anyone to check every score. A training run's
+folder given as a run dir has its log (metrics.jsonl: losses, validation, checkpoint choice) copied, compressed,
+to `<out>/training/<folder name>.metrics.jsonl.gz`.
 
 `rescore` recomputes an eval's results.json from its generations alone: every answer is scored again by Rouge-L
 against its references and each set is summarised as `minillm eval` summarises it (`protocol.summarise`). The
@@ -23,6 +25,7 @@ from minillm.evaluate import metrics, protocol
 GENERATIONS_GZ = protocol.GENERATIONS + ".gz"
 COPIED = (protocol.RESULTS, protocol.SETTINGS, "exposure.json", "calibration.json")
 CARRIED = ("lm_loss", "lm_loss_per_example", "lm_tokens")  # need the weights: kept as recorded
+METRICS_LOG = "metrics.jsonl"  # a training run's log (train.engine.MetricsLog)
 TOLERANCE = 1e-9  # Rouge-L x100 of a set; rouge_score is deterministic, so only summation order may differ
 
 
@@ -34,13 +37,26 @@ def generations_file(folder: Path) -> Path | None:
     return None
 
 
+def _gzip(src: Path, dest: Path) -> None:
+    # mtime 0: the same content gives the same bytes, so a rerun changes nothing under git
+    with src.open("rb") as fin, gzip.GzipFile(dest, "wb", mtime=0) as fout:
+        shutil.copyfileobj(fin, fout)
+
+
 def publish(run_dirs: list[str], out_dir: str) -> list[Path]:
-    """Copy every result file under `run_dirs` into `out_dir/<slug of its model name>/`; returns the folders."""
+    """Copy every result file under `run_dirs` into `out_dir/<slug of its model name>/`, and the training log of
+    each run dir that is a training run's folder into `out_dir/training/`; returns the files' folders."""
     written: list[Path] = []
     for d in run_dirs:
         root = Path(d)
         if not root.exists():
             raise FileNotFoundError(f"run dir {d} does not exist")
+        if (root / METRICS_LOG).is_file():
+            dest = Path(out_dir) / "training"
+            dest.mkdir(parents=True, exist_ok=True)
+            _gzip(root / METRICS_LOG, dest / f"{root.name}.{METRICS_LOG}.gz")
+            if dest not in written:
+                written.append(dest)
         for f in sorted(root.rglob("*.json")):
             if f.name not in (protocol.RESULTS, "exposure.json", "calibration.json"):
                 continue
@@ -51,14 +67,12 @@ def publish(run_dirs: list[str], out_dir: str) -> list[Path]:
                     shutil.copyfile(f.parent / name, dest / name)
             gen = f.parent / protocol.GENERATIONS
             if f.name == protocol.RESULTS and gen.is_file():
-                # mtime 0: the same generations give the same bytes, so a rerun changes nothing under git
-                with gen.open("rb") as src, gzip.GzipFile(dest / GENERATIONS_GZ, "wb", mtime=0) as dst:
-                    shutil.copyfileobj(src, dst)
+                _gzip(gen, dest / GENERATIONS_GZ)
             if dest not in written:
                 written.append(dest)
     if not written:
         raise FileNotFoundError(
-            f"no results.json, exposure.json or calibration.json under {', '.join(run_dirs)}"
+            f"no results.json, exposure.json, calibration.json or {METRICS_LOG} under {', '.join(run_dirs)}"
         )
     return written
 

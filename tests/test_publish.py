@@ -80,6 +80,25 @@ def test_publish_then_rescore_rebuilds_the_scores(tmp_path):
     assert f"| Student | **{mean:.2f}** ± " in md and "scores recomputed from" in md
 
 
+def test_publish_copies_a_training_runs_log(tmp_path, capsys):
+    # a training run's folder: its log is published, its checkpoints (weights) are not
+    run = tmp_path / "runs" / "minillm"
+    (run / "ckpt-2").mkdir(parents=True)
+    (run / "ckpt-2" / "model.safetensors").write_bytes(b"weights")
+    log = '{"step": 0, "valid/rougeL": 10.3}\n{"step": 2, "loss": 4.5}\n'
+    (run / "metrics.jsonl").write_text(log)
+    main(["publish", str(run), str(write_run(tmp_path / "evals").parent), "--out", str(tmp_path / "results")])
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["Student", "training"]
+    assert [p.name for p in (tmp_path / "results" / "training").iterdir()] == ["minillm.metrics.jsonl.gz"]
+    assert gzip.decompress((tmp_path / "results" / "training" / "minillm.metrics.jsonl.gz").read_bytes()) == (
+        log.encode()
+    )
+    # neither results nor a log: nothing to publish, and the message says what was looked for
+    with pytest.raises(SystemExit):
+        main(["publish", str(run / "ckpt-2"), "--out", str(tmp_path / "results")])
+    assert "calibration.json or metrics.jsonl under" in capsys.readouterr().err
+
+
 def _rewrite(path: Path, edit) -> None:
     lines = [json.loads(x) for x in gzip.decompress(path.read_bytes()).decode().split("\n") if x]
     path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in edit(lines)).encode()))
