@@ -101,8 +101,10 @@ def _mean(e: dict, set_name: str, key: str) -> float | None:
     return (e["sets"].get(set_name, {}).get(key) or {}).get("mean")
 
 
-def _scaled(x: float | None, factor: float) -> float | None:
-    return None if x is None else x * factor
+def _length_cell(e: dict, set_name: str) -> str:
+    """Mean new tokens per answer, with the share ended by EOS in brackets."""
+    eos = _mean(e, set_name, "eos_rate")
+    return f"{_fmt(_mean(e, set_name, 'gen_tokens'), 1)} ({_fmt(None if eos is None else 100 * eos, 0)} %)"
 
 
 def _average(e: dict, sets: list[str]) -> dict | None:
@@ -230,7 +232,7 @@ def _plot_reliability(calibrations: list[dict], path: Path) -> None:
 
 
 def _exposure_explained(exposures: list[dict]) -> list[str]:
-    """The step-l view behind R and eps, for exposure results that record it (`exposure.explain`)."""
+    """The step-l view behind R and eps, for exposure results that record it (`minillm.evaluate.exposure.explain`)."""
     if not exposures:
         return []
     rows = []
@@ -405,14 +407,7 @@ def make_report(
             row += [_fmt(_mean(e, s, "dist4"), 1) for s in sets]
             rows2.append(row)
         md += [_markdown(hdr, rows2), ""]
-        rows_len = [
-            [e["name"]]
-            + [
-                f"{_fmt(_mean(e, s, 'gen_tokens'), 1)} ({_fmt(_scaled(_mean(e, s, 'eos_rate'), 100), 0)} %)"
-                for s in sets
-            ]
-            for e in evals
-        ]
+        rows_len = [[e["name"]] + [_length_cell(e, s) for s in sets] for e in evals]
         md += [
             "## Answer length",
             "",

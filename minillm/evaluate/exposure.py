@@ -103,15 +103,13 @@ class PrefixStats(NamedTuple):
 
     error: Tensor  # [N, T] fp64 accumulated error (accumulated_error)
     live: Tensor  # [N, T] bool, some sample of the prompt still running at step t
-    entropy: (
-        Tensor  # [N, T] fp64 the teacher's entropy at step t averaged over the alive samples (alive_mean)
-    )
+    entropy: Tensor  # [N, T] fp64 the teacher's entropy at step t over the alive samples (alive_mean)
 
 
 @torch.no_grad()
 def step_kl(
     teacher: Any, student: Any, prompts: list[list[int]], responses: Tensor, *, eos_id: int, pad_id: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """KL(p || q) and the teacher's entropy H(p) at every response step of left-padded prompt + response rows.
 
     prompts:   N token lists (the prompt of each row)
