@@ -242,15 +242,16 @@ def _exposure_explained(exposures: list[dict]) -> list[str]:
                 [x["name"], str(la)]
                 + [
                     f"{_fmt(x[f'{k}_R'][la - 1], d)} / {_fmt(x[f'{k}_eps'][la - 1], d)}"
-                    for k, d in (("live", 2), ("step_error", 3), ("teacher_entropy", 2))
+                    for k, d in (("live", 2), ("step_error", 3), ("reverse_kl", 3), ("teacher_entropy", 2))
                 ]
             )
     return [
         "What lies behind R and eps at step l, on student / teacher prefixes: the share of prompts with a sample "
         "still running (a prompt adds error only then), the mean KL(teacher || student) of the step over those "
-        "prompts, and the teacher's mean entropy on their prefixes (nats).",
+        "prompts, the mean KL(student || teacher) (on student prefixes: minus the expected per-token MiniLLM "
+        "reward), and the teacher's mean entropy on their prefixes (nats).",
         "",
-        _markdown(["model", "l", "running", "step KL", "teacher entropy"], rows),
+        _markdown(["model", "l", "running", "step KL(p‖q)", "step KL(q‖p)", "teacher entropy"], rows),
         "",
     ]
 
@@ -458,7 +459,7 @@ def make_report(
             "![ExAccErr](exacc_err.png)",
             "",
         ]
-        md += _exposure_explained([x for x in exposures if "live_R" in x])
+        md += _exposure_explained([x for x in exposures if "reverse_kl_R" in x])
         _plot_exposure(exposures, out / "exacc_err.png")
     if calibrations:
         best = min(x["ece"] for x in calibrations)

@@ -134,13 +134,15 @@ def test_explain_by_hand():
         error=torch.tensor([[2.0, 5.0, 10.0], [4.0, 4.0, 4.0]], dtype=torch.float64),
         live=torch.tensor([[True, True, True], [True, False, False]]),
         entropy=torch.tensor([[1.0, 2.0, 3.0], [3.0, 0.0, 0.0]], dtype=torch.float64),
+        reverse_kl=torch.tensor([[0.5, 1.0, 2.0], [1.5, 0.0, 0.0]], dtype=torch.float64),
     )
     out = explain(stats)
     assert out["live"] == [1.0, 0.5, 0.5]
     assert out["step_error"] == [3.0, 3.0, 5.0]  # step 1: (2 + 4) / 2; then prompt 0's alone: 3, 5
     assert out["teacher_entropy"] == [2.0, 2.0, 3.0]
+    assert out["reverse_kl"] == [1.0, 1.0, 2.0]
     none = torch.zeros(2, 3, dtype=torch.float64)
-    stats = PrefixStats(none, torch.zeros(2, 3, dtype=torch.bool), none)
+    stats = PrefixStats(none, torch.zeros(2, 3, dtype=torch.bool), none, none)
     assert all(math.isnan(v) for v in explain(stats)["step_error"])  # no prompt running: undefined, not 0
 
 

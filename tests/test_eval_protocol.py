@@ -316,7 +316,9 @@ def test_step_kl_matches_slow_reference(llama, tiny_gpt2):
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     eos = tok.eos_token_id
     responses = torch.tensor([[20, eos, eos, eos], [21, 22, 23, 24]])  # row 0 ends at step 2
-    kl, entropy, alive = step_kl(teacher, student, prompts, responses, eos_id=eos, pad_id=tok.pad_token_id)
+    kl, reverse_kl, entropy, alive = step_kl(
+        teacher, student, prompts, responses, eos_id=eos, pad_id=tok.pad_token_id
+    )
     assert alive.tolist() == [[True, True, False, False], [True, True, True, True]]
     for n, p in enumerate(prompts):
         steps = int(alive[n].sum())
@@ -324,14 +326,13 @@ def test_step_kl_matches_slow_reference(llama, tiny_gpt2):
         lp, lq = teacher(input_ids=ids).logits[0], student(input_ids=ids).logits[0]  # [L, V]
         for t in range(steps):
             pos = len(p) - 1 + t  # the position whose logits predict response token t
-            p_t = softmax_slow(lp[pos].tolist())
-            assert kl[n, t].item() == pytest.approx(
-                kl_slow(p_t, softmax_slow(lq[pos].tolist())), rel=1e-4, abs=1e-7
-            )
+            p_t, q_t = softmax_slow(lp[pos].tolist()), softmax_slow(lq[pos].tolist())
+            assert kl[n, t].item() == pytest.approx(kl_slow(p_t, q_t), rel=1e-4, abs=1e-7)
+            assert reverse_kl[n, t].item() == pytest.approx(kl_slow(q_t, p_t), rel=1e-4, abs=1e-7)
             assert entropy[n, t].item() == pytest.approx(
                 -sum(x * math.log(x) for x in p_t if x > 0), rel=1e-4
             )
-        assert (kl[n, steps:] == 0).all() and (entropy[n, steps:] == 0).all()
+        assert all((x[n, steps:] == 0).all() for x in (kl, reverse_kl, entropy))
 
 
 def test_exacc_err_zero_when_prefixes_come_from_the_teacher(llama, tiny_llama, student_path):
@@ -367,7 +368,7 @@ def test_run_exposure_student_equal_teacher_gives_zero(tiny_llama, tmp_path):
     assert res["R"] == [0.0] * 5 and res["eps"] == [0.0] * 5 and res["exacc_err"] == [0.0] * 5
     # one model, one seed: the same prefixes on both sides, so the same prompts run and the teacher is as sure
     assert res["live_R"] == res["live_eps"] and res["teacher_entropy_R"] == res["teacher_entropy_eps"]
-    assert res["live_R"][0] == 1.0 and res["step_error_R"][0] == 0.0
+    assert res["live_R"][0] == 1.0 and res["step_error_R"][0] == 0.0 and res["reverse_kl_R"][0] == 0.0
     out = tmp_path / "exp" / protocol.slug(str(tiny_llama))
     assert json.loads((out / "exposure.json").read_text())["l"] == [1, 2, 3, 4, 5]
     assert (out / "exposure.png").read_bytes()[:4] == b"\x89PNG"

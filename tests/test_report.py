@@ -86,6 +86,7 @@ def runs(tmp_path) -> Path:
             "exacc_err": [float(i) for i in range(1, 13)], "R": [0.0] * 12, "eps": [0.0] * 12,
             "live_R": [1 - i / 16 for i in range(12)], "live_eps": [1.0] * 12, "step_error_R": [0.5] * 12,
             "step_error_eps": [0.25] * 12, "teacher_entropy_R": [2.0] * 12, "teacher_entropy_eps": [None] * 12,
+            "reverse_kl_R": [0.75] * 12, "reverse_kl_eps": [0.125] * 12,
         },
     )  # fmt: skip
     for name, value in (("runs_sft", 0.25), ("runs_minillm", 0.125)):
@@ -122,7 +123,7 @@ def test_report_table_bold_deltas_and_average(runs, tmp_path):
     # exposure at l = 10 is the 10th value; calibration: the lower ECE is bold
     assert "| runs_minillm | smollm2-135m-instruct | 10.0 |" in md
     # ... and what lies behind it at l = 10: student / teacher prefixes; a step no prompt reached shows as –
-    assert "| runs_minillm | 10 | 0.44 / 1.00 | 0.500 / 0.250 | 2.00 / – |" in md
+    assert "| runs_minillm | 10 | 0.44 / 1.00 | 0.500 / 0.250 | 0.750 / 0.125 | 2.00 / – |" in md
     assert "| runs_minillm | unni-yesno | 396 | 0.500 | **0.125** |" in md
     assert "| kd | yes | 2 | 1.50 | 2.50 | 400 | 1,234,567 | 0 |" in md  # the cost account, in hours
     # what was run: model, seeds, decoding, data hash, code revision

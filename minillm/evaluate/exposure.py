@@ -16,7 +16,9 @@ nothing, so its accumulated error stays flat. Student and teacher samples of a b
 
 Beside them the JSON gives, per step and per prefix source (suffix _R: the student's, _eps: the teacher's), what
 explains a difference between R and eps: the share of prompts still running (`live`), their mean step error
-(`step_error`) and the teacher's entropy on their prefixes (`teacher_entropy`).
+(`step_error`) and the teacher's entropy on their prefixes (`teacher_entropy`). `reverse_kl` is the step's
+KL(q || p) over them: on the student's prefixes, minus the expected MiniLLM reward log p(y_t) - log q(y_t) of the
+token it samples there, so it shows where in an answer the student's writing pays most.
 
 ExAccErr is 0 where R = eps = 0 (student = teacher: no error to accumulate, hence none in excess) and +inf
 where eps = 0 < R; the JSON writes non-finite values as null.
@@ -104,17 +106,19 @@ class PrefixStats(NamedTuple):
     error: Tensor  # [N, T] fp64 accumulated error (accumulated_error)
     live: Tensor  # [N, T] bool, some sample of the prompt still running at step t
     entropy: Tensor  # [N, T] fp64 the teacher's entropy at step t over the alive samples (alive_mean)
+    reverse_kl: Tensor  # [N, T] fp64 KL(q || p) at step t over the alive samples (alive_mean)
 
 
 @torch.no_grad()
 def step_kl(
     teacher: Any, student: Any, prompts: list[list[int]], responses: Tensor, *, eos_id: int, pad_id: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """KL(p || q) and the teacher's entropy H(p) at every response step of left-padded prompt + response rows.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """KL(p || q), KL(q || p) and the teacher's entropy H(p) at every response step of left-padded prompt +
+    response rows.
 
     prompts:   N token lists (the prompt of each row)
     responses: [N, T] long sampled ids, pad after the first EOS
-    returns:   kl [N, T] fp32, entropy [N, T] fp32 (both 0 where dead), alive [N, T] bool
+    returns:   kl [N, T] fp32, reverse_kl [N, T] fp32, entropy [N, T] fp32 (all 0 where dead), alive [N, T] bool
     """
     N, T = responses.shape
     assert len(prompts) == N
@@ -137,8 +141,11 @@ def step_kl(
     p = logp.exp()
     kl = (p * (logp - logq)).sum(-1)  # [N, T]
     entropy = -(p * logp).sum(-1)  # [N, T]
+    del p  # [N, T, V]: free it before q's
+    reverse_kl = (logq.exp() * (logq - logp)).sum(-1)  # [N, T]
     dead = ~alive.to(dev)
-    return kl.masked_fill(dead, 0.0).cpu(), entropy.masked_fill(dead, 0.0).cpu(), alive
+    kl, reverse_kl, entropy = (x.masked_fill(dead, 0.0).cpu() for x in (kl, reverse_kl, entropy))
+    return kl, reverse_kl, entropy, alive
 
 
 def prompt_errors(
@@ -176,10 +183,9 @@ def prompt_errors(
         # come after it and are dead
         responses = torch.nn.functional.pad(responses, (0, max_new_tokens - T), value=pad_id)  # [n*S, T]
         rows = [p for p in part for _ in range(samples)]
-        kls, entropies, alives = [], [], []
         # score at most batch_size rows at once: each model's logits are [rows, T, V]
-        for r in range(0, len(rows), batch_size):
-            kl, entropy, alive = step_kl(
+        scored = [
+            step_kl(
                 teacher,
                 student,
                 rows[r : r + batch_size],
@@ -187,12 +193,18 @@ def prompt_errors(
                 eos_id=eos_id,
                 pad_id=pad_id,
             )
-            kls.append(kl)
-            entropies.append(entropy)
-            alives.append(alive)
+            for r in range(0, len(rows), batch_size)
+        ]
         shape = (len(part), samples, max_new_tokens)  # [n, S, T]
-        kl, entropy, alive = (torch.cat(x).view(shape) for x in (kls, entropies, alives))
-        out.append(PrefixStats(accumulated_error(kl, alive), alive.any(1), alive_mean(entropy, alive)))
+        kl, reverse_kl, entropy, alive = (torch.cat(x).view(shape) for x in zip(*scored, strict=True))
+        out.append(
+            PrefixStats(
+                accumulated_error(kl, alive),
+                alive.any(1),
+                alive_mean(entropy, alive),
+                alive_mean(reverse_kl, alive),
+            )
+        )
         if progress is not None:
             progress.update(1)
     return PrefixStats(*(torch.cat(x) for x in zip(*out, strict=True)))
@@ -200,7 +212,8 @@ def prompt_errors(
 
 def explain(stats: PrefixStats) -> dict[str, list[float]]:
     """Per step l, over the prompts still running: their share (`live`), their mean step error (`step_error`:
-    R(l) - R(l-1) = live * step_error) and the teacher's mean entropy (`teacher_entropy`); NaN where none runs."""
+    R(l) - R(l-1) = live * step_error), the teacher's mean entropy (`teacher_entropy`) and the mean KL(q || p)
+    (`reverse_kl`); NaN where none runs."""
     live = stats.live.double()  # [N, T]
     count = live.sum(0)  # [T]
     step = stats.error.diff(dim=-1, prepend=torch.zeros_like(stats.error[:, :1]))  # [N, T], 0 where not live
@@ -208,6 +221,7 @@ def explain(stats: PrefixStats) -> dict[str, list[float]]:
         "live": live.mean(0).tolist(),
         "step_error": (step.sum(0) / count).tolist(),
         "teacher_entropy": (stats.entropy.sum(0) / count).tolist(),
+        "reverse_kl": (stats.reverse_kl.sum(0) / count).tolist(),
     }
 
 
