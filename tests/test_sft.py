@@ -76,6 +76,12 @@ def test_killed_run_resumes_exactly(tiny_llama, tmp_path):
     assert [m["step"] for m in got] == [m["step"] for m in want]
     for a, b in zip(got, want, strict=True):
         assert a.get("loss") == b.get("loss") and a.get("valid/loss") == b.get("valid/loss"), (a, b)
+    # each attempt is on record with the thread count it ran on, which bitwise reproduction depends on
+    final = killed_dir / json.loads((killed_dir / "latest.json").read_text())["checkpoint"]
+    attempts = json.loads((final / "trainer_state.json").read_text())["attempts"]
+    assert [a["from_step"] for a in attempts][0] == 0 and len(attempts) == 2
+    assert attempts[1]["from_step"] >= 4 and attempts[1]["from_step"] % 2 == 0
+    assert all(a["threads"] == 1 and a["processes"] == 1 and a["dtype"] == "float32" for a in attempts)
 
 
 def test_make_optimizer_is_fused_adamw_matching_float64_steps():

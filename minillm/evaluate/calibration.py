@@ -30,8 +30,9 @@ from minillm import models
 from minillm.config import CalibrationConfig, ConfigError
 from minillm.data.instructions import load_records
 from minillm.data.tokenize import Example, encode_prompt
+from minillm.environment import environment
 from minillm.evaluate import generate, metrics
-from minillm.evaluate.protocol import data_revision, device, environment, json_safe, slug, write_json
+from minillm.evaluate.protocol import data_revision, device, json_safe, slug, write_json
 
 RESULT = "calibration.json"
 PLOT = "reliability.png"

@@ -43,8 +43,9 @@ from minillm import models
 from minillm.config import ExposureConfig
 from minillm.data.instructions import load_records
 from minillm.data.tokenize import collate_prompts, encode_prompt, position_ids
+from minillm.environment import environment
 from minillm.evaluate import generate
-from minillm.evaluate.protocol import data_revision, device, environment, json_safe, slug, write_json
+from minillm.evaluate.protocol import data_revision, device, json_safe, slug, write_json
 
 RESULT = "exposure.json"
 PLOT = "exposure.png"

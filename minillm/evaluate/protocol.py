@@ -48,7 +48,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -56,7 +55,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from tqdm.auto import tqdm
 
 from minillm import models
@@ -65,6 +63,7 @@ from minillm.data import instructions
 from minillm.data.instructions import load_records
 from minillm.data.template import build_prompt
 from minillm.data.tokenize import encode_records
+from minillm.environment import environment
 from minillm.evaluate import generate, metrics
 
 GENERATIONS = "generations.jsonl"
@@ -142,37 +141,6 @@ def data_revision(spec: str) -> str:
         return f"{spec} (not hashed)"
     digest = hashlib.sha256(instructions.resolve(spec).read_bytes()).hexdigest()
     return f"sha256:{digest[:16]}"
-
-
-def code_revision() -> str | None:
-    """The git commit of the minillm checkout, with '+dirty' for uncommitted changes; None outside git."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        if commit.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    return {
-        "code_revision": code_revision(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-    }
 
 
 def _finite(x: float | None) -> float | None:

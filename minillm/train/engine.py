@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from minillm import config as config_lib
 from minillm import sharding, zero
 from minillm.config import GKDConfig, MiniLLMConfig, SeqKDConfig, TrainConfig
+from minillm.environment import environment
 from minillm.errors import InputError
 
 CKPT_PREFIX = "ckpt-"
@@ -287,6 +288,8 @@ class TrainerState:
     step: int = 0
     best_value: float | None = None
     best_step: int | None = None
+    # one entry per start or resume: the step it began at and what it ran with (threads among them)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -461,12 +464,15 @@ def load_extra(path: Path, acc: Accelerator) -> dict[str, Tensor]:
 def resume(
     acc: Accelerator, cfg: TrainConfig, model: torch.nn.Module, optimizer: Any, scheduler: Any
 ) -> tuple[TrainerState, Path | None]:
-    """The state to start from: the latest checkpoint's when `cfg.resume` is set (and one exists)."""
+    """The state to start from: the latest checkpoint's when `cfg.resume` is set (and one exists), with this
+    attempt's environment appended to its `attempts`."""
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if ckpt is None:
         if acc.is_main_process:  # a fresh start: lines of an attempt killed before its first checkpoint go
             truncate_metrics(cfg, -1)
-        return TrainerState(), None
+        state = TrainerState()
+        _record_attempt(state, acc, model)
+        return state, None
     saved = json.loads((ckpt / "minillm_config.json").read_text())["stage"]
     if saved != type(cfg).__name__:
         command = next((c.command for c in config_lib.ALL_CONFIGS if c.__name__ == saved), saved)
@@ -479,7 +485,20 @@ def resume(
     if acc.is_main_process:  # one writer: a rank reading while another rewrote the file read it empty
         truncate_metrics(cfg, state.step)
     acc.print(f"resumed from {ckpt} at step {state.step}")
+    _record_attempt(state, acc, model)
     return state, ckpt
+
+
+def _record_attempt(state: TrainerState, acc: Accelerator, model: torch.nn.Module) -> None:
+    dtype = next(model.parameters()).dtype
+    state.attempts.append(
+        {
+            "from_step": state.step,
+            "processes": acc.num_processes,
+            "mixed_precision": acc.mixed_precision,
+            **environment(acc.device, dtype),
+        }
+    )
 
 
 def is_eval_step(cfg: TrainConfig, step: int, total: int) -> bool:
