@@ -79,7 +79,7 @@ def test_killed_run_resumes_exactly(tiny_llama, tmp_path):
     # each attempt is on record with the thread count it ran on, which bitwise reproduction depends on
     final = killed_dir / json.loads((killed_dir / "latest.json").read_text())["checkpoint"]
     attempts = json.loads((final / "trainer_state.json").read_text())["attempts"]
-    assert [a["from_step"] for a in attempts][0] == 0 and len(attempts) == 2
+    assert len(attempts) == 2 and attempts[0]["from_step"] == 0
     assert attempts[1]["from_step"] >= 4 and attempts[1]["from_step"] % 2 == 0
     assert all(a["threads"] == 1 and a["processes"] == 1 and a["dtype"] == "float32" for a in attempts)
 

@@ -464,15 +464,28 @@ def load_extra(path: Path, acc: Accelerator) -> dict[str, Tensor]:
 def resume(
     acc: Accelerator, cfg: TrainConfig, model: torch.nn.Module, optimizer: Any, scheduler: Any
 ) -> tuple[TrainerState, Path | None]:
-    """The state to start from: the latest checkpoint's when `cfg.resume` is set (and one exists), with this
-    attempt's environment appended to its `attempts`."""
+    """The state to start from (the latest checkpoint's when `cfg.resume` is set and one exists), with this
+    attempt's start step and environment appended to its `attempts`."""
+    state, ckpt = _saved_state(acc, cfg, model, optimizer, scheduler)
+    state.attempts.append(
+        {
+            "from_step": state.step,
+            "processes": acc.num_processes,
+            "mixed_precision": acc.mixed_precision,
+            **environment(acc.device, next(model.parameters()).dtype),
+        }
+    )
+    return state, ckpt
+
+
+def _saved_state(
+    acc: Accelerator, cfg: TrainConfig, model: torch.nn.Module, optimizer: Any, scheduler: Any
+) -> tuple[TrainerState, Path | None]:
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if ckpt is None:
         if acc.is_main_process:  # a fresh start: lines of an attempt killed before its first checkpoint go
             truncate_metrics(cfg, -1)
-        state = TrainerState()
-        _record_attempt(state, acc, model)
-        return state, None
+        return TrainerState(), None
     saved = json.loads((ckpt / "minillm_config.json").read_text())["stage"]
     if saved != type(cfg).__name__:
         command = next((c.command for c in config_lib.ALL_CONFIGS if c.__name__ == saved), saved)
@@ -485,20 +498,7 @@ def resume(
     if acc.is_main_process:  # one writer: a rank reading while another rewrote the file read it empty
         truncate_metrics(cfg, state.step)
     acc.print(f"resumed from {ckpt} at step {state.step}")
-    _record_attempt(state, acc, model)
     return state, ckpt
-
-
-def _record_attempt(state: TrainerState, acc: Accelerator, model: torch.nn.Module) -> None:
-    dtype = next(model.parameters()).dtype
-    state.attempts.append(
-        {
-            "from_step": state.step,
-            "processes": acc.num_processes,
-            "mixed_precision": acc.mixed_precision,
-            **environment(acc.device, dtype),
-        }
-    )
 
 
 def is_eval_step(cfg: TrainConfig, step: int, total: int) -> bool:
