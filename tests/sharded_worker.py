@@ -143,4 +143,4 @@ if __name__ == "__main__":
         model_dir, layout = spec.rsplit(":", 1)
         run(accelerator, model_dir, f"{sys.argv[1]}/{k}", layout)
         accelerator.print(f"{layout}: ok")
-    accelerator.end_training()
+    engine.end_process_group()  # not `end_training`: the models go first, as in `minillm/cli.py`
